@@ -1,0 +1,293 @@
+//! Map keys, values, names and sizes shared by the BPF programs and the agent.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding and no `bool`, because the same bytes are read
+//! by the kernel side (`interceptor-ebpf`) and by user space (`interceptor::bpf`). Pure decisions that
+//! the programs make live here too, so they are unit-tested on the host.
+#![no_std]
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Names of the maps and globals the programs define; user space looks them up by these names.
+pub mod names {
+    /// Socket cookie -> [`ConnectRecord`](super::ConnectRecord), written at connect time.
+    pub const CONNECTS_BY_COOKIE: &str = "CONNECTS_BY_COOKIE";
+    /// [`ConnectionKey`](super::ConnectionKey) -> [`ConnectRecord`](super::ConnectRecord), written when
+    /// the kernel has chosen the source port; consumed by the agent on accept.
+    pub const CONNECTS_BY_TUPLE: &str = "CONNECTS_BY_TUPLE";
+    /// [`Endpoint`](super::Endpoint) -> 1 for every address redirected to the agent.
+    pub const INTERCEPTED: &str = "INTERCEPTED";
+    /// Cgroup id -> 1 for cgroups whose connections are never redirected (the agent's own).
+    pub const EXEMPT_CGROUPS: &str = "EXEMPT_CGROUPS";
+    /// Per-CPU [`Counter`](super::Counter) values.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Global: the agent's IPv4 [`Endpoint`](super::Endpoint).
+    pub const AGENT_V4: &str = "AGENT_V4";
+    /// Global: the agent's IPv6 [`Endpoint`](super::Endpoint); port 0 when the agent has none.
+    pub const AGENT_V6: &str = "AGENT_V6";
+}
+
+/// Map sizes. LRU maps evict the oldest entries instead of failing when full.
+pub mod sizes {
+    pub const CONNECTS_BY_COOKIE: u32 = 65_536;
+    pub const CONNECTS_BY_TUPLE: u32 = 65_536;
+    pub const INTERCEPTED: u32 = 16;
+    pub const EXEMPT_CGROUPS: u32 = 64;
+}
+
+/// The id of a cgroup v2 directory: the inode number the kernel reports from `bpf_get_current_cgroup_id`.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CgroupId(pub u64);
+
+/// The kernel's unique, never reused id of a socket (`bpf_get_socket_cookie`).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketCookie(pub u64);
+
+/// The kernel's unique id of a network namespace (`bpf_get_netns_cookie`).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NetnsCookie(pub u64);
+
+/// An IP address as the kernel stores it in `bpf_sock_addr` and `bpf_sock_ops`: four 32-bit words in
+/// network byte order. IPv4 addresses are held in their IPv4-mapped IPv6 form (`::ffff:a.b.c.d`), the
+/// form a dual-stack socket uses, so one representation serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InetAddr {
+    pub words: [u32; 4],
+}
+
+/// The third word of an IPv4-mapped address, `00 00 ff ff` in network order.
+const V4_MAPPED_MARKER: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl InetAddr {
+    /// From an IPv4 address in network byte order, as `user_ip4` and `local_ip4` hold it.
+    pub const fn from_ipv4_word(ip4: u32) -> Self {
+        Self {
+            words: [0, 0, V4_MAPPED_MARKER, ip4],
+        }
+    }
+
+    pub const fn is_ipv4_mapped(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == V4_MAPPED_MARKER
+    }
+
+    /// The IPv4 address in network byte order, if this is one.
+    pub const fn ipv4_word(&self) -> Option<u32> {
+        if self.is_ipv4_mapped() {
+            Some(self.words[3])
+        } else {
+            None
+        }
+    }
+
+    pub fn from_ip(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self::from_ipv4_word(u32::from_ne_bytes(v4.octets())),
+            IpAddr::V6(v6) => {
+                let octets = v6.octets();
+                let mut words = [0u32; 4];
+                for (word, chunk) in words.iter_mut().zip(octets.chunks_exact(4)) {
+                    *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+                }
+                Self { words }
+            }
+        }
+    }
+
+    /// The address, with IPv4-mapped addresses turned back into IPv4.
+    pub fn to_ip(self) -> IpAddr {
+        if let Some(ip4) = self.ipv4_word() {
+            return IpAddr::V4(Ipv4Addr::from(ip4.to_ne_bytes()));
+        }
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_exact_mut(4).zip(self.words) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(octets))
+    }
+}
+
+/// An address and port: an intercepted destination, or where the agent listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub addr: InetAddr,
+    /// Host byte order; 0 marks an unset endpoint.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl Endpoint {
+    pub const fn new(addr: InetAddr, port: u16) -> Self {
+        Self { addr, port, _pad: 0 }
+    }
+
+    pub const fn is_set(&self) -> bool {
+        self.port != 0
+    }
+}
+
+/// What the connect hook records about a redirected connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectRecord {
+    pub cgroup_id: CgroupId,
+    pub netns_cookie: NetnsCookie,
+    pub socket_cookie: SocketCookie,
+    /// The destination the caller asked for, restored by the getpeername hooks.
+    pub original_dst: Endpoint,
+    /// The calling process (the kernel's tgid) at connect time.
+    pub pid: u32,
+}
+
+/// A TCP connection as both ends see it: the caller's address and the agent's, ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnectionKey {
+    pub client: Endpoint,
+    pub server: Endpoint,
+}
+
+/// Reasons the programs count, one slot each in the per-CPU counters map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A connect to an intercepted endpoint was sent to the agent.
+    Redirected = 0,
+    /// A connect to an intercepted endpoint came from an exempt cgroup and went through unchanged.
+    Exempt = 1,
+    /// The connect record could not be stored; the connection was still redirected and the agent will
+    /// refuse it as unattributed.
+    RecordFailed = 2,
+    /// The connection's 4-tuple could not be stored (same consequence).
+    TupleFailed = 3,
+    /// A redirected connection asked for an IPv6 endpoint while the agent has no IPv6 address; it was
+    /// sent to the agent's IPv4-mapped address.
+    MappedFallback = 4,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 5] = [
+        Counter::Redirected,
+        Counter::Exempt,
+        Counter::RecordFailed,
+        Counter::TupleFailed,
+        Counter::MappedFallback,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Redirected => "redirected",
+            Counter::Exempt => "exempt",
+            Counter::RecordFailed => "record_failed",
+            Counter::TupleFailed => "tuple_failed",
+            Counter::MappedFallback => "mapped_fallback",
+        }
+    }
+}
+
+/// Where a redirected connect goes: IPv4 sockets and IPv4-mapped destinations to the agent's IPv4
+/// address (mapped, for an IPv6 socket), native IPv6 destinations to the agent's IPv6 address, or to its
+/// IPv4-mapped address when it has none (a dual-stack socket reaches it; a v6-only one fails, closed).
+pub const fn redirect_target(original: &Endpoint, agent_v4: &Endpoint, agent_v6: &Endpoint) -> Endpoint {
+    if original.addr.is_ipv4_mapped() || !agent_v6.is_set() {
+        *agent_v4
+    } else {
+        *agent_v6
+    }
+}
+
+/// Host-order port from `bpf_sock_addr.user_port`, which holds the network-order port in its low 16 bits.
+pub const fn port_from_user(user_port: u32) -> u16 {
+    u16::from_be(user_port as u16)
+}
+
+/// The value to write into `bpf_sock_addr.user_port` for a host-order port.
+pub const fn port_to_user(port: u16) -> u32 {
+    port.to_be() as u32
+}
+
+/// Host-order port from `bpf_sock_ops.remote_port`, which holds the network-order port in its upper 16
+/// bits.
+pub const fn port_from_sock_ops_remote(remote_port: u32) -> u16 {
+    u16::from_be((remote_port >> 16) as u16)
+}
+
+const _: () = assert!(core::mem::size_of::<InetAddr>() == 16);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
+const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 48);
+const _: () = assert!(core::mem::size_of::<ConnectionKey>() == 40);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is #[repr(C)], Copy, holds only integers, and its padding is explicit
+    // (`_pad` fields or none needed, checked by the size asserts above), so any bit pattern is valid.
+    unsafe impl aya::Pod for super::InetAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Endpoint {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnectRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnectionKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+
+    #[test]
+    fn ipv4_round_trips_through_the_mapped_form() {
+        let ip: IpAddr = "169.254.169.254".parse().unwrap();
+        let addr = InetAddr::from_ip(ip);
+        assert!(addr.is_ipv4_mapped());
+        assert_eq!(addr.to_ip(), ip);
+        assert_eq!(addr.ipv4_word(), Some(u32::from_ne_bytes([169, 254, 169, 254])));
+    }
+
+    #[test]
+    fn ipv6_round_trips_and_is_not_mapped() {
+        let ip: IpAddr = "fd00:ec2::254".parse().unwrap();
+        let addr = InetAddr::from_ip(ip);
+        assert!(!addr.is_ipv4_mapped());
+        assert_eq!(addr.to_ip(), ip);
+    }
+
+    #[test]
+    fn a_mapped_ipv6_address_equals_its_ipv4_form() {
+        let mapped: Ipv6Addr = "::ffff:169.254.169.254".parse().unwrap();
+        let v4: IpAddr = "169.254.169.254".parse().unwrap();
+        assert_eq!(InetAddr::from_ip(IpAddr::V6(mapped)), InetAddr::from_ip(v4));
+    }
+
+    #[test]
+    fn ports_convert_from_the_kernel_layouts() {
+        let port: u16 = 8181;
+        assert_eq!(port_from_user(port_to_user(port)), port);
+        let remote_port = u32::from(port.to_be()) << 16;
+        assert_eq!(port_from_sock_ops_remote(remote_port), port);
+    }
+
+    #[test]
+    fn redirect_target_picks_the_family() {
+        let v4 = Endpoint::new(InetAddr::from_ip("10.0.0.1".parse().unwrap()), 8181);
+        let v6 = Endpoint::new(InetAddr::from_ip("fd00::1".parse().unwrap()), 8181);
+        let unset = Endpoint::default();
+        let imds4 = Endpoint::new(InetAddr::from_ip("169.254.169.254".parse().unwrap()), 80);
+        let imds6 = Endpoint::new(InetAddr::from_ip("fd00:ec2::254".parse().unwrap()), 80);
+        assert_eq!(redirect_target(&imds4, &v4, &v6), v4);
+        assert_eq!(redirect_target(&imds6, &v4, &v6), v6);
+        assert_eq!(redirect_target(&imds6, &v4, &unset), v4);
+    }
+
+    #[test]
+    fn counters_have_distinct_dense_slots() {
+        for (slot, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*counter as usize, slot);
+        }
+    }
+}
