@@ -1,0 +1,42 @@
+//! `cargo xtask build-ebpf`: compiles `interceptor-ebpf` for `bpfel-unknown-none`. The agent's build
+//! script embeds the result (target/bpfel-unknown-none/release/interceptor-ebpf).
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::Result;
+
+use crate::install::{NIGHTLY, ensure_bpf_linker, ensure_rust_src, run_checked};
+
+/// What selects and configures the BPF crate's build, for `cargo build` and `cargo clippy` alike.
+pub const BPF_BUILD_ARGS: &[&str] = &[
+    "--package",
+    "interceptor-ebpf",
+    "--release",
+    "--target",
+    "bpfel-unknown-none",
+    "-Z",
+    "build-std=core",
+];
+
+pub fn run() -> Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    run_checked(nightly_cargo().arg("build").args(BPF_BUILD_ARGS))
+}
+
+/// `cargo +nightly` in the workspace, free of the variables the stable cargo running xtask sets (the
+/// nested build must choose its own toolchain).
+pub fn nightly_cargo() -> Command {
+    let mut command = Command::new("cargo");
+    command
+        .current_dir(workspace_root())
+        .arg(format!("+{NIGHTLY}"))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC");
+    command
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}

@@ -1,0 +1,38 @@
+//! Project tasks: `cargo xtask build-ebpf` and `cargo xtask test`.
+
+mod build_ebpf;
+mod install;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build and test tasks for interceptor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the BPF object (nightly, -Z build-std=core, bpf-linker), installing what is missing.
+    BuildEbpf,
+    /// Install what the tests need, build the BPF object, check formatting and lints, run every test.
+    Test(test::Options),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::BuildEbpf => build_ebpf::run(),
+        Command::Test(options) => test::run(&options),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
