@@ -1,0 +1,86 @@
+//! A client the tests run inside simulated pods, for what curl cannot show: many connections in one
+//! process, the peer address a socket reports, UDP.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    process::ExitCode,
+};
+
+use anyhow::{Context, Result, ensure};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// `count` sequential HTTP GETs of `path`, each on a new connection; prints the last body.
+    Http {
+        addr: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
+    /// Connects, prints `peer=<getpeername()>`, then `body=<response body>` of a GET of `/`.
+    Peer { addr: SocketAddr },
+    /// Sends one datagram from a connected UDP socket.
+    Udp { addr: SocketAddr, payload: String },
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Http { addr, path, count } => http(addr, &path, count),
+        Command::Peer { addr } => peer(addr),
+        Command::Udp { addr, payload } => udp(addr, &payload),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("sim-client: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn http(addr: SocketAddr, path: &str, count: usize) -> Result<()> {
+    let mut body = String::new();
+    for attempt in 1..=count {
+        let mut stream = TcpStream::connect(addr).with_context(|| format!("connect {addr} (#{attempt})"))?;
+        body = get(&mut stream, path).with_context(|| format!("GET {path} (#{attempt})"))?;
+    }
+    println!("{body}");
+    Ok(())
+}
+
+fn get(stream: &mut TcpStream, path: &str) -> Result<String> {
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: sim\r\n\r\n").context("send request")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).context("read response")?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("response without a head")?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "unexpected response: {head}");
+    Ok(body.to_owned())
+}
+
+fn peer(addr: SocketAddr) -> Result<()> {
+    let mut stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    println!("peer={}", stream.peer_addr()?);
+    println!("body={}", get(&mut stream, "/")?);
+    Ok(())
+}
+
+fn udp(addr: SocketAddr, payload: &str) -> Result<()> {
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+    let socket = UdpSocket::bind(bind)?;
+    socket
+        .connect(addr)
+        .with_context(|| format!("connect udp {addr}"))?;
+    socket.send(payload.as_bytes())?;
+    Ok(())
+}

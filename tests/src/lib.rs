@@ -1,0 +1,25 @@
+//! Harness for the privileged end-to-end tests: a simulated node (its own network namespace, with a
+//! stand-in metadata service on 169.254.169.254), simulated pods (network namespaces joined to the node
+//! by veth pairs, with container cgroups named as the kubelet names them), and HTTP responders that play
+//! the agent and the stand-in. Nothing runs in the host's network namespace, so no packet leaves the
+//! machine. Every resource is a guard that removes itself on drop, even when a test panics, and names
+//! are unique so tests run in parallel.
+
+pub mod cgroup;
+pub mod kernel;
+pub mod lab;
+pub mod netns;
+pub mod privileged;
+pub mod responder;
+pub mod sim;
+
+/// A name unique to this process and call, short enough for interface names.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}

@@ -1,0 +1,218 @@
+//! The simulated node and its pods.
+//!
+//! The node is a network namespace whose `lo` holds 169.254.169.254/32 and fd00:ec2::254/128 (where a
+//! test puts its stand-in metadata service) and the node's own addresses (where the agent listens).
+//! Each pod network is a namespace joined to the node by a veth pair, with a default route via the node.
+//! Cgroups follow the kubelet's systemd layout under a unique tree:
+//! `<tree>/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/cri-containerd-<id>.scope`.
+
+use std::{
+    collections::hash_map::RandomState,
+    hash::{BuildHasher, Hasher},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, UdpSocket},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+};
+
+use anyhow::{Context, Result};
+use interceptor::bpf::RedirectConfig;
+
+use crate::{cgroup::CgroupTree, netns::NetNs, unique_name};
+
+/// The node's own addresses, where the agent listens.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
+pub const AGENT_PORT: u16 = 8181;
+pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+pub const METADATA_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+
+pub struct SimNode {
+    netns: NetNs,
+    cgroups: CgroupTree,
+    kubepods: PathBuf,
+    pods_created: u8,
+}
+
+impl SimNode {
+    pub fn new() -> Result<Self> {
+        let name = unique_name("icn");
+        let netns = NetNs::create(&name)?;
+        for addr in [
+            format!("{METADATA_IP}/32"),
+            format!("{NODE_IP}/32"),
+            format!("{METADATA_IP6}/128"),
+            format!("{NODE_IP6}/128"),
+        ] {
+            netns.ip(&["addr", "add", &addr, "dev", "lo"])?;
+        }
+        let cgroups = CgroupTree::create(&name)?;
+        let kubepods = cgroups.mkdir("kubepods.slice/kubepods-besteffort.slice")?;
+        Ok(Self {
+            netns,
+            kubepods: kubepods.parent().expect("kubepods.slice").to_path_buf(),
+            cgroups,
+            pods_created: 0,
+        })
+    }
+
+    pub fn agent_v4(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(NODE_IP, AGENT_PORT)
+    }
+
+    pub fn agent_v6(&self) -> SocketAddrV6 {
+        SocketAddrV6::new(NODE_IP6, AGENT_PORT, 0, 0)
+    }
+
+    /// The workload cgroup root the programs attach to (`kubepods.slice`).
+    pub fn kubepods(&self) -> &Path {
+        &self.kubepods
+    }
+
+    /// Creates a cgroup anywhere in the node's tree (outside `kubepods.slice` for "not a workload").
+    pub fn cgroup(&self, relative: &str) -> Result<PathBuf> {
+        self.cgroups.mkdir(relative)
+    }
+
+    /// Redirects to the agent's IPv4 and IPv6 addresses, attached at `kubepods.slice`.
+    pub fn redirect_config(&self) -> RedirectConfig {
+        let mut config = RedirectConfig::new(self.kubepods.clone(), self.agent_v4());
+        config.agent_v6 = Some(self.agent_v6());
+        config
+    }
+
+    pub fn bind_tcp(&self, addr: SocketAddr) -> Result<TcpListener> {
+        self.netns
+            .run(move || TcpListener::bind(addr))
+            .with_context(|| format!("bind {addr}"))
+    }
+
+    pub fn bind_udp(&self, addr: SocketAddr) -> Result<UdpSocket> {
+        self.netns
+            .run(move || UdpSocket::bind(addr))
+            .with_context(|| format!("bind udp {addr}"))
+    }
+
+    /// A new pod with a network of its own.
+    pub fn pod(&mut self) -> Result<Pod> {
+        self.pods_created += 1;
+        let network = PodNetwork::create(self, self.pods_created)?;
+        self.pod_in(&Arc::new(network))
+    }
+
+    /// A new pod in an existing pod's network: what hostNetwork pods look like (one IP, many pods).
+    pub fn pod_sharing(&mut self, other: &Pod) -> Result<Pod> {
+        self.pod_in(&other.network)
+    }
+
+    fn pod_in(&mut self, network: &Arc<PodNetwork>) -> Result<Pod> {
+        let uid = random_pod_uid();
+        let slice = self.kubepods.join(format!(
+            "kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        std::fs::create_dir(&slice).with_context(|| format!("cannot create {}", slice.display()))?;
+        Ok(Pod {
+            network: network.clone(),
+            uid,
+            slice,
+        })
+    }
+
+    /// A command in the node's network namespace and the given cgroup.
+    pub fn command(&self, cgroup_dir: &Path, program: &str) -> Result<Command> {
+        self.netns.command(cgroup_dir, program)
+    }
+}
+
+/// A pod network: namespace, veth to the node, IPv4 and IPv6 addresses.
+pub struct PodNetwork {
+    netns: NetNs,
+    pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+}
+
+impl PodNetwork {
+    fn create(node: &SimNode, index: u8) -> Result<Self> {
+        let netns = NetNs::create(&unique_name("icp"))?;
+        let veth = format!("vp{index}");
+        let (node_ip, ip) = (Ipv4Addr::new(10, 99, index, 1), Ipv4Addr::new(10, 99, index, 2));
+        let node_ip6 = Ipv6Addr::new(0xfd00, 0x99, u16::from(index), 0, 0, 0, 0, 1);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x99, u16::from(index), 0, 0, 0, 0, 2);
+        node.netns.ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
+        node.netns
+            .ip(&["addr", "add", &format!("{node_ip}/24"), "dev", &veth])?;
+        node.netns
+            .ip(&["addr", "add", &format!("{node_ip6}/64"), "dev", &veth, "nodad"])?;
+        node.netns.ip(&["link", "set", &veth, "up"])?;
+        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["route", "add", "default", "via", &node_ip.to_string()])?;
+        netns.ip(&["-6", "route", "add", "default", "via", &node_ip6.to_string()])?;
+        Ok(Self { netns, ip, ip6 })
+    }
+}
+
+pub struct Pod {
+    network: Arc<PodNetwork>,
+    pub uid: String,
+    slice: PathBuf,
+}
+
+impl Pod {
+    pub fn network(&self) -> &PodNetwork {
+        &self.network
+    }
+
+    /// The pod-level cgroup (`kubepods-besteffort-pod<uid>.slice`).
+    pub fn slice(&self) -> &Path {
+        &self.slice
+    }
+
+    /// Creates a container cgroup as containerd names it under the systemd driver.
+    pub fn container(&self) -> Result<PathBuf> {
+        let id = format!(
+            "{:016x}{:016x}{:016x}{:016x}",
+            random_u64(),
+            random_u64(),
+            random_u64(),
+            random_u64()
+        );
+        let dir = self.slice.join(format!("cri-containerd-{id}.scope"));
+        std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// A command in this pod's network namespace and the given cgroup (a container's, or any other).
+    pub fn command(&self, cgroup_dir: &Path, program: &str) -> Result<Command> {
+        self.network.netns.command(cgroup_dir, program)
+    }
+}
+
+fn random_u64() -> u64 {
+    RandomState::new().build_hasher().finish()
+}
+
+fn random_pod_uid() -> String {
+    let (a, b) = (random_u64(), random_u64());
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        b >> 52,
+        b & 0xffff_ffff_ffff
+    )
+}
