@@ -15,13 +15,17 @@ use crate::maps::{CONNECTS_BY_COOKIE, CONNECTS_BY_TUPLE, count};
 
 const AF_INET: u32 = 2;
 
+/// 1 tells the kernel the program ran; it then takes `reply` (left at 0: the kernel's defaults) for
+/// the ops that ask for one (TIMEOUT_INIT, RWND_INIT, NEEDS_ECN). 0 would count as a failure.
+const SOCK_OPS_OK: u32 = 1;
+
 // Not named `sockops`: that is the section name, and bpf-linker refuses the clash.
 #[sock_ops]
 pub fn file_connection(ctx: SockOpsContext) -> u32 {
     if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
         file_by_tuple(&ctx);
     }
-    0
+    SOCK_OPS_OK
 }
 
 fn file_by_tuple(ctx: &SockOpsContext) {
