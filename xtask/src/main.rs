@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask build-ebpf` and `cargo xtask test`.
+//! Project tasks: `cargo xtask build-ebpf`, `cargo xtask test` and `cargo xtask bench`.
 
+mod bench;
 mod build_ebpf;
 mod install;
 mod test;
@@ -21,12 +22,15 @@ enum Command {
     BuildEbpf,
     /// Install what the tests need, build the BPF object, check formatting and lints, run every test.
     Test(test::Options),
+    /// Run the benchmarks (as root), each reporting ratios against a baseline from the same run.
+    Bench,
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::BuildEbpf => build_ebpf::run(),
         Command::Test(options) => test::run(&options),
+        Command::Bench => bench::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,7 +19,7 @@ pub struct Options {
 }
 
 /// Commands the privileged tests run, with the Debian packages that provide them.
-const TEST_COMMANDS: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl")];
+pub const TEST_COMMANDS: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl")];
 
 pub fn run(options: &Options) -> Result<()> {
     ensure_commands(TEST_COMMANDS)?;

@@ -3,8 +3,9 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::ExitCode,
+    time::Instant,
 };
 
 use anyhow::{Context, Result, ensure};
@@ -30,6 +31,11 @@ enum Command {
     Peer { addr: SocketAddr },
     /// Sends one datagram from a connected UDP socket.
     Udp { addr: SocketAddr, payload: String },
+    /// Times `count` connects to a listener of its own on 127.0.0.1; prints `median_ns=<n> mean_ns=<n>`.
+    ConnectLoop {
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +43,7 @@ fn main() -> ExitCode {
         Command::Http { addr, path, count } => http(addr, &path, count),
         Command::Peer { addr } => peer(addr),
         Command::Udp { addr, payload } => udp(addr, &payload),
+        Command::ConnectLoop { count } => connect_loop(count),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -82,5 +89,23 @@ fn udp(addr: SocketAddr, payload: &str) -> Result<()> {
         .connect(addr)
         .with_context(|| format!("connect udp {addr}"))?;
     socket.send(payload.as_bytes())?;
+    Ok(())
+}
+
+fn connect_loop(count: usize) -> Result<()> {
+    ensure!(count > 0, "--count must be positive");
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || listener.incoming().for_each(drop));
+    let mut nanos: Vec<u128> = (0..count)
+        .map(|_| {
+            let start = Instant::now();
+            TcpStream::connect(addr).map(|_| start.elapsed().as_nanos())
+        })
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("connect {addr}"))?;
+    nanos.sort_unstable();
+    let mean = nanos.iter().sum::<u128>() / nanos.len() as u128;
+    println!("median_ns={} mean_ns={mean}", nanos[nanos.len() / 2]);
     Ok(())
 }
