@@ -3,7 +3,9 @@
 mod bench;
 mod build_ebpf;
 mod install;
+mod python;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 

@@ -1,6 +1,7 @@
 //! `cargo xtask test`, the README's test command and CI's: installs what is missing, builds the BPF
-//! object, checks formatting and lints, and runs every test in the workspace. The privileged tests run
-//! for real when this runs as root; with `CI` set they fail loudly if they cannot.
+//! object, checks formatting and lints, runs every test in the workspace, then the privileged tests on
+//! each kernel of the matrix in a VM. The privileged tests run for real when this runs as root; with
+//! `CI` set they fail loudly if they cannot.
 
 use std::process::Command;
 
@@ -9,6 +10,7 @@ use anyhow::Result;
 use crate::{
     build_ebpf::{self, workspace_root},
     install::{ensure_commands, run_checked},
+    vm,
 };
 
 #[derive(clap::Args)]
@@ -16,6 +18,12 @@ pub struct Options {
     /// Skip `cargo fmt --check` and `cargo clippy` (for quick local runs).
     #[arg(long)]
     no_lint: bool,
+    /// Host suite only: skip the kernel matrix.
+    #[arg(long, conflicts_with = "kernel")]
+    no_vm: bool,
+    /// Only the privileged tests, only in VMs: `all`, or one kernel series (`6.1`, `6.12`).
+    #[arg(long, value_name = "SERIES")]
+    kernel: Option<String>,
 }
 
 /// Commands the privileged tests run, with the Debian packages that provide them.
@@ -24,6 +32,9 @@ pub const TEST_COMMANDS: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl"
 pub fn run(options: &Options) -> Result<()> {
     ensure_commands(TEST_COMMANDS)?;
     build_ebpf::run()?;
+    if let Some(series) = &options.kernel {
+        return vm::run_matrix(series);
+    }
     let cargo = || {
         let mut command = Command::new("cargo");
         command.current_dir(workspace_root());
@@ -39,5 +50,9 @@ pub fn run(options: &Options) -> Result<()> {
                 .args(["--", "-D", "warnings"]),
         )?;
     }
-    run_checked(cargo().args(["test", "--all-targets"]))
+    run_checked(cargo().args(["test", "--all-targets"]))?;
+    if options.no_vm {
+        return Ok(());
+    }
+    vm::run_matrix("all")
 }

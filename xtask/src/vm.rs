@@ -1,0 +1,265 @@
+//! The kernel matrix: the privileged data-path tests, built on the host, run inside VMs booted on
+//! Debian's generic kernels (pure cgroup v2 at /sys/fs/cgroup, unlike the hybrid layout of our
+//! development machines). virtme-ng boots each kernel with the host's root filesystem read-only over
+//! 9p, so the guest runs the host's test binaries, `ip` and `curl` as they are. No KVM here: qemu
+//! emulates, about a minute per kernel.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    build_ebpf::workspace_root,
+    install::{ensure_commands, output, run_checked},
+    python,
+};
+
+/// A kernel series of the matrix: the release known to pass, and the shape of its Debian packages
+/// (`<prefix><number><suffix>`) to fall back on the newest sibling when the archive no longer has it.
+struct Series {
+    name: &'static str,
+    pinned: &'static str,
+    package_prefix: &'static str,
+    package_suffix: &'static str,
+}
+
+const MATRIX: [Series; 2] = [
+    Series {
+        name: "6.1",
+        pinned: "6.1.0-50-amd64",
+        package_prefix: "linux-image-6.1.0-",
+        package_suffix: "-amd64-unsigned",
+    },
+    Series {
+        name: "6.12",
+        pinned: "6.12.107+deb12-amd64",
+        package_prefix: "linux-image-6.12.",
+        package_suffix: "+deb12-amd64-unsigned",
+    },
+];
+
+/// Per-kernel limit: a boot plus the suite takes about a minute without KVM.
+const VM_TIMEOUT_SECONDS: u32 = 900;
+const VIRTME_NG: &str = "virtme-ng==1.42";
+
+/// `selection` is `all` or a series name (`6.1`, `6.12`).
+pub fn run_matrix(selection: &str) -> Result<()> {
+    let series: Vec<&Series> = MATRIX
+        .iter()
+        .filter(|s| selection == "all" || s.name == selection)
+        .collect();
+    if series.is_empty() {
+        let names: Vec<&str> = MATRIX.iter().map(|s| s.name).collect();
+        bail!(
+            "no kernel series {selection:?}; choose all or one of {}",
+            names.join(", ")
+        );
+    }
+    ensure_commands(&[
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("busybox", "busybox-static"),
+    ])?;
+    let venv = python::ensure_venv(&[VIRTME_NG])?;
+    let tests = build_test_binaries()?;
+
+    let mut results = Vec::new();
+    for series in series {
+        let release = ensure_kernel(series)?;
+        let started = Instant::now();
+        let passed = run_in_vm(&venv, &release, &tests)?;
+        results.push((release, passed, started.elapsed().as_secs()));
+    }
+    println!("\nkernel matrix:");
+    for (release, passed, seconds) in &results {
+        println!(
+            "  {release}: {} ({seconds} s)",
+            if *passed { "pass" } else { "FAIL" }
+        );
+    }
+    if results.iter().any(|(_, passed, _)| !passed) {
+        bail!("the privileged tests failed on at least one kernel of the matrix");
+    }
+    Ok(())
+}
+
+/// The kernel release to boot for `series`, installed from Debian's packages when missing.
+fn ensure_kernel(series: &Series) -> Result<String> {
+    if let Some(installed) = installed_release(series)? {
+        return Ok(installed);
+    }
+    run_checked(Command::new("apt-get").arg("update"))?;
+    let pinned_package = format!("linux-image-{}-unsigned", series.pinned);
+    let package = if output(Command::new("apt-cache").args(["show", &pinned_package])).is_some() {
+        pinned_package
+    } else {
+        newest_package(series)?
+    };
+    println!("xtask: installing {package}");
+    run_checked(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", &package])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    installed_release(series)?.with_context(|| format!("{package} installed no kernel in /boot"))
+}
+
+/// The pinned release when its image is in /boot, else any release of the series that is.
+fn installed_release(series: &Series) -> Result<Option<String>> {
+    let releases: Vec<String> = fs::read_dir("/boot")
+        .context("cannot list /boot")?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter_map(|name| name.strip_prefix("vmlinuz-").map(str::to_owned))
+        .filter(|release| package_matches(series, &format!("linux-image-{release}-unsigned")))
+        .collect();
+    Ok(releases
+        .iter()
+        .find(|release| *release == series.pinned)
+        .or_else(|| releases.iter().max())
+        .cloned())
+}
+
+fn newest_package(series: &Series) -> Result<String> {
+    let escape = |text: &str| text.replace('.', r"\.").replace('+', r"\+");
+    let pattern = format!(
+        "^{}[0-9]+{}$",
+        escape(series.package_prefix),
+        escape(series.package_suffix)
+    );
+    let found = output(Command::new("apt-cache").args(["search", "--names-only", &pattern]))
+        .context("apt-cache search failed")?;
+    found
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|package| package_matches(series, package))
+        .max_by(|a, b| version_key(a).cmp(&version_key(b)))
+        .map(str::to_owned)
+        .with_context(|| format!("no Debian package for kernel series {}", series.name))
+}
+
+/// Whether `package` is `<prefix><number><suffix>` of the series (not a cloud or rt flavour).
+fn package_matches(series: &Series, package: &str) -> bool {
+    package
+        .strip_prefix(series.package_prefix)
+        .and_then(|rest| rest.strip_suffix(series.package_suffix))
+        .is_some_and(|number| !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Numeric runs compared as numbers, so 6.1.0-50 sorts below 6.1.0-100.
+fn version_key(package: &str) -> Vec<u64> {
+    package
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|run| !run.is_empty())
+        .filter_map(|run| run.parse().ok())
+        .collect()
+}
+
+/// Builds the privileged data-path tests and returns their executables.
+fn build_test_binaries() -> Result<Vec<PathBuf>> {
+    let out = Command::new("cargo")
+        .current_dir(workspace_root())
+        .args([
+            "test",
+            "--package",
+            "interceptor-tests",
+            "--tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .output()
+        .context("cannot run cargo test --no-run")?;
+    if !out.status.success() {
+        bail!(
+            "building the tests failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let executables: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["target"]["kind"] == serde_json::json!(["test"]))
+        .filter_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .collect();
+    if executables.is_empty() {
+        bail!("cargo built no integration tests for the VMs");
+    }
+    Ok(executables)
+}
+
+/// Boots `release` and runs every test executable in it; `Ok(false)` when a test failed.
+fn run_in_vm(venv: &Path, release: &str, tests: &[PathBuf]) -> Result<bool> {
+    let shared = workspace_root().join("target/vm").join(release);
+    fs::create_dir_all(&shared).with_context(|| format!("cannot create {}", shared.display()))?;
+    let script = shared.join("run.sh");
+    fs::write(&script, guest_script(tests)).context("cannot write the guest script")?;
+    println!("\nxtask: booting {release} (no KVM here: about a minute)");
+    let path = format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let status = Command::new("timeout")
+        .arg(VM_TIMEOUT_SECONDS.to_string())
+        .arg(venv.join("bin/vng"))
+        .args(["--run", &format!("/boot/vmlinuz-{release}")])
+        .args(["--memory", "2G", "--cpus", "2", "--disable-kvm", "--force-9p"])
+        .arg("--rwdir")
+        .arg(&shared)
+        .arg("--exec")
+        .arg(format!("sh {}", script.display()))
+        // vng runs `virtme-run` from PATH.
+        .env("PATH", path)
+        .status()
+        .context("cannot run vng")?;
+    Ok(status.success())
+}
+
+fn guest_script(tests: &[PathBuf]) -> String {
+    let mut script = String::from(
+        "# Written by cargo xtask test: the privileged tests inside the VM.\n\
+         echo \"guest kernel $(uname -r), cgroup2 at $(awk '$9 == \"cgroup2\" {print $5}' /proc/self/mountinfo)\"\n\
+         export CI=true\nfailed=0\n",
+    );
+    for test in tests {
+        script.push_str(&format!("'{}' --test-threads=2 || failed=1\n", test.display()));
+    }
+    script.push_str("exit $failed\n");
+    script
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn package_names_match_their_series_only() {
+        let [v61, v612] = &MATRIX;
+        assert!(package_matches(v61, "linux-image-6.1.0-50-amd64-unsigned"));
+        assert!(!package_matches(v61, "linux-image-6.1.0-50-cloud-amd64-unsigned"));
+        assert!(!package_matches(v61, "linux-image-6.12.107+deb12-amd64-unsigned"));
+        assert!(package_matches(v612, "linux-image-6.12.107+deb12-amd64-unsigned"));
+        assert!(!package_matches(
+            v612,
+            "linux-image-6.12.107+deb12-rt-amd64-unsigned"
+        ));
+    }
+
+    #[test]
+    fn pinned_releases_belong_to_their_series() {
+        for series in &MATRIX {
+            assert!(package_matches(
+                series,
+                &format!("linux-image-{}-unsigned", series.pinned)
+            ));
+        }
+    }
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert!(version_key("linux-image-6.1.0-100-amd64") > version_key("linux-image-6.1.0-50-amd64"));
+    }
+}
