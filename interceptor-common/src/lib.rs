@@ -177,16 +177,6 @@ impl Counter {
         Counter::MappedFallback,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Counter::Redirected => "redirected",
-            Counter::Exempt => "exempt",
-            Counter::RecordFailed => "record_failed",
-            Counter::TupleFailed => "tuple_failed",
-            Counter::MappedFallback => "mapped_fallback",
-        }
-    }
 }
 
 /// Where a redirected connect goes: IPv4 sockets and IPv4-mapped destinations to the agent's IPv4

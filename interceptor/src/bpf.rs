@@ -6,7 +6,7 @@ use std::{
     fs::File,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Mutex, PoisonError},
 };
 
@@ -246,10 +246,6 @@ impl Interceptor {
                 Ok((counter, per_cpu.iter().sum()))
             })
             .collect()
-    }
-
-    pub fn cgroup_root(&self) -> &Path {
-        &self.cgroup_root
     }
 }
 

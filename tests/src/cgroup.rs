@@ -23,10 +23,6 @@ impl CgroupTree {
         Ok(Self { root })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.root
-    }
-
     /// Creates `relative` (and its parents) under this tree and returns its path.
     pub fn mkdir(&self, relative: &str) -> Result<PathBuf> {
         let dir = self.root.join(relative);

@@ -176,11 +176,6 @@ impl Pod {
         &self.network
     }
 
-    /// The pod-level cgroup (`kubepods-besteffort-pod<uid>.slice`).
-    pub fn slice(&self) -> &Path {
-        &self.slice
-    }
-
     /// Creates a container cgroup as containerd names it under the systemd driver.
     pub fn container(&self) -> Result<PathBuf> {
         let id = format!(
