@@ -1,5 +1,5 @@
-//! identity: the cgroup v2 filesystem the kernel's cgroup ids refer to: where it is mounted and which
-//! id a cgroup directory has.
+//! identity: the cgroup v2 filesystem the kernel's cgroup ids refer to (where it is mounted, which id
+//! a cgroup directory has) and what a kubelet-made cgroup path says: the pod UID and container id.
 
 use std::{
     fs, io,
@@ -77,9 +77,184 @@ pub fn cgroup_id(dir: &Path) -> Result<CgroupId, CgroupError> {
         })
 }
 
+/// A pod's UID as the API server writes it: lowercase, 8-4-4-4-12 hex digits.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PodUid(String);
+
+impl PodUid {
+    /// Accepts the canonical form in either case; anything else is not a pod UID.
+    pub fn parse(text: &str) -> Option<Self> {
+        let groups: Vec<&str> = text.split('-').collect();
+        let shaped = groups.iter().map(|group| group.len()).eq([8, 4, 4, 4, 12])
+            && groups
+                .iter()
+                .all(|group| group.bytes().all(|b| b.is_ascii_hexdigit()));
+        shaped.then(|| Self(text.to_ascii_lowercase()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A container's id as the runtime names it: 64 lowercase hex digits.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ContainerId(String);
+
+impl ContainerId {
+    pub fn parse(text: &str) -> Option<Self> {
+        (text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| Self(text.to_ascii_lowercase()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What a kubelet-made cgroup path says about the process in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodCgroup {
+    pub pod_uid: PodUid,
+    /// `None` for a process in the pod-level cgroup itself or in a runtime's monitor scope.
+    pub container_id: Option<ContainerId>,
+}
+
+/// Scope prefixes of container cgroups under the systemd driver: containerd, CRI-O, cri-dockerd.
+const CONTAINER_SCOPE_PREFIXES: [&str; 3] = ["cri-containerd-", "crio-", "docker-"];
+/// CRI-O's per-container monitor: part of the pod, not a container.
+const CRIO_MONITOR_PREFIX: &str = "crio-conmon-";
+
+/// Parses a cgroup path relative to the cgroup2 mount, in the kubelet's systemd or cgroupfs layout,
+/// under any prefix (nested kubelets, `--cgroup-root`): the pod is found by its `pod<uid>` segment
+/// wherever it is, the container by the segment right below it. `None` when no segment names a pod.
+pub fn parse_pod_cgroup(path: &str) -> Option<PodCgroup> {
+    let segments: Vec<&str> = path.split('/').filter(|segment| !segment.is_empty()).collect();
+    let (pod_index, pod_uid) = segments
+        .iter()
+        .enumerate()
+        .find_map(|(index, segment)| pod_uid_of_segment(segment).map(|uid| (index, uid)))?;
+    let container_id = segments
+        .get(pod_index + 1)
+        .and_then(|segment| container_id_of_segment(segment));
+    Some(PodCgroup {
+        pod_uid,
+        container_id,
+    })
+}
+
+/// `kubepods-burstable-pod<uid_with_underscores>.slice`, `kubepods-pod<uid>.slice` (systemd, which
+/// escapes the UID's dashes as underscores) or `pod<uid>` (cgroupfs).
+fn pod_uid_of_segment(segment: &str) -> Option<PodUid> {
+    match segment.strip_suffix(".slice") {
+        Some(unit) => PodUid::parse(&unit.rsplit_once("-pod")?.1.replace('_', "-")),
+        None => PodUid::parse(segment.strip_prefix("pod")?),
+    }
+}
+
+/// `cri-containerd-<id>.scope`, `crio-<id>.scope`, `docker-<id>.scope` (systemd) or `<id>` (cgroupfs).
+fn container_id_of_segment(segment: &str) -> Option<ContainerId> {
+    let Some(unit) = segment.strip_suffix(".scope") else {
+        return ContainerId::parse(segment);
+    };
+    if unit.starts_with(CRIO_MONITOR_PREFIX) {
+        return None;
+    }
+    CONTAINER_SCOPE_PREFIXES
+        .iter()
+        .find_map(|prefix| ContainerId::parse(unit.strip_prefix(prefix)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const UID: &str = "9ac48755-3968-48e4-b9dc-6d4b69f3bb42";
+    const UID_SYSTEMD: &str = "9ac48755_3968_48e4_b9dc_6d4b69f3bb42";
+    const CID: &str = "4a1c3b0e5f6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f";
+
+    fn parsed(path: &str) -> Option<(String, Option<String>)> {
+        parse_pod_cgroup(path).map(|found| {
+            (
+                found.pod_uid.as_str().to_owned(),
+                found.container_id.map(|id| id.as_str().to_owned()),
+            )
+        })
+    }
+
+    fn pod_and_container() -> Option<(String, Option<String>)> {
+        Some((UID.to_owned(), Some(CID.to_owned())))
+    }
+
+    #[test]
+    fn systemd_driver_every_qos_class_and_runtime() {
+        for qos_slices in [
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_SYSTEMD}.slice"),
+            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_SYSTEMD}.slice"),
+            format!("kubepods.slice/kubepods-pod{UID_SYSTEMD}.slice"),
+        ] {
+            for runtime in ["cri-containerd", "crio", "docker"] {
+                let path = format!("{qos_slices}/{runtime}-{CID}.scope");
+                assert_eq!(parsed(&path), pod_and_container(), "{path}");
+            }
+        }
+    }
+
+    #[test]
+    fn cgroupfs_driver() {
+        assert_eq!(
+            parsed(&format!("kubepods/burstable/pod{UID}/{CID}")),
+            pod_and_container()
+        );
+        assert_eq!(parsed(&format!("/kubepods/pod{UID}/{CID}")), pod_and_container());
+    }
+
+    #[test]
+    fn nested_prefixes_are_skipped() {
+        let kind = format!(
+            "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/\
+             kubelet-kubepods-besteffort-pod{UID_SYSTEMD}.slice/cri-containerd-{CID}.scope"
+        );
+        assert_eq!(parsed(&kind), pod_and_container());
+        assert_eq!(
+            parsed(&format!("kubelet/kubepods/burstable/pod{UID}/{CID}")),
+            pod_and_container()
+        );
+    }
+
+    #[test]
+    fn pod_level_and_monitor_cgroups_have_no_container() {
+        let pod_only = Some((UID.to_owned(), None));
+        assert_eq!(
+            parsed(&format!("kubepods.slice/kubepods-pod{UID_SYSTEMD}.slice")),
+            pod_only
+        );
+        let conmon = format!("kubepods.slice/kubepods-pod{UID_SYSTEMD}.slice/crio-conmon-{CID}.scope");
+        assert_eq!(parsed(&conmon), pod_only);
+    }
+
+    #[test]
+    fn paths_without_a_pod_are_not_pods() {
+        for path in [
+            "system.slice/billing.service",
+            &format!("system.slice/docker-{CID}.scope"),
+            "user.slice/user-1000.slice/session-3.scope",
+            "kubepods.slice/kubepods-besteffort.slice",
+            "kubepods.slice/kubepods-podnot-a-uid.slice",
+            "",
+        ] {
+            assert_eq!(parsed(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn uids_and_ids_are_validated_and_lowercased() {
+        assert_eq!(PodUid::parse(&UID.to_uppercase()).unwrap().as_str(), UID);
+        assert!(PodUid::parse("9ac48755-3968-48e4-b9dc-6d4b69f3bb4").is_none());
+        assert!(PodUid::parse("9ac48755-3968-48e4-b9dc-6d4b69f3bb4g").is_none());
+        assert!(ContainerId::parse(&CID[1..]).is_none());
+        assert!(ContainerId::parse(&format!("{}z", &CID[1..])).is_none());
+    }
 
     const HYBRID: &str = "\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
