@@ -5,9 +5,9 @@
 //! emulates, about a minute per kernel.
 
 use std::{
-    fs,
+    fs, io,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::Instant,
 };
 
@@ -202,7 +202,7 @@ fn run_in_vm(venv: &Path, release: &str, tests: &[PathBuf]) -> Result<bool> {
         venv.join("bin").display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let status = Command::new("timeout")
+    let mut vm = Command::new("timeout")
         .arg(VM_TIMEOUT_SECONDS.to_string())
         .arg(venv.join("bin/vng"))
         .args(["--run", &format!("/boot/vmlinuz-{release}")])
@@ -213,9 +213,20 @@ fn run_in_vm(venv: &Path, release: &str, tests: &[PathBuf]) -> Result<bool> {
         .arg(format!("sh {}", script.display()))
         // vng runs `virtme-run` from PATH.
         .env("PATH", path)
-        .status()
+        // qemu reopens a console file it inherits, truncating it: a caller's log file would lose
+        // everything printed before the VM. Pipes cannot be truncated, so the output is relayed.
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("cannot run vng")?;
-    Ok(status.success())
+    let (mut out, mut err) = (vm.stdout.take().expect("piped"), vm.stderr.take().expect("piped"));
+    let relay_err = std::thread::spawn(move || io::copy(&mut err, &mut io::stderr()));
+    io::copy(&mut out, &mut io::stdout()).context("cannot relay the VM's output")?;
+    let relayed = relay_err
+        .join()
+        .map_err(|_| anyhow::anyhow!("the stderr relay panicked"))?;
+    relayed.context("cannot relay the VM's errors")?;
+    Ok(vm.wait().context("cannot wait for vng")?.success())
 }
 
 fn guest_script(tests: &[PathBuf]) -> String {
