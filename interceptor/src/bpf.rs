@@ -5,7 +5,7 @@
 use std::{
     fs::File,
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     sync::{Mutex, PoisonError},
 };
@@ -258,13 +258,9 @@ impl Drop for Interceptor {
     }
 }
 
+/// A dual-stack listener sees IPv4 callers as IPv4-mapped IPv6; `InetAddr` holds both forms alike.
 fn endpoint(addr: SocketAddr) -> Endpoint {
-    let ip = match addr.ip() {
-        // A dual-stack listener sees IPv4 callers as IPv4-mapped IPv6; the kernel side keys them the same.
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    Endpoint::new(InetAddr::from_ip(ip), addr.port())
+    Endpoint::new(InetAddr::from_ip(addr.ip()), addr.port())
 }
 
 fn fill_set<K: aya::Pod>(
