@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 use crate::{
-    build_ebpf::{self, workspace_root},
+    build_ebpf,
     install::{ensure_commands, run_checked},
     test::TEST_COMMANDS,
 };
@@ -12,9 +12,11 @@ use crate::{
 pub fn run() -> Result<()> {
     ensure_commands(TEST_COMMANDS)?;
     build_ebpf::run()?;
-    run_checked(
-        std::process::Command::new("cargo")
-            .current_dir(workspace_root())
-            .args(["bench", "--package", "interceptor-tests", "--bench", "connect"]),
-    )
+    run_checked(build_ebpf::workspace_cargo().args([
+        "bench",
+        "--package",
+        "interceptor-tests",
+        "--bench",
+        "connect",
+    ]))
 }

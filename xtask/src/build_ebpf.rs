@@ -27,13 +27,19 @@ pub fn run() -> Result<()> {
 /// `cargo +nightly` in the workspace, free of the variables the stable cargo running xtask sets (the
 /// nested build must choose its own toolchain).
 pub fn nightly_cargo() -> Command {
-    let mut command = Command::new("cargo");
+    let mut command = workspace_cargo();
     command
-        .current_dir(workspace_root())
         .arg(format!("+{NIGHTLY}"))
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTC")
         .env_remove("RUSTDOC");
+    command
+}
+
+/// `cargo` run in the workspace root.
+pub fn workspace_cargo() -> Command {
+    let mut command = Command::new("cargo");
+    command.current_dir(workspace_root());
     command
 }
 

@@ -3,12 +3,10 @@
 //! each kernel of the matrix in a VM. The privileged tests run for real when this runs as root; with
 //! `CI` set they fail loudly if they cannot.
 
-use std::process::Command;
-
 use anyhow::Result;
 
 use crate::{
-    build_ebpf::{self, workspace_root},
+    build_ebpf::{self, workspace_cargo},
     install::{ensure_commands, run_checked},
     vm,
 };
@@ -35,14 +33,9 @@ pub fn run(options: &Options) -> Result<()> {
     if let Some(series) = &options.kernel {
         return vm::run_matrix(series);
     }
-    let cargo = || {
-        let mut command = Command::new("cargo");
-        command.current_dir(workspace_root());
-        command
-    };
     if !options.no_lint {
-        run_checked(cargo().args(["fmt", "--all", "--", "--check"]))?;
-        run_checked(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+        run_checked(workspace_cargo().args(["fmt", "--all", "--", "--check"]))?;
+        run_checked(workspace_cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
         run_checked(
             build_ebpf::nightly_cargo()
                 .args(["clippy"])
@@ -50,7 +43,7 @@ pub fn run(options: &Options) -> Result<()> {
                 .args(["--", "-D", "warnings"]),
         )?;
     }
-    run_checked(cargo().args(["test", "--all-targets"]))?;
+    run_checked(workspace_cargo().args(["test", "--all-targets"]))?;
     if options.no_vm {
         return Ok(());
     }

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    build_ebpf::workspace_root,
+    build_ebpf::{workspace_cargo, workspace_root},
     install::{ensure_commands, output, run_checked},
     python,
 };
@@ -160,8 +160,7 @@ fn version_key(package: &str) -> Vec<u64> {
 
 /// Builds the privileged data-path tests and returns their executables.
 fn build_test_binaries() -> Result<Vec<PathBuf>> {
-    let out = Command::new("cargo")
-        .current_dir(workspace_root())
+    let out = workspace_cargo()
         .args([
             "test",
             "--package",
