@@ -1,13 +1,21 @@
 //! identity: the cgroup v2 filesystem the kernel's cgroup ids refer to (where it is mounted, which id
-//! a cgroup directory has) and what a kubelet-made cgroup path says: the pod UID and container id.
+//! a cgroup directory has, which directory an id names) and what a kubelet-made cgroup path says: the
+//! pod UID and container id.
 
 use std::{
-    fs, io,
-    os::unix::fs::MetadataExt,
+    fs::{self, File},
+    io,
+    num::NonZeroUsize,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use interceptor_common::CgroupId;
+use lru::LruCache;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -19,6 +27,16 @@ pub enum CgroupError {
     },
     #[error("no cgroup2 filesystem is mounted (looked in {mountinfo})")]
     NoCgroup2 { mountinfo: PathBuf },
+    #[error("no cgroup has id {0} (it may have been removed)")]
+    UnknownId(u64),
+    #[error("cannot open cgroup id {id} by handle (needs CAP_DAC_READ_SEARCH)")]
+    OpenByHandle {
+        id: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cgroup id {id} resolves to {path}, outside the cgroup2 mount")]
+    OutsideMount { id: u64, path: PathBuf },
 }
 
 /// Where the cgroup v2 hierarchy is mounted, read from `/proc/self/mountinfo`: `/sys/fs/cgroup` on pure
@@ -75,6 +93,126 @@ pub fn cgroup_id(dir: &Path) -> Result<CgroupId, CgroupError> {
             path: dir.to_path_buf(),
             source,
         })
+}
+
+/// A cgroup directory relative to the cgroup2 mount, without a leading slash
+/// (`kubepods.slice/kubepods-besteffort.slice/...`, `system.slice/billing.service`; empty for the root).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CgroupPath(Arc<str>);
+
+impl CgroupPath {
+    pub fn new(relative: &str) -> Self {
+        Self(relative.trim_matches('/').into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CgroupPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Turns cgroup ids into paths. The kernel hands out cgroup ids (kernfs inode numbers) once and never
+/// reuses them, so an id's path is cached until evicted; a miss costs one `open_by_handle_at`, never a
+/// walk of the cgroup tree.
+pub struct CgroupPaths {
+    mount: PathBuf,
+    mount_dir: File,
+    cache: Mutex<LruCache<CgroupId, CgroupPath>>,
+}
+
+/// kernfs file handles (`FILEID_KERNFS`, include/linux/exportfs.h) carry the 64-bit node id, which for a
+/// cgroup is its cgroup id.
+const FILEID_KERNFS: i32 = 0xfe;
+
+#[repr(C)]
+struct KernfsFileHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    cgroup_id: [u8; 8],
+}
+
+impl CgroupPaths {
+    pub fn new(mount: PathBuf, capacity: NonZeroUsize) -> Result<Self, CgroupError> {
+        let mount_dir = File::open(&mount).map_err(|source| CgroupError::Read {
+            path: mount.clone(),
+            source,
+        })?;
+        Ok(Self {
+            mount,
+            mount_dir,
+            cache: Mutex::new(LruCache::new(capacity)),
+        })
+    }
+
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+
+    /// The path of the cgroup with id `cgroup_id`, relative to the mount.
+    pub fn path_of(&self, cgroup_id: CgroupId) -> Result<CgroupPath, CgroupError> {
+        if let Some(path) = self.lock().get(&cgroup_id) {
+            return Ok(path.clone());
+        }
+        let path = self.resolve(cgroup_id)?;
+        self.lock().put(cgroup_id, path.clone());
+        Ok(path)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<CgroupId, CgroupPath>> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn resolve(&self, cgroup_id: CgroupId) -> Result<CgroupPath, CgroupError> {
+        let id = cgroup_id.0;
+        let mut handle = KernfsFileHandle {
+            handle_bytes: 8,
+            handle_type: FILEID_KERNFS,
+            cgroup_id: id.to_ne_bytes(),
+        };
+        // SAFETY: `handle` is a valid file_handle header followed by its `handle_bytes` bytes, and lives
+        // across the call; the returned fd, when valid, is ours to own.
+        let fd = unsafe {
+            libc::open_by_handle_at(
+                self.mount_dir.as_raw_fd(),
+                (&raw mut handle).cast(),
+                libc::O_PATH | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let source = io::Error::last_os_error();
+            return Err(match source.raw_os_error() {
+                Some(libc::ESTALE | libc::ENOENT) => CgroupError::UnknownId(id),
+                _ => CgroupError::OpenByHandle { id, source },
+            });
+        }
+        // SAFETY: open_by_handle_at returned a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let link = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        let path = fs::read_link(&link).map_err(|source| CgroupError::Read { path: link, source })?;
+        let relative = path
+            .strip_prefix(&self.mount)
+            .map_err(|_| CgroupError::OutsideMount {
+                id,
+                path: path.clone(),
+            })?;
+        Ok(CgroupPath::new(&relative.to_string_lossy()))
+    }
+}
+
+/// Turns cgroup ids into paths: [`CgroupPaths`], or a table in tests.
+pub trait CgroupResolver: Send + Sync {
+    fn path_of(&self, cgroup_id: CgroupId) -> Result<CgroupPath, CgroupError>;
+}
+
+impl CgroupResolver for CgroupPaths {
+    fn path_of(&self, cgroup_id: CgroupId) -> Result<CgroupPath, CgroupError> {
+        CgroupPaths::path_of(self, cgroup_id)
+    }
 }
 
 /// A pod's UID as the API server writes it: lowercase, 8-4-4-4-12 hex digits.

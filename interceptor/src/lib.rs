@@ -3,7 +3,27 @@
 //!
 //! Modules follow the data path of DESIGN.md:
 //! - [`bpf`]: loads and attaches the BPF programs, owns their links, attributes accepted connections.
-//! - [`identity`]: the cgroup v2 filesystem: where it is mounted, which id a cgroup directory has.
+//! - [`identity`]: the cgroup v2 filesystem: where it is mounted, which id a cgroup directory has, which
+//!   path an id names, and what a kubelet-made path says.
+//! - [`workload`]: who a cgroup belongs to and which role it asks for (static file; Kubernetes later).
+//! - [`policy`]: role names and ARNs, external ids, session names: which session a workload gets.
+//! - [`creds`]: STS AssumeRole, cached and refreshed per session.
 
 pub mod bpf;
+pub mod creds;
 pub mod identity;
+mod periodic;
+pub mod policy;
+pub mod workload;
+
+/// An error and its sources on one line, for log fields.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

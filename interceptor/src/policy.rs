@@ -1,0 +1,430 @@
+//! policy: which role a workload gets. Turns what a workload asks for (a role name joined to the base
+//! ARN, or a full ARN; else the default role) into a validated [`RoleArn`], and holds the other STS
+//! inputs a workload may set: [`ExternalId`] (validated) and [`SessionName`] (sanitised to STS's rules).
+
+use std::fmt;
+
+/// Why a workload gets no role.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("the workload names no role and there is no default role")]
+    NoRole,
+    #[error("{0:?} is not a valid IAM role ARN (arn:<partition>:iam::<12-digit account>:role/[path/]<name>)")]
+    BadRoleArn(String),
+    #[error(
+        "role {0:?} is a name, but no base role ARN is set (--base-role-arn or --auto-discover-base-arn)"
+    )]
+    NoBaseArn(String),
+    #[error("{0:?} is not a valid base role ARN (arn:<partition>:iam::<12-digit account>:role/[path/])")]
+    BadBaseArn(String),
+    #[error("{0:?} is not a valid external id (2-1224 characters of [A-Za-z0-9+=,.@:/_-])")]
+    BadExternalId(String),
+}
+
+/// A validated IAM role ARN: `arn:<partition>:iam::<account>:role/[path/]<name>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RoleArn {
+    arn: String,
+    /// Byte offset of the role name (after the last `/`).
+    name_start: usize,
+}
+
+impl RoleArn {
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        let bad = || PolicyError::BadRoleArn(text.to_owned());
+        let prefix = ArnPrefix::parse(text).ok_or_else(bad)?;
+        let path_and_name = &text[prefix.len..];
+        let (path, name) = path_and_name.rsplit_once('/').unwrap_or(("", path_and_name));
+        let path_ok = path.len() < 512 && path.bytes().all(|b| (0x21..0x7f).contains(&b));
+        let name_ok = (1..=64).contains(&name.len()) && name.bytes().all(is_role_name_byte);
+        (path_ok && name_ok)
+            .then(|| Self {
+                arn: text.to_owned(),
+                name_start: text.len() - name.len(),
+            })
+            .ok_or_else(bad)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.arn
+    }
+
+    /// The role's name without its path: what the metadata service lists under
+    /// `iam/security-credentials/`.
+    pub fn name(&self) -> &str {
+        &self.arn[self.name_start..]
+    }
+
+    /// The 12-digit account the role belongs to.
+    pub fn account_id(&self) -> &str {
+        self.arn
+            .split(':')
+            .nth(4)
+            .expect("validated ARN has an account field")
+    }
+
+    /// The partition (`aws`, `aws-cn`, `aws-us-gov`, ...).
+    pub fn partition(&self) -> &str {
+        self.arn
+            .split(':')
+            .nth(1)
+            .expect("validated ARN has a partition field")
+    }
+}
+
+impl fmt::Display for RoleArn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.arn)
+    }
+}
+
+/// `arn:<partition>:iam::<account>:role/`, the part every role ARN and base ARN starts with.
+struct ArnPrefix {
+    len: usize,
+}
+
+impl ArnPrefix {
+    fn parse(text: &str) -> Option<Self> {
+        let mut fields = text.splitn(6, ':');
+        let ok = fields.next()? == "arn"
+            && is_partition(fields.next()?)
+            && fields.next()? == "iam"
+            && fields.next()?.is_empty()
+            && is_account(fields.next()?);
+        let resource = fields.next()?;
+        (ok && resource.starts_with("role/")).then(|| Self {
+            len: text.len() - resource.len() + "role/".len(),
+        })
+    }
+}
+
+fn is_partition(field: &str) -> bool {
+    field == "aws"
+        || field.starts_with("aws-") && field[4..].bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+}
+
+fn is_account(field: &str) -> bool {
+    field.len() == 12 && field.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// IAM role names: alphanumerics and `+=,.@_-`.
+fn is_role_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b)
+}
+
+/// The ARN prefix role names are joined to: `arn:aws:iam::123456789012:role/` (a path may follow).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseArn(String);
+
+impl BaseArn {
+    /// Accepts the prefix with or without its trailing slash.
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        let with_slash = if text.ends_with('/') {
+            text.to_owned()
+        } else {
+            format!("{text}/")
+        };
+        let prefix = ArnPrefix::parse(&with_slash).ok_or_else(|| PolicyError::BadBaseArn(text.to_owned()))?;
+        let path = &with_slash[prefix.len..];
+        let path_ok =
+            path.bytes().all(|b| (0x21..0x7f).contains(&b)) && !path.starts_with('/') && !path.contains("//");
+        path_ok
+            .then_some(Self(with_slash))
+            .ok_or_else(|| PolicyError::BadBaseArn(text.to_owned()))
+    }
+
+    /// The base ARN of roles in the account and partition of an instance profile ARN
+    /// (`arn:aws:iam::123456789012:instance-profile/node` -> `arn:aws:iam::123456789012:role/`).
+    pub fn from_instance_profile(profile_arn: &str) -> Result<Self, PolicyError> {
+        let fields: Vec<&str> = profile_arn.splitn(6, ':').collect();
+        match fields.as_slice() {
+            ["arn", partition, "iam", "", account, resource] if resource.starts_with("instance-profile/") => {
+                Self::parse(&format!("arn:{partition}:iam::{account}:role/"))
+            }
+            _ => Err(PolicyError::BadBaseArn(profile_arn.to_owned())),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An STS external id: 2-1224 characters of `[\w+=,.@:/-]`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ExternalId(String);
+
+impl ExternalId {
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        let ok = (2..=1224).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+=,.@:/_-".contains(&b));
+        ok.then(|| Self(text.to_owned()))
+            .ok_or_else(|| PolicyError::BadExternalId(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An STS role session name: 2-64 characters of `[\w+=,.@-]`. Built by sanitising, so any workload
+/// name or annotation value gives a name STS accepts.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionName(String);
+
+impl SessionName {
+    const MAX: usize = 64;
+
+    /// Replaces every character STS refuses with `-`, truncates to 64 characters and pads names
+    /// shorter than 2.
+    pub fn sanitize(text: &str) -> Self {
+        let mut name: String = text
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "+=,.@_-".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(Self::MAX)
+            .collect();
+        while name.len() < 2 {
+            name.push('_');
+        }
+        Self(name)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What a workload asks for, as its source (static file, pod annotations) states it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoleRequest {
+    /// A role name (joined to the base ARN) or a full role ARN; `None` asks for the default role.
+    pub role: Option<String>,
+    pub external_id: Option<String>,
+    pub session_name: Option<String>,
+}
+
+/// The session a workload is given: what AssumeRole is called with, and what the credential cache is
+/// keyed by.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub role: RoleArn,
+    pub external_id: Option<ExternalId>,
+    pub session_name: SessionName,
+}
+
+/// The node's rules for turning role requests into sessions.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    pub base_arn: Option<BaseArn>,
+    /// Role (name or ARN) for workloads that name none.
+    pub default_role: Option<String>,
+}
+
+impl Policy {
+    /// The role ARN for a role name or ARN: ARNs are taken as they are (validated), names are joined
+    /// to the base ARN.
+    pub fn role_arn(&self, role: &str) -> Result<RoleArn, PolicyError> {
+        if role.starts_with("arn:") {
+            return RoleArn::parse(role);
+        }
+        let base = self
+            .base_arn
+            .as_ref()
+            .ok_or_else(|| PolicyError::NoBaseArn(role.to_owned()))?;
+        RoleArn::parse(&format!("{}{}", base.as_str(), role.trim_start_matches('/')))
+    }
+
+    /// The session for `request`; `default_session_name` names it when the request does not.
+    pub fn session(
+        &self,
+        request: &RoleRequest,
+        default_session_name: &str,
+    ) -> Result<SessionKey, PolicyError> {
+        let role = request
+            .role
+            .as_deref()
+            .filter(|role| !role.trim().is_empty())
+            .or(self.default_role.as_deref())
+            .ok_or(PolicyError::NoRole)?;
+        Ok(SessionKey {
+            role: self.role_arn(role.trim())?,
+            external_id: request
+                .external_id
+                .as_deref()
+                .map(ExternalId::parse)
+                .transpose()?,
+            session_name: SessionName::sanitize(
+                request.session_name.as_deref().unwrap_or(default_session_name),
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
+            default_role: None,
+        }
+    }
+
+    fn request(role: &str) -> RoleRequest {
+        RoleRequest {
+            role: Some(role.to_owned()),
+            ..RoleRequest::default()
+        }
+    }
+
+    #[test]
+    fn role_arns_are_validated() {
+        for good in [
+            "arn:aws:iam::123456789012:role/app",
+            "arn:aws:iam::123456789012:role/team/sub/app",
+            "arn:aws-cn:iam::123456789012:role/a+=,.@_-b",
+            "arn:aws-us-gov:iam::123456789012:role/x",
+        ] {
+            assert!(RoleArn::parse(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "app",
+            "arn:aws:iam::12345678901:role/app",
+            "arn:aws:iam::123456789012:user/app",
+            "arn:aws:iam::123456789012:role/",
+            "arn:aws:iam::123456789012:role/team/",
+            "arn:aws:s3::123456789012:role/app",
+            "arn:aws:iam:us-east-1:123456789012:role/app",
+            "arn:gcp:iam::123456789012:role/app",
+            "arn:aws:iam::123456789012:role/sp ace",
+            &format!("arn:aws:iam::123456789012:role/{}", "a".repeat(65)),
+        ] {
+            assert!(RoleArn::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn role_arn_parts() {
+        let arn = RoleArn::parse("arn:aws-cn:iam::123456789012:role/team/app").unwrap();
+        assert_eq!(arn.name(), "app");
+        assert_eq!(arn.account_id(), "123456789012");
+        assert_eq!(arn.partition(), "aws-cn");
+    }
+
+    #[test]
+    fn names_join_the_base_and_arns_stand_alone() {
+        let policy = policy();
+        assert_eq!(
+            policy.role_arn("app").unwrap().as_str(),
+            "arn:aws:iam::123456789012:role/app"
+        );
+        assert_eq!(
+            policy.role_arn("team/app").unwrap().as_str(),
+            "arn:aws:iam::123456789012:role/team/app"
+        );
+        assert_eq!(
+            policy
+                .role_arn("arn:aws:iam::210987654321:role/other")
+                .unwrap()
+                .as_str(),
+            "arn:aws:iam::210987654321:role/other"
+        );
+        assert!(matches!(
+            policy.role_arn("arn:aws:iam::1:role/x"),
+            Err(PolicyError::BadRoleArn(_))
+        ));
+        assert!(matches!(
+            Policy::default().role_arn("app"),
+            Err(PolicyError::NoBaseArn(_))
+        ));
+    }
+
+    #[test]
+    fn base_arns_take_an_optional_slash_and_a_path() {
+        assert_eq!(
+            BaseArn::parse("arn:aws:iam::123456789012:role").unwrap().as_str(),
+            "arn:aws:iam::123456789012:role/"
+        );
+        assert_eq!(
+            BaseArn::parse("arn:aws:iam::123456789012:role/teams/")
+                .unwrap()
+                .as_str(),
+            "arn:aws:iam::123456789012:role/teams/"
+        );
+        assert!(BaseArn::parse("arn:aws:iam::123456789012:user/").is_err());
+        assert!(BaseArn::parse("arn:aws:iam::123456789012:role//").is_err());
+    }
+
+    #[test]
+    fn base_arn_from_the_instance_profile() {
+        assert_eq!(
+            BaseArn::from_instance_profile("arn:aws:iam::123456789012:instance-profile/nodes")
+                .unwrap()
+                .as_str(),
+            "arn:aws:iam::123456789012:role/"
+        );
+        assert!(BaseArn::from_instance_profile("arn:aws:iam::123456789012:role/nodes").is_err());
+    }
+
+    #[test]
+    fn no_role_and_no_default_is_refused() {
+        assert_eq!(
+            policy().session(&RoleRequest::default(), "w"),
+            Err(PolicyError::NoRole)
+        );
+        assert_eq!(policy().session(&request("  "), "w"), Err(PolicyError::NoRole));
+        let with_default = Policy {
+            default_role: Some("fallback".to_owned()),
+            ..policy()
+        };
+        let session = with_default.session(&RoleRequest::default(), "w").unwrap();
+        assert_eq!(session.role.name(), "fallback");
+    }
+
+    #[test]
+    fn session_names_follow_sts_rules() {
+        assert_eq!(
+            SessionName::sanitize("default/web-7d9f").as_str(),
+            "default-web-7d9f"
+        );
+        assert_eq!(SessionName::sanitize("a").as_str(), "a_");
+        assert_eq!(SessionName::sanitize("").as_str(), "__");
+        assert_eq!(SessionName::sanitize("bé ok").as_str(), "b--ok");
+        assert_eq!(SessionName::sanitize(&"x".repeat(100)).as_str().len(), 64);
+        let session = policy().session(&request("app"), "static/billing").unwrap();
+        assert_eq!(session.session_name.as_str(), "static-billing");
+        let named = RoleRequest {
+            session_name: Some("mine".to_owned()),
+            ..request("app")
+        };
+        assert_eq!(
+            policy().session(&named, "w").unwrap().session_name.as_str(),
+            "mine"
+        );
+    }
+
+    #[test]
+    fn external_ids_are_validated() {
+        assert!(ExternalId::parse("tenant:42/a").is_ok());
+        assert!(ExternalId::parse("x").is_err());
+        assert!(ExternalId::parse("has space").is_err());
+        let bad = RoleRequest {
+            external_id: Some("x".to_owned()),
+            ..request("app")
+        };
+        assert!(matches!(
+            policy().session(&bad, "w"),
+            Err(PolicyError::BadExternalId(_))
+        ));
+    }
+}

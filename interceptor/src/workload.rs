@@ -1,0 +1,373 @@
+//! workload: who a caller is and which role it asks for, given its cgroup. One interface
+//! ([`WorkloadSource`]) with its sources: the static TOML file of DESIGN.md ([`StaticWorkloads`],
+//! reloaded when it changes) and, later, the node's pods from Kubernetes.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use globset::{Glob, GlobBuilder, GlobMatcher};
+use serde::Deserialize;
+
+use crate::{identity::CgroupPath, policy::RoleRequest};
+
+/// A caller the source knows, and what it asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// How logs name it: `static/<name>` for the static source.
+    pub name: String,
+    pub request: RoleRequest,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("no workload is known for cgroup {0}")]
+    Unknown(CgroupPath),
+}
+
+/// Where workloads come from.
+#[async_trait::async_trait]
+pub trait WorkloadSource: Send + Sync {
+    /// The workload whose processes live in `cgroup` (relative to the cgroup2 mount).
+    async fn workload_for(&self, cgroup: &CgroupPath) -> Result<Arc<Workload>, WorkloadError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StaticFileError {
+    #[error("cannot read workload file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("workload file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("workload file {path}, entry {index}: bad cgroup glob {glob:?}")]
+    Glob {
+        path: PathBuf,
+        index: usize,
+        glob: String,
+        #[source]
+        source: globset::Error,
+    },
+    #[error("workload file {path}, entry {index}: `role` is empty")]
+    EmptyRole { path: PathBuf, index: usize },
+}
+
+/// The static file: `[[workload]]` entries, matched in file order.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StaticFile {
+    #[serde(default)]
+    workload: Vec<StaticEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StaticEntry {
+    /// Glob relative to the cgroup2 mount, e.g. `system.slice/billing.service`.
+    cgroup: String,
+    /// Role name (joined to the base ARN) or full role ARN.
+    role: String,
+    /// How logs and the default session name call it; defaults to the glob's last segment.
+    name: Option<String>,
+    external_id: Option<String>,
+    session_name: Option<String>,
+}
+
+/// The parsed file: each glob with the workload it names.
+#[derive(Debug, Default)]
+struct Table {
+    entries: Vec<(GlobMatcher, Arc<Workload>)>,
+}
+
+impl Table {
+    fn parse(path: &Path, text: &str) -> Result<Self, StaticFileError> {
+        let file: StaticFile = toml::from_str(text).map_err(|source| StaticFileError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let entries = file
+            .workload
+            .into_iter()
+            .enumerate()
+            .map(|(index, entry)| Self::entry(path, index, entry))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { entries })
+    }
+
+    fn entry(
+        path: &Path,
+        index: usize,
+        entry: StaticEntry,
+    ) -> Result<(GlobMatcher, Arc<Workload>), StaticFileError> {
+        let glob = entry.cgroup.trim_matches('/');
+        // `*` stays within one path segment; `**` crosses them.
+        let matcher = GlobBuilder::new(glob)
+            .literal_separator(true)
+            .build()
+            .map(|glob: Glob| glob.compile_matcher())
+            .map_err(|source| StaticFileError::Glob {
+                path: path.to_owned(),
+                index,
+                glob: entry.cgroup.clone(),
+                source,
+            })?;
+        if entry.role.trim().is_empty() {
+            return Err(StaticFileError::EmptyRole {
+                path: path.to_owned(),
+                index,
+            });
+        }
+        let name = entry
+            .name
+            .unwrap_or_else(|| glob.rsplit('/').next().unwrap_or(glob).to_owned());
+        let workload = Workload {
+            name: format!("static/{name}"),
+            request: RoleRequest {
+                role: Some(entry.role),
+                external_id: entry.external_id,
+                session_name: entry.session_name,
+            },
+        };
+        Ok((matcher, Arc::new(workload)))
+    }
+
+    /// The first entry whose glob matches the cgroup or one of its ancestors: an entry for a service
+    /// covers the cgroups the service creates below its own.
+    fn lookup(&self, cgroup: &CgroupPath) -> Option<Arc<Workload>> {
+        let path = cgroup.as_str();
+        let candidates: Vec<&str> =
+            std::iter::successors(Some(path), |p| p.rsplit_once('/').map(|(parent, _)| parent))
+                .filter(|p| !p.is_empty())
+                .collect();
+        self.entries
+            .iter()
+            .find(|(matcher, _)| candidates.iter().any(|candidate| matcher.is_match(candidate)))
+            .map(|(_, workload)| workload.clone())
+    }
+}
+
+/// The static workload file, reloaded when it changes; a file that does not parse keeps the last good
+/// one in force.
+pub struct StaticWorkloads {
+    path: PathBuf,
+    state: RwLock<Loaded>,
+}
+
+struct Loaded {
+    table: Arc<Table>,
+    /// Modification time and length of the file the table came from.
+    stamp: Option<(SystemTime, u64)>,
+}
+
+impl StaticWorkloads {
+    /// Loads the file; fails when it cannot be read or parsed (the agent must not start without it).
+    pub fn load(path: &Path) -> Result<Self, StaticFileError> {
+        let stamp = file_stamp(path);
+        let table = read_table(path)?;
+        tracing::info!(path = %path.display(), workloads = table.entries.len(), "workload file loaded");
+        Ok(Self {
+            path: path.to_owned(),
+            state: RwLock::new(Loaded {
+                table: Arc::new(table),
+                stamp,
+            }),
+        })
+    }
+
+    /// Re-reads the file when its modification time or length changed. Returns whether a new table
+    /// took effect; a bad file is logged and the old table stays.
+    pub fn reload_if_changed(&self) -> bool {
+        let stamp = file_stamp(&self.path);
+        if stamp == self.state.read().unwrap_or_else(|e| e.into_inner()).stamp {
+            return false;
+        }
+        let result = read_table(&self.path);
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        state.stamp = stamp;
+        match result {
+            Ok(table) => {
+                tracing::info!(path = %self.path.display(), workloads = table.entries.len(), "workload file reloaded");
+                state.table = Arc::new(table);
+                true
+            }
+            Err(err) => {
+                tracing::warn!(error = %crate::error_chain(&err), "workload file not reloaded; keeping the previous one");
+                false
+            }
+        }
+    }
+
+    /// Checks the file every `interval` while the source lives.
+    pub fn watch(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        crate::periodic::every(interval, self, |source| async move {
+            source.reload_if_changed();
+        })
+    }
+
+    fn table(&self) -> Arc<Table> {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).table.clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl WorkloadSource for StaticWorkloads {
+    async fn workload_for(&self, cgroup: &CgroupPath) -> Result<Arc<Workload>, WorkloadError> {
+        self.table()
+            .lookup(cgroup)
+            .ok_or_else(|| WorkloadError::Unknown(cgroup.clone()))
+    }
+}
+
+fn read_table(path: &Path) -> Result<Table, StaticFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| StaticFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    Table::parse(path, &text)
+}
+
+/// Follows symlinks, so a ConfigMap's atomic symlink swap counts as a change.
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+[[workload]]
+cgroup = "system.slice/billing.service"
+role = "billing"
+
+[[workload]]
+name = "batch"
+cgroup = "system.slice/batch-*.service"
+role = "arn:aws:iam::123456789012:role/batch"
+external_id = "ext-1"
+session_name = "batch-jobs"
+
+[[workload]]
+cgroup = "**/kubepods-besteffort-pod*.slice"
+role = "pods"
+"#;
+
+    fn table() -> Table {
+        Table::parse(Path::new("workloads.toml"), FILE).unwrap()
+    }
+
+    fn lookup(path: &str) -> Option<String> {
+        table()
+            .lookup(&CgroupPath::new(path))
+            .map(|workload| workload.name.clone())
+    }
+
+    #[test]
+    fn matches_the_cgroup_or_an_ancestor_first_entry_wins() {
+        assert_eq!(
+            lookup("system.slice/billing.service").as_deref(),
+            Some("static/billing.service")
+        );
+        assert_eq!(
+            lookup("system.slice/billing.service/worker").as_deref(),
+            Some("static/billing.service")
+        );
+        assert_eq!(
+            lookup("system.slice/batch-7.service").as_deref(),
+            Some("static/batch")
+        );
+        assert_eq!(
+            lookup("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podab_cd.slice/cri-containerd-1.scope")
+                .as_deref(),
+            Some("static/kubepods-besteffort-pod*.slice")
+        );
+        assert_eq!(lookup("system.slice/other.service"), None);
+        assert_eq!(lookup("system.slice"), None);
+        assert_eq!(lookup(""), None);
+    }
+
+    #[test]
+    fn a_single_star_stays_in_one_segment() {
+        assert_eq!(lookup("system.slice/batch-a/b.service"), None);
+    }
+
+    #[test]
+    fn entries_carry_their_role_request() {
+        let workload = table()
+            .lookup(&CgroupPath::new("system.slice/batch-1.service"))
+            .unwrap();
+        assert_eq!(
+            workload.request,
+            RoleRequest {
+                role: Some("arn:aws:iam::123456789012:role/batch".to_owned()),
+                external_id: Some("ext-1".to_owned()),
+                session_name: Some("batch-jobs".to_owned()),
+            }
+        );
+    }
+
+    #[test]
+    fn bad_files_say_why() {
+        let path = Path::new("w.toml");
+        let unknown_field = "[[workload]]\ncgroup = \"a\"\nrole = \"r\"\nrol = \"typo\"\n";
+        assert!(matches!(
+            Table::parse(path, unknown_field),
+            Err(StaticFileError::Parse { .. })
+        ));
+        let missing_role = "[[workload]]\ncgroup = \"a\"\n";
+        assert!(matches!(
+            Table::parse(path, missing_role),
+            Err(StaticFileError::Parse { .. })
+        ));
+        let empty_role = "[[workload]]\ncgroup = \"a\"\nrole = \" \"\n";
+        assert!(matches!(
+            Table::parse(path, empty_role),
+            Err(StaticFileError::EmptyRole { index: 0, .. })
+        ));
+        let bad_glob = "[[workload]]\ncgroup = \"a[\"\nrole = \"r\"\n";
+        assert!(matches!(
+            Table::parse(path, bad_glob),
+            Err(StaticFileError::Glob { .. })
+        ));
+        assert_eq!(Table::parse(path, "").unwrap().entries.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn reload_takes_a_good_file_and_keeps_the_old_one_for_a_bad_one() {
+        let dir = std::env::temp_dir().join(format!("interceptor-workloads-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.toml");
+        std::fs::write(&path, "[[workload]]\ncgroup = \"a.service\"\nrole = \"one\"\n").unwrap();
+        let source = StaticWorkloads::load(&path).unwrap();
+        let role_of = |source: &StaticWorkloads| {
+            source
+                .table()
+                .lookup(&CgroupPath::new("a.service"))
+                .and_then(|w| w.request.role.clone())
+        };
+        assert_eq!(role_of(&source).as_deref(), Some("one"));
+        assert!(!source.reload_if_changed(), "unchanged file is not re-read");
+
+        std::fs::write(&path, "[[workload]]\ncgroup = \"a.service\"\nrole = \"second\"\n").unwrap();
+        assert!(source.reload_if_changed());
+        assert_eq!(role_of(&source).as_deref(), Some("second"));
+
+        std::fs::write(
+            &path,
+            "[[workload]]\ncgroup = \"a.service\"\nrole = \"third\"\nbroken",
+        )
+        .unwrap();
+        assert!(!source.reload_if_changed());
+        assert_eq!(role_of(&source).as_deref(), Some("second"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
