@@ -8,10 +8,14 @@
 //! - [`workload`]: who a cgroup belongs to and which role it asks for (static file; Kubernetes later).
 //! - [`policy`]: role names and ARNs, external ids, session names: which session a workload gets.
 //! - [`creds`]: STS AssumeRole, cached and refreshed per session.
+//! - [`imds`]: the metadata HTTP API the redirected callers talk to.
+//! - [`agent`]: the `interceptor agent` command: flags, start-up order, shutdown.
 
+pub mod agent;
 pub mod bpf;
 pub mod creds;
 pub mod identity;
+pub mod imds;
 mod periodic;
 pub mod policy;
 pub mod workload;

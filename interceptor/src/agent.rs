@@ -1,0 +1,299 @@
+//! agent: the `interceptor agent` command. Its flags (each also an `INTERCEPTOR_*` variable), and the
+//! start-up order that keeps a pod from ever reaching the node's credentials: load the configuration,
+//! attach the programs, listen, then report ready.
+
+use std::{
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    num::NonZeroUsize,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use interceptor_common::CgroupId;
+use tokio::net::TcpListener;
+
+use crate::{
+    bpf::{Interceptor, RedirectConfig},
+    creds::{CredentialCache, StsAssumeRole},
+    identity::{self, CgroupPaths},
+    imds::{
+        self, ImdsState,
+        route::{AllowList, DEFAULT_ALLOWED},
+        token::TokenKey,
+        upstream::{MetadataService, Upstream},
+    },
+    policy::{BaseArn, Policy},
+    workload::StaticWorkloads,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// cgroup v2 directory whose subtree is intercepted [default: the kubelet's kubepods cgroup under the
+    /// cgroup2 mount]
+    #[arg(long, env = "INTERCEPTOR_CGROUP_ROOT", value_name = "PATH")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Redirect target and listen address [default: $HOST_IP:8181]
+    #[arg(long, env = "INTERCEPTOR_AGENT_ADDR", value_name = "IP:PORT")]
+    pub agent_addr: Option<SocketAddr>,
+    /// The node's real metadata service.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_METADATA_ADDR",
+        value_name = "URL",
+        default_value = "http://169.254.169.254"
+    )]
+    pub metadata_addr: String,
+    /// STS endpoint override (default: the regional endpoint).
+    #[arg(long, env = "INTERCEPTOR_STS_ENDPOINT", value_name = "URL")]
+    pub sts_endpoint: Option<String>,
+    /// AWS region for STS (default: the SDK's region chain: AWS_REGION, profile, instance metadata).
+    #[arg(long, env = "INTERCEPTOR_REGION")]
+    pub region: Option<String>,
+    /// Static workload file (TOML `[[workload]]` entries) instead of Kubernetes.
+    #[arg(long, env = "INTERCEPTOR_WORKLOADS", value_name = "FILE")]
+    pub workloads: Option<PathBuf>,
+    /// ARN prefix role names are joined to, e.g. arn:aws:iam::123456789012:role/
+    #[arg(long, env = "INTERCEPTOR_BASE_ROLE_ARN", value_name = "ARN")]
+    pub base_role_arn: Option<String>,
+    /// Take the base role ARN from the node's instance profile (metadata iam/info).
+    #[arg(
+        long,
+        env = "INTERCEPTOR_AUTO_DISCOVER_BASE_ARN",
+        conflicts_with = "base_role_arn"
+    )]
+    pub auto_discover_base_arn: bool,
+    /// Role (name or ARN) for workloads that name none; without it they get no credentials.
+    #[arg(long, env = "INTERCEPTOR_DEFAULT_ROLE", value_name = "ROLE")]
+    pub default_role: Option<String>,
+    /// Use the node's instance role as the default role (assumed through STS like any other role).
+    #[arg(
+        long,
+        env = "INTERCEPTOR_AUTO_DISCOVER_DEFAULT_ROLE",
+        conflicts_with = "default_role"
+    )]
+    pub auto_discover_default_role: bool,
+    /// Lifetime of assumed-role sessions (15m to 12h).
+    #[arg(long, env = "INTERCEPTOR_IAM_ROLE_SESSION_TTL", value_name = "DURATION", default_value = "1h",
+          value_parser = humantime::parse_duration)]
+    pub iam_role_session_ttl: Duration,
+    /// Refuse metadata requests that carry no IMDSv2 token.
+    #[arg(long, env = "INTERCEPTOR_REQUIRE_IMDSV2")]
+    pub require_imdsv2: bool,
+    /// Paths below the version (globs, e.g. `meta-data/placement/**`) passed to the node's metadata
+    /// service; replaces the default list of instance facts. The node's credentials, identity
+    /// credentials and user-data are refused whatever this says.
+    #[arg(
+        long = "metadata-proxy-allow",
+        env = "INTERCEPTOR_METADATA_PROXY_ALLOW",
+        value_name = "GLOB",
+        value_delimiter = ','
+    )]
+    pub metadata_proxy_allow: Vec<String>,
+    /// Log format.
+    #[arg(long, env = "INTERCEPTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter: a level or tracing directives (`info`, `interceptor=debug`).
+    #[arg(long, env = "INTERCEPTOR_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+const DEFAULT_AGENT_PORT: u16 = 8181;
+/// Cgroup ids whose paths are remembered (one per container that asked recently).
+const CGROUP_PATH_CACHE: NonZeroUsize = NonZeroUsize::new(16_384).expect("non-zero");
+/// Sessions the credential cache holds at most.
+const MAX_SESSIONS: usize = 10_000;
+const WORKLOAD_FILE_CHECK: Duration = Duration::from_secs(1);
+const CREDENTIAL_REFRESH_CHECK: Duration = Duration::from_secs(15);
+
+/// Sends the agent's logs to standard error in the chosen format.
+pub fn init_tracing(format: LogFormat, filter: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("bad --log-level {filter:?}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    }
+    .map_err(|err| anyhow::anyhow!("cannot set up logging: {err}"))
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(args: AgentArgs) -> Result<()> {
+    // 1. Configuration: everything that can be wrong is found before anything is attached.
+    let workloads_path = args
+        .workloads
+        .clone()
+        .context("the Kubernetes workload source is not available yet: pass --workloads FILE")?;
+    let workloads = Arc::new(StaticWorkloads::load(&workloads_path)?);
+    let ttl = args.iam_role_session_ttl;
+    ensure!(
+        (Duration::from_secs(15 * 60)..=Duration::from_secs(12 * 3600)).contains(&ttl),
+        "--iam-role-session-ttl must be between 15m and 12h (STS's limits), not {}",
+        humantime::format_duration(ttl)
+    );
+    let allow = match args.metadata_proxy_allow.as_slice() {
+        [] => AllowList::new(DEFAULT_ALLOWED),
+        patterns => AllowList::new(patterns),
+    }
+    .context("bad --metadata-proxy-allow glob")?;
+    let upstream = Arc::new(MetadataService::new(&args.metadata_addr).context("bad --metadata-addr")?);
+    let policy = policy(&args, upstream.as_ref()).await?;
+    let mount = identity::cgroup2_mount()?;
+    let cgroup_root = match &args.cgroup_root {
+        Some(root) => root.clone(),
+        None => detect_kubepods(&mount)?,
+    };
+    let own_cgroup = own_cgroup_id(&mount)?;
+    let agent_addr = agent_addr(args.agent_addr)?;
+    let cgroups = Arc::new(CgroupPaths::new(mount, CGROUP_PATH_CACHE)?);
+    let sts = StsAssumeRole::from_env(args.region.clone(), args.sts_endpoint.clone()).await;
+    let creds = Arc::new(CredentialCache::new(Arc::new(sts), ttl, MAX_SESSIONS));
+
+    // 2. Attach: from here on, every new connection to the metadata address comes to the agent.
+    let mut redirect = RedirectConfig::new(cgroup_root.clone(), agent_addr);
+    redirect.exempt_cgroups = vec![own_cgroup];
+    let interceptor = Arc::new(Interceptor::attach(&redirect)?);
+
+    // 3. Listen.
+    let listener = TcpListener::bind(agent_addr)
+        .await
+        .with_context(|| format!("cannot listen on {agent_addr}"))?;
+    let _workload_watch = workloads.watch(WORKLOAD_FILE_CHECK);
+    let _refresher = creds.spawn_refresher(CREDENTIAL_REFRESH_CHECK);
+    let state = ImdsState {
+        cgroups,
+        workloads,
+        policy,
+        creds,
+        upstream,
+        allow,
+        tokens: TokenKey::random(),
+        require_v2: args.require_imdsv2,
+    };
+
+    // 4. Ready.
+    tracing::info!(agent_addr = %agent_addr, cgroup_root = %cgroup_root.display(), exempt_cgroup_id = own_cgroup.0,
+        workloads = %workloads_path.display(), "ready");
+    imds::serve(
+        listener,
+        imds::router(Arc::new(state)),
+        interceptor,
+        shutdown_signal(),
+    )
+    .await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn policy(args: &AgentArgs, upstream: &dyn Upstream) -> Result<Policy> {
+    let base_arn = match (&args.base_role_arn, args.auto_discover_base_arn) {
+        (Some(arn), _) => Some(BaseArn::parse(arn)?),
+        (None, true) => Some(discover_base_arn(upstream).await?),
+        (None, false) => None,
+    };
+    let default_role = match (&args.default_role, args.auto_discover_default_role) {
+        (Some(role), _) => Some(role.clone()),
+        (None, true) => Some(discover_instance_role(upstream).await?),
+        (None, false) => None,
+    };
+    let policy = Policy {
+        base_arn,
+        default_role,
+    };
+    if let Some(role) = &policy.default_role {
+        policy.role_arn(role).context("bad default role")?;
+    }
+    tracing::info!(
+        base_arn = policy.base_arn.as_ref().map(BaseArn::as_str),
+        default_role = policy.default_role.as_deref(),
+        "role policy"
+    );
+    Ok(policy)
+}
+
+async fn metadata_text(upstream: &dyn Upstream, path: &str) -> Result<String> {
+    let reply = upstream.get(path).await?;
+    ensure!(
+        reply.status.is_success(),
+        "the metadata service answered {path} with {}",
+        reply.status
+    );
+    String::from_utf8(reply.body.to_vec()).with_context(|| format!("{path} is not text"))
+}
+
+async fn discover_base_arn(upstream: &dyn Upstream) -> Result<BaseArn> {
+    let info = metadata_text(upstream, "/latest/meta-data/iam/info").await?;
+    let info: serde_json::Value = serde_json::from_str(&info).context("iam/info is not JSON")?;
+    let profile = info["InstanceProfileArn"]
+        .as_str()
+        .context("iam/info has no InstanceProfileArn")?;
+    Ok(BaseArn::from_instance_profile(profile)?)
+}
+
+async fn discover_instance_role(upstream: &dyn Upstream) -> Result<String> {
+    let list = metadata_text(upstream, "/latest/meta-data/iam/security-credentials/").await?;
+    let role = list.lines().next().unwrap_or_default().trim();
+    ensure!(!role.is_empty(), "the node has no instance role");
+    Ok(role.to_owned())
+}
+
+/// `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs driver) under the cgroup2 mount.
+fn detect_kubepods(mount: &Path) -> Result<PathBuf> {
+    ["kubepods.slice", "kubepods"]
+        .iter()
+        .map(|name| mount.join(name))
+        .find(|dir| dir.is_dir())
+        .with_context(|| format!("no kubepods cgroup under {}: pass --cgroup-root", mount.display()))
+}
+
+/// The agent's own cgroup, exempt from redirection so the agent reaches the real metadata service.
+fn own_cgroup_id(mount: &Path) -> Result<CgroupId> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").context("cannot read /proc/self/cgroup")?;
+    let relative = text
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .context("/proc/self/cgroup has no cgroup v2 line")?;
+    Ok(identity::cgroup_id(
+        &mount.join(relative.trim_start_matches('/')),
+    )?)
+}
+
+fn agent_addr(flag: Option<SocketAddr>) -> Result<SocketAddrV4> {
+    let addr = match flag {
+        Some(addr) => addr,
+        None => {
+            let host_ip = std::env::var("HOST_IP").context("pass --agent-addr or set HOST_IP")?;
+            let ip: IpAddr = host_ip
+                .parse()
+                .with_context(|| format!("HOST_IP {host_ip:?} is not an IP address"))?;
+            SocketAddr::new(ip, DEFAULT_AGENT_PORT)
+        }
+    };
+    match addr {
+        SocketAddr::V4(v4) if !v4.ip().is_loopback() && !v4.ip().is_unspecified() => Ok(v4),
+        // The redirect happens in the caller's network namespace, where loopback is the pod's own.
+        SocketAddr::V4(v4) => bail!("--agent-addr {v4}: must be an address of the node that pods can reach"),
+        SocketAddr::V6(v6) => {
+            bail!("--agent-addr {v6}: an IPv4 address is needed (IPv6 callers reach it too)")
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

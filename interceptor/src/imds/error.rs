@@ -1,0 +1,110 @@
+//! imds::error: every way a metadata request is refused, each with its status code, a plain-text body
+//! for the caller and a short reason for logs and metrics.
+
+use axum::{
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+
+use super::{route::RouteError, token::TokenError};
+use crate::{creds::StsError, identity::CgroupError, policy::PolicyError, workload::WorkloadError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImdsError {
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error("connection not attributed to a workload: only connections redirected by the kernel are served")]
+    Unattributed,
+    #[error("token requests through a proxy (X-Forwarded-For) are refused")]
+    ForwardedFor,
+    #[error(transparent)]
+    BadTtl(#[from] super::token::BadTtl),
+    #[error("an IMDSv2 token is required")]
+    TokenRequired,
+    #[error(transparent)]
+    BadToken(#[from] TokenError),
+    #[error("cannot identify the calling cgroup")]
+    Identity(#[source] CgroupError),
+    #[error(transparent)]
+    UnknownWorkload(#[from] WorkloadError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("role {asked:?} is not this workload's role")]
+    OtherRole { asked: String },
+    #[error(transparent)]
+    Sts(#[from] StsError),
+    #[error("the node's metadata service cannot be reached")]
+    Upstream(#[source] super::upstream::UpstreamError),
+    #[error("the request took too long")]
+    Timeout,
+}
+
+/// How long a caller should wait before asking again after an STS failure.
+const STS_RETRY_AFTER_SECONDS: u32 = 5;
+
+impl ImdsError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Route(RouteError::BadPath) | Self::BadTtl(_) => StatusCode::BAD_REQUEST,
+            Self::Route(RouteError::VersionedToken | RouteError::Denied)
+            | Self::Unattributed
+            | Self::ForwardedFor => StatusCode::FORBIDDEN,
+            Self::Route(RouteError::MethodNotAllowed) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Route(RouteError::NotFound) | Self::UnknownWorkload(_) | Self::OtherRole { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            Self::Policy(PolicyError::NoRole) => StatusCode::NOT_FOUND,
+            Self::Policy(_) => StatusCode::FORBIDDEN,
+            Self::TokenRequired | Self::BadToken(_) => StatusCode::UNAUTHORIZED,
+            Self::Identity(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Sts(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A fixed label per kind of refusal, for logs now and metrics later.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Route(RouteError::BadPath) => "bad_path",
+            Self::Route(RouteError::VersionedToken) => "versioned_token",
+            Self::Route(RouteError::MethodNotAllowed) => "method_not_allowed",
+            Self::Route(RouteError::NotFound) => "not_found",
+            Self::Route(RouteError::Denied) => "proxy_denied",
+            Self::Unattributed => "unattributed",
+            Self::ForwardedFor => "forwarded_for",
+            Self::BadTtl(_) => "bad_ttl",
+            Self::TokenRequired | Self::BadToken(_) => "bad_token",
+            Self::Identity(_) => "identity_error",
+            Self::UnknownWorkload(_) => "unknown_workload",
+            Self::Policy(PolicyError::NoRole) => "no_role",
+            Self::Policy(_) => "role_not_allowed",
+            Self::OtherRole { .. } => "other_role",
+            Self::Sts(_) => "sts_error",
+            Self::Upstream(_) => "upstream_error",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+impl IntoResponse for ImdsError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        // The caller learns the kind of refusal; details (role ARNs, STS messages) stay in the agent's log.
+        let body = match &self {
+            Self::Sts(_) => "credentials are temporarily unavailable".to_owned(),
+            Self::Identity(_) => "cannot identify the caller".to_owned(),
+            Self::Upstream(_) => "the metadata service cannot be reached".to_owned(),
+            Self::UnknownWorkload(_) => "no role is known for this workload".to_owned(),
+            Self::Policy(PolicyError::NoRole) => "this workload has no role".to_owned(),
+            other => other.to_string(),
+        };
+        let mut response = (status, body).into_response();
+        if let Self::Sts(_) = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(STS_RETRY_AFTER_SECONDS));
+        }
+        response
+    }
+}

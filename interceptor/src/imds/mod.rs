@@ -1,0 +1,284 @@
+//! imds: the instance metadata API the redirected callers see. Answers tokens, the caller's role and
+//! credentials, and `iam/info` itself; passes allow-listed instance facts to the node's metadata
+//! service; refuses everything else with the status the real service would give.
+//!
+//! [`router`] is the whole HTTP API and needs no socket; [`serve`] accepts connections and tags each
+//! with what the kernel recorded about its caller.
+
+mod error;
+pub mod route;
+mod serve;
+pub mod token;
+pub mod upstream;
+
+use std::{
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use axum::{
+    Extension, Router,
+    extract::State,
+    http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+};
+pub use error::ImdsError;
+use serde::Serialize;
+pub use serve::{Caller, serve};
+use sha2::{Digest, Sha256};
+use time::{OffsetDateTime, format_description::BorrowedFormatItem, macros::format_description};
+
+use self::{
+    route::{AllowList, Route},
+    token::TokenKey,
+    upstream::Upstream,
+};
+use crate::{
+    bpf::Attribution,
+    creds::{CredentialCache, Credentials},
+    identity::CgroupResolver,
+    policy::{Policy, SessionKey},
+    workload::{Workload, WorkloadSource},
+};
+
+/// Everything the API consults.
+pub struct ImdsState {
+    pub cgroups: Arc<dyn CgroupResolver>,
+    pub workloads: Arc<dyn WorkloadSource>,
+    pub policy: Policy,
+    pub creds: Arc<CredentialCache>,
+    pub upstream: Arc<dyn Upstream>,
+    pub allow: AllowList,
+    pub tokens: TokenKey,
+    /// Refuse requests without a token (IMDSv2 only).
+    pub require_v2: bool,
+}
+
+/// Bound on answering one request, STS call included (the SDKs give up after 1 to 5 seconds).
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+const FORWARDED_FOR: &str = "x-forwarded-for";
+
+/// The metadata API. Each request must carry a [`Caller`] extension (added by [`serve`]).
+pub fn router(state: Arc<ImdsState>) -> Router {
+    Router::new()
+        .fallback(handle)
+        .layer(axum::middleware::map_response(server_header))
+        .with_state(state)
+}
+
+/// EC2's metadata service names itself so; some tools check.
+async fn server_header(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::SERVER, HeaderValue::from_static("EC2ws"));
+    response
+}
+
+async fn handle(
+    State(state): State<Arc<ImdsState>>,
+    Extension(caller): Extension<Caller>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let path = uri.path();
+    let result = tokio::time::timeout(REQUEST_TIMEOUT, answer(&state, &caller, &method, path, &headers))
+        .await
+        .unwrap_or(Err(ImdsError::Timeout));
+    let cgroup_id = caller.attribution.map(|found| found.cgroup_id.0);
+    match result {
+        Ok(response) => {
+            tracing::debug!(peer = %caller.peer, cgroup_id, %method, path, status = response.status().as_u16(),
+                latency_us = started.elapsed().as_micros() as u64, "metadata request served");
+            response
+        }
+        Err(err) => {
+            tracing::warn!(peer = %caller.peer, cgroup_id, %method, path, status = err.status().as_u16(),
+                reason = err.reason(), error = %crate::error_chain(&err), "metadata request refused");
+            err.into_response()
+        }
+    }
+}
+
+async fn answer(
+    state: &ImdsState,
+    caller: &Caller,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ImdsError> {
+    let attribution = caller.attribution.ok_or(ImdsError::Unattributed)?;
+    let route = route::route(method, path, &state.allow)?;
+    if route == Route::Token {
+        return mint_token(state, &attribution, headers);
+    }
+    check_token(state, &attribution, headers)?;
+    match route {
+        Route::Token => unreachable!("answered above"),
+        Route::Proxy { path } => proxy(state, &path).await,
+        Route::IamIndex => Ok(text("info\nsecurity-credentials/")),
+        Route::IamInfo => {
+            let session = session_of(state, &attribution).await?.1;
+            Ok(json(&IamInfo::of(&session)))
+        }
+        Route::RoleList { .. } => {
+            let session = session_of(state, &attribution).await?.1;
+            Ok(text(session.role.name()))
+        }
+        Route::RoleCredentials { extended, role_name } => {
+            let (workload, session) = session_of(state, &attribution).await?;
+            if role_name != session.role.name() {
+                return Err(ImdsError::OtherRole { asked: role_name });
+            }
+            let creds = state.creds.get(&session).await?;
+            tracing::info!(workload = workload.name, cgroup_id = attribution.cgroup_id.0, role = %session.role,
+                "credentials served");
+            let account_id = extended.then(|| session.role.account_id());
+            Ok(json(&CredentialsDocument::of(&creds, account_id)))
+        }
+    }
+}
+
+fn mint_token(state: &ImdsState, caller: &Attribution, headers: &HeaderMap) -> Result<Response, ImdsError> {
+    if headers.contains_key(FORWARDED_FOR) {
+        return Err(ImdsError::ForwardedFor);
+    }
+    let ttl = token::parse_ttl(headers.get(TOKEN_TTL_HEADER).map(HeaderValue::as_bytes))?;
+    let token = state.tokens.mint(caller.cgroup_id, ttl, SystemTime::now());
+    let mut response = text(&token);
+    // aws-sdk-go-v2 and aws-sdk-rust read the TTL back from this header; without it they get nothing.
+    response
+        .headers_mut()
+        .insert(TOKEN_TTL_HEADER, HeaderValue::from(ttl.as_secs()));
+    Ok(response)
+}
+
+/// A token, when sent, must be valid and the caller's; without one the request is IMDSv1, allowed unless
+/// v2 is required.
+fn check_token(state: &ImdsState, caller: &Attribution, headers: &HeaderMap) -> Result<(), ImdsError> {
+    match headers.get(TOKEN_HEADER) {
+        Some(token) => Ok(state
+            .tokens
+            .verify(token.as_bytes(), caller.cgroup_id, SystemTime::now())?),
+        None if state.require_v2 => Err(ImdsError::TokenRequired),
+        None => Ok(()),
+    }
+}
+
+/// The caller's workload and the session policy gives it.
+async fn session_of(
+    state: &ImdsState,
+    caller: &Attribution,
+) -> Result<(Arc<Workload>, SessionKey), ImdsError> {
+    let cgroup = state
+        .cgroups
+        .path_of(caller.cgroup_id)
+        .map_err(ImdsError::Identity)?;
+    let workload = state.workloads.workload_for(&cgroup).await?;
+    let session = state.policy.session(&workload.request, &workload.name)?;
+    Ok((workload, session))
+}
+
+async fn proxy(state: &ImdsState, path: &str) -> Result<Response, ImdsError> {
+    let reply = state.upstream.get(path).await.map_err(ImdsError::Upstream)?;
+    let mut response = (reply.status, reply.body).into_response();
+    let content_type = reply
+        .content_type
+        .unwrap_or(HeaderValue::from_static("text/plain"));
+    response.headers_mut().insert(header::CONTENT_TYPE, content_type);
+    Ok(response)
+}
+
+fn text(body: &str) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain")],
+        body.to_owned(),
+    )
+        .into_response()
+}
+
+/// EC2 serves its JSON documents as `text/plain`, pretty-printed.
+fn json(document: &impl Serialize) -> Response {
+    text(&serde_json::to_string_pretty(document).expect("documents serialize"))
+}
+
+const IMDS_TIME: &[BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+
+fn imds_time(time: SystemTime) -> String {
+    OffsetDateTime::from(time)
+        .format(IMDS_TIME)
+        .expect("UTC times format")
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct CredentialsDocument<'a> {
+    code: &'static str,
+    last_updated: String,
+    #[serde(rename = "Type")]
+    kind: &'static str,
+    access_key_id: &'a str,
+    secret_access_key: &'a str,
+    token: &'a str,
+    expiration: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account_id: Option<&'a str>,
+}
+
+impl<'a> CredentialsDocument<'a> {
+    fn of(creds: &'a Credentials, account_id: Option<&'a str>) -> Self {
+        Self {
+            code: "Success",
+            last_updated: imds_time(creds.issued),
+            kind: "AWS-HMAC",
+            access_key_id: &creds.access_key_id,
+            secret_access_key: creds.secret_access_key.expose(),
+            token: creds.session_token.expose(),
+            expiration: imds_time(creds.expiration),
+            account_id,
+        }
+    }
+}
+
+/// `iam/info` for the caller's role: an instance profile named after the role, in the role's account.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct IamInfo {
+    code: &'static str,
+    last_updated: String,
+    instance_profile_arn: String,
+    instance_profile_id: String,
+}
+
+impl IamInfo {
+    fn of(session: &SessionKey) -> Self {
+        let role = &session.role;
+        let digest = Sha256::digest(role.as_str().as_bytes());
+        // Instance profile ids are "AIPA" and 17 upper-case alphanumerics; derived from the role so the
+        // same role always shows the same id.
+        let id: String = digest
+            .iter()
+            .take(17)
+            .map(|b| char::from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"[usize::from(b % 32)]))
+            .collect();
+        Self {
+            code: "Success",
+            last_updated: imds_time(SystemTime::now()),
+            instance_profile_arn: format!(
+                "arn:{}:iam::{}:instance-profile/{}",
+                role.partition(),
+                role.account_id(),
+                role.name()
+            ),
+            instance_profile_id: format!("AIPA{id}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

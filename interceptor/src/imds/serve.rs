@@ -1,0 +1,84 @@
+//! imds::serve: the accept loop. Each accepted connection is looked up in the kernel's record of
+//! redirected connections once, at accept, and every request on it carries the answer as a [`Caller`].
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{Router, http::Request};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::bpf::{Attribution, Interceptor};
+
+/// Who is on the other end of a connection, as far as the agent knows.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub peer: SocketAddr,
+    /// `None`: the kernel did not redirect this connection, so nobody knows who made it.
+    pub attribution: Option<Attribution>,
+}
+
+/// The kernel's record of redirected connections (the BPF maps), or a stand-in.
+pub trait Attribute: Send + Sync + 'static {
+    fn attribute(&self, peer: SocketAddr, local: SocketAddr) -> Option<Attribution>;
+}
+
+impl Attribute for Interceptor {
+    fn attribute(&self, peer: SocketAddr, local: SocketAddr) -> Option<Attribution> {
+        Interceptor::attribute(self, peer, local)
+    }
+}
+
+/// A client must send its request head within this time.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on a request head (request line and headers).
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// Serves `router` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    attribute: Arc<dyn Attribute>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of fds and the like: log, back off a little, keep serving.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let attribution = stream
+            .local_addr()
+            .ok()
+            .and_then(|local| attribute.attribute(peer, local));
+        let caller = Caller { peer, attribution };
+        let service = router.clone().map_request(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(caller);
+            request
+        });
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES)
+                // EC2 sends `X-Aws-Ec2-Metadata-Token-Ttl-Seconds`; some clients compare names exactly.
+                .title_case_headers(true)
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            if let Err(err) = connection.await {
+                tracing::debug!(peer = %caller.peer, error = %err, "metadata connection ended with an error");
+            }
+        });
+    }
+}

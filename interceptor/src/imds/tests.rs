@@ -1,0 +1,409 @@
+//! The metadata API through `oneshot`: every route and status, with fakes for the kernel's attribution,
+//! the workload source, STS and the node's metadata service.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use axum::{
+    body::{Body, Bytes},
+    http::{Request, StatusCode},
+};
+use http_body_util::BodyExt;
+use interceptor_common::{CgroupId, NetnsCookie, SocketCookie};
+use tower::ServiceExt;
+
+use super::{upstream::UpstreamReply, *};
+use crate::{
+    creds::{AssumeRole, Secret, StsError},
+    identity::{CgroupError, CgroupPath},
+    policy::{BaseArn, RoleRequest},
+    workload::WorkloadError,
+};
+
+const APP: CgroupId = CgroupId(100);
+const OTHER_APP: CgroupId = CgroupId(101);
+const NO_ROLE: CgroupId = CgroupId(102);
+const STRANGER: CgroupId = CgroupId(103);
+
+struct Cgroups;
+
+impl CgroupResolver for Cgroups {
+    fn path_of(&self, cgroup_id: CgroupId) -> Result<CgroupPath, CgroupError> {
+        match cgroup_id {
+            APP => Ok(CgroupPath::new("system.slice/app.service")),
+            OTHER_APP => Ok(CgroupPath::new("system.slice/other.service")),
+            NO_ROLE => Ok(CgroupPath::new("system.slice/norole.service")),
+            STRANGER => Ok(CgroupPath::new("system.slice/stranger.service")),
+            _ => Err(CgroupError::UnknownId(cgroup_id.0)),
+        }
+    }
+}
+
+struct Workloads(HashMap<&'static str, Arc<Workload>>);
+
+#[async_trait::async_trait]
+impl WorkloadSource for Workloads {
+    async fn workload_for(&self, cgroup: &CgroupPath) -> Result<Arc<Workload>, WorkloadError> {
+        self.0
+            .get(cgroup.as_str())
+            .cloned()
+            .ok_or_else(|| WorkloadError::Unknown(cgroup.clone()))
+    }
+}
+
+fn workload(name: &str, role: Option<&str>) -> Arc<Workload> {
+    Arc::new(Workload {
+        name: format!("static/{name}"),
+        request: RoleRequest {
+            role: role.map(str::to_owned),
+            ..RoleRequest::default()
+        },
+    })
+}
+
+/// Hands out keys named after the role; fails while `down` is set.
+#[derive(Default)]
+struct Sts {
+    down: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl AssumeRole for Sts {
+    async fn assume_role(&self, session: &SessionKey, duration: Duration) -> Result<Credentials, StsError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StsError {
+                role: session.role.to_string(),
+                message: "connection refused".to_owned(),
+            });
+        }
+        let issued = SystemTime::now();
+        Ok(Credentials {
+            access_key_id: format!("ASIA-{}", session.role.name()),
+            secret_access_key: Secret::new(format!("secret-of-{}", session.role.name())),
+            session_token: Secret::new(format!("token-of-{}", session.role.name())),
+            issued,
+            expiration: issued + duration,
+        })
+    }
+}
+
+/// Records the paths it is asked for.
+#[derive(Default)]
+struct Node {
+    asked: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Upstream for Node {
+    async fn get(&self, path: &str) -> Result<UpstreamReply, upstream::UpstreamError> {
+        self.asked.lock().unwrap().push(path.to_owned());
+        Ok(UpstreamReply {
+            status: StatusCode::OK,
+            content_type: None,
+            body: Bytes::from_static(b"i-0123456789abcdef0"),
+        })
+    }
+}
+
+struct Api {
+    router: Router,
+    sts: Arc<Sts>,
+    node: Arc<Node>,
+}
+
+impl Api {
+    fn new(require_v2: bool) -> Self {
+        let sts = Arc::new(Sts::default());
+        let node = Arc::new(Node::default());
+        let workloads = Workloads(HashMap::from([
+            ("system.slice/app.service", workload("app", Some("app"))),
+            ("system.slice/other.service", workload("other", Some("other"))),
+            ("system.slice/norole.service", workload("norole", None)),
+        ]));
+        let state = ImdsState {
+            cgroups: Arc::new(Cgroups),
+            workloads: Arc::new(workloads),
+            policy: Policy {
+                base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
+                default_role: None,
+            },
+            creds: Arc::new(CredentialCache::new(sts.clone(), Duration::from_secs(3600), 100)),
+            upstream: node.clone(),
+            allow: AllowList::default_facts(),
+            tokens: TokenKey::random(),
+            require_v2,
+        };
+        Self {
+            router: router(Arc::new(state)),
+            sts,
+            node,
+        }
+    }
+
+    async fn send(&self, from: Option<CgroupId>, request: Request<Body>) -> Reply {
+        let mut request = request;
+        request.extensions_mut().insert(Caller {
+            peer: SocketAddr::from(([10, 0, 0, 7], 40000)),
+            attribution: from.map(|cgroup_id| Attribution {
+                cgroup_id,
+                socket_cookie: SocketCookie(1),
+                netns_cookie: NetnsCookie(1),
+                pid: 1,
+                original_dst: crate::bpf::METADATA_V4,
+            }),
+        });
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap(),
+        }
+    }
+
+    async fn get(&self, from: CgroupId, path: &str) -> Reply {
+        self.send(Some(from), Request::get(path).body(Body::empty()).unwrap())
+            .await
+    }
+
+    async fn get_with_token(&self, from: CgroupId, path: &str, token: &str) -> Reply {
+        let request = Request::get(path)
+            .header(TOKEN_HEADER, token)
+            .body(Body::empty())
+            .unwrap();
+        self.send(Some(from), request).await
+    }
+
+    async fn token(&self, from: CgroupId, ttl: &str) -> Reply {
+        let request = Request::put("/latest/api/token")
+            .header("X-aws-ec2-metadata-token-ttl-seconds", ttl)
+            .body(Body::empty())
+            .unwrap();
+        self.send(Some(from), request).await
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+#[tokio::test]
+async fn unattributed_connections_get_403_on_every_path() {
+    let api = Api::new(false);
+    for request in [
+        Request::get(CREDS).body(Body::empty()).unwrap(),
+        Request::get("/latest/meta-data/instance-id")
+            .body(Body::empty())
+            .unwrap(),
+        Request::put("/latest/api/token")
+            .header("X-aws-ec2-metadata-token-ttl-seconds", "60")
+            .body(Body::empty())
+            .unwrap(),
+    ] {
+        let reply = api.send(None, request).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+        assert!(!reply.body.contains("ASIA"));
+    }
+    assert!(api.node.asked.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn token_put_echoes_the_ttl_and_checks_its_inputs() {
+    let api = Api::new(false);
+    let reply = api.token(APP, "21600").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.headers[TOKEN_TTL_HEADER], "21600");
+    assert_eq!(reply.headers[header::SERVER], "EC2ws");
+    assert!(reply.body.len() > 40);
+
+    for ttl in ["0", "21601", "soon"] {
+        assert_eq!(api.token(APP, ttl).await.status, StatusCode::BAD_REQUEST, "{ttl}");
+    }
+    let no_ttl = Request::put("/latest/api/token").body(Body::empty()).unwrap();
+    assert_eq!(api.send(Some(APP), no_ttl).await.status, StatusCode::BAD_REQUEST);
+    let proxied = Request::put("/latest/api/token")
+        .header("X-aws-ec2-metadata-token-ttl-seconds", "60")
+        .header("X-Forwarded-For", "10.0.0.9")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(api.send(Some(APP), proxied).await.status, StatusCode::FORBIDDEN);
+    let versioned = Request::put("/2021-03-23/api/token")
+        .header("X-aws-ec2-metadata-token-ttl-seconds", "60")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(api.send(Some(APP), versioned).await.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn a_token_is_bound_to_the_workload_that_got_it() {
+    let api = Api::new(true);
+    let token = api.token(APP, "60").await.body;
+    assert_eq!(api.get_with_token(APP, CREDS, &token).await.body, "app");
+    let stolen = api.get_with_token(OTHER_APP, CREDS, &token).await;
+    assert_eq!(stolen.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        api.get_with_token(APP, CREDS, "forged").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn v1_is_allowed_unless_v2_is_required() {
+    assert_eq!(Api::new(false).get(APP, CREDS).await.body, "app");
+    let required = Api::new(true).get(APP, CREDS).await;
+    assert_eq!(required.status, StatusCode::UNAUTHORIZED);
+    // A bad token is refused even where v1 is allowed, as EC2 does.
+    assert_eq!(
+        Api::new(false).get_with_token(APP, CREDS, "forged").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn role_list_answers_with_and_without_the_slash() {
+    let api = Api::new(false);
+    for path in [
+        "/latest/meta-data/iam/security-credentials",
+        CREDS,
+        "/latest/meta-data/iam/security-credentials-extended",
+        "/latest/meta-data/iam/security-credentials-extended/",
+    ] {
+        let reply = api.get(APP, path).await;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (StatusCode::OK, "app"),
+            "{path}"
+        );
+        assert_eq!(reply.headers[header::CONTENT_TYPE], "text/plain");
+    }
+    assert_eq!(api.get(OTHER_APP, CREDS).await.body, "other");
+}
+
+#[tokio::test]
+async fn credentials_in_the_imds_format() {
+    let api = Api::new(false);
+    let reply = api.get(APP, &format!("{CREDS}app")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(doc["Code"], "Success");
+    assert_eq!(doc["Type"], "AWS-HMAC");
+    assert_eq!(doc["AccessKeyId"], "ASIA-app");
+    assert_eq!(doc["SecretAccessKey"], "secret-of-app");
+    assert_eq!(doc["Token"], "token-of-app");
+    assert!(doc.get("AccountId").is_none());
+    for field in ["LastUpdated", "Expiration"] {
+        let time = doc[field].as_str().unwrap();
+        assert!(
+            time.len() == 20 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+            "{field}: {time}"
+        );
+    }
+    let extended = api
+        .get(APP, "/latest/meta-data/iam/security-credentials-extended/app")
+        .await;
+    let doc: serde_json::Value = serde_json::from_str(&extended.body).unwrap();
+    assert_eq!(doc["AccountId"], "123456789012");
+    assert_eq!(doc["AccessKeyId"], "ASIA-app");
+}
+
+#[tokio::test]
+async fn another_roles_name_gets_404_and_no_keys() {
+    let api = Api::new(false);
+    let reply = api.get(APP, &format!("{CREDS}other")).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert!(!reply.body.contains("ASIA"));
+}
+
+#[tokio::test]
+async fn iam_info_describes_the_callers_role() {
+    let api = Api::new(false);
+    let reply = api.get(APP, "/latest/meta-data/iam/info").await;
+    let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(doc["Code"], "Success");
+    assert_eq!(
+        doc["InstanceProfileArn"],
+        "arn:aws:iam::123456789012:instance-profile/app"
+    );
+    let id = doc["InstanceProfileId"].as_str().unwrap();
+    assert!(id.starts_with("AIPA") && id.len() == 21, "{id}");
+    assert_eq!(
+        api.get(APP, "/latest/meta-data/iam/").await.body,
+        "info\nsecurity-credentials/"
+    );
+}
+
+#[tokio::test]
+async fn unknown_workloads_and_workloads_without_a_role_get_404() {
+    let api = Api::new(false);
+    for cgroup in [STRANGER, NO_ROLE] {
+        for path in [
+            CREDS.to_owned(),
+            format!("{CREDS}app"),
+            "/latest/meta-data/iam/info".to_owned(),
+        ] {
+            let reply = api.get(cgroup, &path).await;
+            assert_eq!(reply.status, StatusCode::NOT_FOUND, "{cgroup:?} {path}");
+            assert!(!reply.body.contains("ASIA"));
+        }
+    }
+    let unresolvable = api.get(CgroupId(999), CREDS).await;
+    assert_eq!(unresolvable.status, StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+#[tokio::test]
+async fn sts_failure_is_a_503_with_retry_after_and_no_keys() {
+    let api = Api::new(false);
+    api.sts.down.store(true, Ordering::SeqCst);
+    let reply = api.get(APP, &format!("{CREDS}app")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.headers[header::RETRY_AFTER], "5");
+    assert!(!reply.body.contains("ASIA") && !reply.body.contains("secret"));
+}
+
+#[tokio::test]
+async fn allowed_paths_are_proxied_and_node_only_paths_never_are() {
+    let api = Api::new(false);
+    let reply = api.get(APP, "/latest/meta-data/instance-id").await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, "i-0123456789abcdef0")
+    );
+    assert_eq!(reply.headers[header::SERVER], "EC2ws");
+    for path in [
+        "/latest/user-data",
+        "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+        "/latest/dynamic/instance-identity/signature",
+    ] {
+        assert_eq!(api.get(APP, path).await.status, StatusCode::FORBIDDEN, "{path}");
+    }
+    assert_eq!(
+        *api.node.asked.lock().unwrap(),
+        vec!["/latest/meta-data/instance-id".to_owned()]
+    );
+}
+
+#[tokio::test]
+async fn bad_methods_and_paths() {
+    let api = Api::new(false);
+    let post = Request::post(CREDS).body(Body::empty()).unwrap();
+    assert_eq!(
+        api.send(Some(APP), post).await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(
+        api.get(APP, "/latest/meta-data/%2e%2e/user-data").await.status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(api.get(APP, "/nope").await.status, StatusCode::NOT_FOUND);
+}
