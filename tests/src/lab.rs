@@ -24,9 +24,12 @@ pub struct AgentCall {
     pub attribution: Option<Attribution>,
 }
 
-/// Listeners a connection must reach only when it is not redirected.
+/// Listeners a connection must reach only when it is not redirected. The one on 169.254.169.254:80 plays
+/// the node's metadata service: it records every path asked of it and holds node secrets that no pod
+/// may ever see.
 pub struct StandIn {
     pub metadata: Responder,
+    metadata_paths: Arc<Mutex<Vec<String>>>,
     pub metadata6: Responder,
     pub metadata_other_port: Responder,
     pub node_port_80: Responder,
@@ -35,15 +38,21 @@ pub struct StandIn {
 
 impl StandIn {
     pub const METADATA_BODY: &str = "stand-in metadata";
+    pub const INSTANCE_ID: &str = "i-0standin0000000001";
+    /// What the node's own secrets look like, to search for in everything a pod receives.
+    pub const NODE_SECRET: &str = "NODE-SECRET";
     pub const OTHER_PORT: u16 = 8080;
 
-    fn start(node: &SimNode) -> Result<Self> {
+    pub fn start(node: &SimNode) -> Result<Self> {
         let respond = |body: &'static str| move |_: &Exchange| body.to_owned();
+        let metadata_paths = Arc::new(Mutex::new(Vec::new()));
+        let paths = metadata_paths.clone();
         Ok(Self {
-            metadata: Responder::spawn(
-                node.bind_tcp((METADATA_IP, 80).into())?,
-                respond(Self::METADATA_BODY),
-            ),
+            metadata: Responder::spawn(node.bind_tcp((METADATA_IP, 80).into())?, move |exchange| {
+                paths.lock().unwrap().push(exchange.path.clone());
+                Self::metadata_body(&exchange.path).to_owned()
+            }),
+            metadata_paths,
             metadata6: Responder::spawn(
                 node.bind_tcp((METADATA_IP6, 80).into())?,
                 respond(Self::METADATA_BODY),
@@ -55,6 +64,20 @@ impl StandIn {
             node_port_80: Responder::spawn(node.bind_tcp((NODE_IP, 80).into())?, respond("stand-in node")),
             udp: node.bind_udp((METADATA_IP, 80).into())?,
         })
+    }
+
+    fn metadata_body(path: &str) -> &'static str {
+        match path {
+            "/latest/meta-data/instance-id" => Self::INSTANCE_ID,
+            "/latest/user-data" => "NODE-SECRET user-data: bootstrap token",
+            p if p.contains("security-credentials") => "NODE-SECRET node credentials",
+            _ => Self::METADATA_BODY,
+        }
+    }
+
+    /// Every path the stand-in metadata service was asked for, in order.
+    pub fn metadata_paths(&self) -> Vec<String> {
+        self.metadata_paths.lock().unwrap().clone()
     }
 
     /// Every TCP connection any stand-in listener accepted.

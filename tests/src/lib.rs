@@ -5,11 +5,15 @@
 //! machine. Every resource is a guard that removes itself on drop, even when a test panics, and names
 //! are unique so tests run in parallel.
 
+pub mod agent;
 pub mod cgroup;
+pub mod deployed;
 pub mod kernel;
 pub mod lab;
+pub mod moto;
 pub mod netns;
 pub mod privileged;
+pub mod python;
 pub mod responder;
 pub mod sim;
 

@@ -22,6 +22,23 @@ pub fn can_run(test: &str) -> bool {
     }
 }
 
+/// `true` when the Python tools (moto, the AWS CLI, boto3) are in the project's venv; panics under CI
+/// when they are not.
+pub fn has_python_tools(test: &str) -> bool {
+    if crate::python::ready() {
+        return true;
+    }
+    let why = format!(
+        "the Python venv {} with moto, awscli and boto3: run `cargo xtask test`",
+        crate::python::venv().display()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: cannot run under CI: needs {why}");
+    }
+    eprintln!("skipping {test}: needs {why}");
+    false
+}
+
 fn unsafe_free_geteuid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }

@@ -9,10 +9,11 @@
 use std::{
     collections::hash_map::RandomState,
     hash::{BuildHasher, Hasher},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::Command,
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -93,6 +94,22 @@ impl SimNode {
             .with_context(|| format!("bind udp {addr}"))
     }
 
+    /// Waits (bounded) until something in the node accepts TCP connections at `addr`.
+    pub fn wait_for_listener(&self, addr: SocketAddr) -> Result<()> {
+        self.netns
+            .run(move || {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                        Ok(_) => return Ok(()),
+                        Err(err) if Instant::now() >= deadline => return Err(err),
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            })
+            .with_context(|| format!("nothing listens on {addr} in the node"))
+    }
+
     /// A new pod with a network of its own.
     pub fn pod(&mut self) -> Result<Pod> {
         self.pods_created += 1;
@@ -120,7 +137,7 @@ impl SimNode {
     }
 
     /// A command in the node's network namespace and the given cgroup.
-    pub fn command(&self, cgroup_dir: &Path, program: &str) -> Result<Command> {
+    pub fn command(&self, cgroup_dir: &Path, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
         self.netns.command(cgroup_dir, program)
     }
 }
@@ -176,6 +193,11 @@ impl Pod {
         &self.network
     }
 
+    /// The pod-level cgroup (`...kubepods-besteffort-pod<uid>.slice`).
+    pub fn slice(&self) -> &Path {
+        &self.slice
+    }
+
     /// Creates a container cgroup as containerd names it under the systemd driver.
     pub fn container(&self) -> Result<PathBuf> {
         let id = format!(
@@ -191,7 +213,7 @@ impl Pod {
     }
 
     /// A command in this pod's network namespace and the given cgroup (a container's, or any other).
-    pub fn command(&self, cgroup_dir: &Path, program: &str) -> Result<Command> {
+    pub fn command(&self, cgroup_dir: &Path, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
         self.network.netns.command(cgroup_dir, program)
     }
 }

@@ -1,5 +1,5 @@
-//! `cargo xtask test`, the README's test command and CI's: installs what is missing, builds the BPF
-//! object, checks formatting and lints, runs every test in the workspace, then the privileged tests on
+//! `cargo xtask test`, the README's test command and CI's: installs what is missing (commands, the
+//! Python venv with moto, the AWS CLI and boto3), builds the BPF object, checks formatting and lints, runs every test in the workspace, then the privileged tests on
 //! each kernel of the matrix in a VM. The privileged tests run for real when this runs as root; with
 //! `CI` set they fail loudly if they cannot.
 
@@ -8,7 +8,7 @@ use anyhow::Result;
 use crate::{
     build_ebpf::{self, workspace_cargo},
     install::{ensure_commands, run_checked},
-    vm,
+    python, vm,
 };
 
 #[derive(clap::Args)]
@@ -29,6 +29,7 @@ pub const TEST_COMMANDS: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl"
 
 pub fn run(options: &Options) -> Result<()> {
     ensure_commands(TEST_COMMANDS)?;
+    python::ensure_venv(python::AWS_TOOLS)?;
     build_ebpf::run()?;
     if let Some(series) = &options.kernel {
         return vm::run_matrix(series);

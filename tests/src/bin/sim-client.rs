@@ -1,5 +1,6 @@
 //! A client the tests run inside simulated pods, for what curl cannot show: many connections in one
-//! process, the peer address a socket reports, UDP.
+//! process, many at once, the peer address a socket reports, UDP, and aws-sdk-rust's default
+//! credential chain.
 
 use std::{
     io::{Read, Write},
@@ -31,6 +32,20 @@ enum Command {
     Peer { addr: SocketAddr },
     /// Sends one datagram from a connected UDP socket.
     Udp { addr: SocketAddr, payload: String },
+    /// `count` GETs of `path` at once, each on its own connection; prints one line per response:
+    /// `<status> <AccessKeyId in the body, or ->`.
+    ConcurrentGet {
+        addr: SocketAddr,
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        count: usize,
+    },
+    /// STS GetCallerIdentity with aws-sdk-rust's default credential chain; prints the caller's ARN.
+    CallerIdentity {
+        #[arg(long)]
+        endpoint: String,
+    },
     /// Times `count` connects to a listener of its own on 127.0.0.1; prints `median_ns=<n> mean_ns=<n>`.
     ConnectLoop {
         #[arg(long)]
@@ -43,6 +58,8 @@ fn main() -> ExitCode {
         Command::Http { addr, path, count } => http(addr, &path, count),
         Command::Peer { addr } => peer(addr),
         Command::Udp { addr, payload } => udp(addr, &payload),
+        Command::ConcurrentGet { addr, path, count } => concurrent_get(addr, &path, count),
+        Command::CallerIdentity { endpoint } => caller_identity(&endpoint),
         Command::ConnectLoop { count } => connect_loop(count),
     };
     match result {
@@ -73,6 +90,56 @@ fn get(stream: &mut TcpStream, path: &str) -> Result<String> {
         .context("response without a head")?;
     ensure!(head.starts_with("HTTP/1.1 200"), "unexpected response: {head}");
     Ok(body.to_owned())
+}
+
+fn concurrent_get(addr: SocketAddr, path: &str, count: usize) -> Result<()> {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(count));
+    let threads: Vec<_> = (0..count)
+        .map(|_| {
+            let (barrier, path) = (barrier.clone(), path.to_owned());
+            std::thread::spawn(move || -> Result<String> {
+                let mut stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+                barrier.wait();
+                write!(stream, "GET {path} HTTP/1.0\r\nHost: sim\r\n\r\n").context("send request")?;
+                let mut response = String::new();
+                stream.read_to_string(&mut response).context("read response")?;
+                let status = response.split_whitespace().nth(1).unwrap_or("?").to_owned();
+                let key = response
+                    .split('"')
+                    .skip_while(|field| *field != "AccessKeyId")
+                    .nth(2)
+                    .unwrap_or("-")
+                    .to_owned();
+                Ok(format!("{status} {key}"))
+            })
+        })
+        .collect();
+    for thread in threads {
+        let line = thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("request thread panicked"))??;
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn caller_identity(endpoint: &str) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(endpoint)
+            .load()
+            .await;
+        let identity = aws_sdk_sts::Client::new(&config)
+            .get_caller_identity()
+            .send()
+            .await
+            .map_err(|err| anyhow::anyhow!("{}", aws_sdk_sts::error::DisplayErrorContext(err)))?;
+        println!("{}", identity.arn().unwrap_or_default());
+        Ok(())
+    })
 }
 
 fn peer(addr: SocketAddr) -> Result<()> {

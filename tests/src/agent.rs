@@ -1,0 +1,168 @@
+//! The real agent binary (`interceptor agent`) running inside the simulated node, in a cgroup of its own
+//! outside the workload tree, with JSON logs collected for the tests to read.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::sim::SimNode;
+
+/// The role ARN prefix the tests' agents join role names to (moto's default account).
+pub const BASE_ROLE_ARN: &str = "arn:aws:iam::123456789012:role/";
+pub const ACCOUNT_ID: &str = "123456789012";
+
+/// A running agent; killed on drop.
+pub struct Agent {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// The agent executable `cargo test` / `cargo build` put beside the running test or tool.
+    pub fn binary() -> Result<PathBuf> {
+        let exe = std::env::current_exe()?;
+        let mut dir = exe.parent().context("executable without a directory")?;
+        if dir.ends_with("deps") {
+            dir = dir.parent().context("deps without a parent")?;
+        }
+        let binary = dir.join("interceptor");
+        if !binary.exists() {
+            bail!(
+                "{} is missing: build it with `cargo build -p interceptor`",
+                binary.display()
+            );
+        }
+        Ok(binary)
+    }
+
+    /// The agent's own credentials and region come from the environment, as they would from a node's
+    /// instance profile; nothing from the host's AWS configuration leaks in.
+    pub fn command(node: &SimNode) -> Result<Command> {
+        let cgroup = node.cgroup("system.slice/interceptor.service")?;
+        let mut command = node.command(&cgroup, Agent::binary()?)?;
+        command
+            .arg("agent")
+            .args(["--log-format", "json", "--log-level", "info"])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("AWS_ACCESS_KEY_ID", "AKIANODEEXAMPLE")
+            .env("AWS_SECRET_ACCESS_KEY", "node-secret-key")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent");
+        Ok(command)
+    }
+
+    /// Starts `command` (from [`Agent::command`], with the test's flags added) and waits until the agent
+    /// logs that it is ready, or fails with its log when it exits first or takes too long.
+    pub fn start(mut command: Command) -> Result<Self> {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().context("cannot start the agent")?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if is_ready_line(&line) {
+                    let _ = ready_tx.send(());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut agent = Self { child, logs };
+        match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(()) => Ok(agent),
+            Err(_) => {
+                let status = agent.child.try_wait().ok().flatten();
+                bail!(
+                    "the agent did not become ready (exit status {status:?}); its log:\n{}",
+                    agent.logs().join("\n")
+                )
+            }
+        }
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until a log line contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if self.logs().iter().any(|line| line.contains(needle)) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "the agent never logged {needle:?}; its log:\n{}",
+            self.logs().join("\n")
+        )
+    }
+}
+
+fn is_ready_line(line: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(line).is_ok_and(|entry| entry["message"] == "ready")
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A static workload file in a temporary directory.
+pub struct WorkloadFile {
+    dir: tempfile::TempDir,
+}
+
+impl WorkloadFile {
+    pub fn new(entries: &[(&Path, &str)]) -> Result<Self> {
+        let file = Self {
+            dir: tempfile::tempdir()?,
+        };
+        file.write(entries)?;
+        Ok(file)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("workloads.toml")
+    }
+
+    /// Replaces the file's content with one entry per (cgroup directory, role).
+    pub fn write(&self, entries: &[(&Path, &str)]) -> Result<()> {
+        let mount = interceptor::identity::cgroup2_mount()?;
+        let mut text = String::new();
+        for (cgroup, role) in entries {
+            let relative = cgroup
+                .strip_prefix(&mount)
+                .with_context(|| format!("{} is not under {}", cgroup.display(), mount.display()))?;
+            text.push_str(&format!(
+                "[[workload]]\ncgroup = \"{}\"\nrole = \"{role}\"\n\n",
+                relative.display()
+            ));
+        }
+        self.write_raw(&text)
+    }
+
+    pub fn write_raw(&self, text: &str) -> Result<()> {
+        // Written beside and renamed, as a ConfigMap update is: the agent never sees half a file.
+        let staging = self.dir.path().join("workloads.toml.new");
+        std::fs::write(&staging, text)?;
+        std::fs::rename(&staging, self.path())?;
+        Ok(())
+    }
+}

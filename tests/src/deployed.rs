@@ -1,0 +1,134 @@
+//! A simulated node as it runs in production: the real agent binary with a static workload file, moto
+//! as STS, and the stand-in metadata service on 169.254.169.254 behind it. Pods are created on the node
+//! before the agent starts, so the workload file can name their cgroups.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::Result;
+
+use crate::{
+    agent::{Agent, BASE_ROLE_ARN, WorkloadFile},
+    lab::{StandIn, run},
+    moto::Moto,
+    sim::{NODE_IP, Pod, SimNode},
+};
+
+/// Where STS is for the agent.
+pub enum Sts {
+    Moto,
+    /// A port on the node where nothing listens: every AssumeRole fails.
+    Down,
+}
+
+/// Fields drop in order: the agent (detaching its programs) first, the node last.
+pub struct DeployedNode {
+    pub agent: Agent,
+    pub moto: Option<Moto>,
+    pub workloads: WorkloadFile,
+    pub stand_in: StandIn,
+    pub node: SimNode,
+}
+
+impl DeployedNode {
+    /// Starts the stand-in, moto (unless STS is down) and the agent with `workloads` as its static file
+    /// and `extra_args` added to its flags.
+    pub fn start(node: SimNode, workloads: &[(&Path, &str)], sts: Sts, extra_args: &[&str]) -> Result<Self> {
+        let stand_in = StandIn::start(&node)?;
+        let moto = match sts {
+            Sts::Moto => Some(Moto::start(&node)?),
+            Sts::Down => None,
+        };
+        let sts_url = moto
+            .as_ref()
+            .map_or_else(|| format!("http://{NODE_IP}:5999"), Moto::url);
+        let workload_file = WorkloadFile::new(workloads)?;
+        let mut command = Agent::command(&node)?;
+        command
+            .args(["--agent-addr", &node.agent_v4().to_string()])
+            .arg("--cgroup-root")
+            .arg(node.kubepods())
+            .args(["--sts-endpoint", &sts_url])
+            .args(["--base-role-arn", BASE_ROLE_ARN])
+            .arg("--workloads")
+            .arg(workload_file.path())
+            .args(extra_args);
+        let agent = Agent::start(command)?;
+        Ok(Self {
+            agent,
+            moto,
+            workloads: workload_file,
+            stand_in,
+            node,
+        })
+    }
+
+    /// The node's moto; panics when the node was started with STS down.
+    pub fn moto(&self) -> &Moto {
+        self.moto.as_ref().expect("this node runs moto")
+    }
+}
+
+/// Environment of an AWS client in a pod: no credentials, no profile files, nothing from the host;
+/// the SDK's default chain ends at the instance metadata service.
+pub fn aws_client_env(command: &mut Command, home: &Path) {
+    command
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", home)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_PAGER", "");
+}
+
+/// `curl` in a container: the response head and body, as `curl -i` prints them.
+pub async fn curl(pod: &Pod, container: &Path, args: &[&str]) -> Result<String> {
+    let mut command = pod.command(container, "curl")?;
+    command
+        .args(["-sS", "-i", "--noproxy", "*", "--max-time", "10"])
+        .args(args);
+    run(command).await
+}
+
+/// The status code of a `curl -i` output.
+pub fn status_of(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A header of a `curl -i` output, by case-insensitive name.
+pub fn header_of<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    response
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+}
+
+/// The body of a `curl -i` output.
+pub fn body_of(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+}
+
+/// A bounded wait for a condition that changes asynchronously (a file reload, say), checked every
+/// 50 ms; returns whether it came true.
+pub async fn eventually<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

@@ -1,0 +1,28 @@
+//! The project's Python venv (`target/venv`, made by `cargo xtask test`): moto, the AWS CLI, boto3.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, ensure};
+
+/// The venv's directory.
+pub fn venv() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/venv")
+}
+
+/// A program from the venv's `bin`.
+pub fn tool(name: &str) -> Result<PathBuf> {
+    let path = venv().join("bin").join(name);
+    ensure!(
+        path.exists(),
+        "{} is missing: run `cargo xtask test` (it creates the venv with moto, the AWS CLI and boto3)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Whether the venv holds what the tests run.
+pub fn ready() -> bool {
+    ["moto_server", "aws", "python3"]
+        .iter()
+        .all(|name| venv().join("bin").join(name).exists())
+}
