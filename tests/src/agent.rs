@@ -142,7 +142,8 @@ impl WorkloadFile {
         self.dir.path().join("workloads.toml")
     }
 
-    /// Replaces the file's content with one entry per (cgroup directory, role).
+    /// Replaces the file's content with one entry per (cgroup directory, role), each named after its
+    /// role.
     pub fn write(&self, entries: &[(&Path, &str)]) -> Result<()> {
         let mount = interceptor::identity::cgroup2_mount()?;
         let mut text = String::new();
@@ -151,7 +152,7 @@ impl WorkloadFile {
                 .strip_prefix(&mount)
                 .with_context(|| format!("{} is not under {}", cgroup.display(), mount.display()))?;
             text.push_str(&format!(
-                "[[workload]]\ncgroup = \"{}\"\nrole = \"{role}\"\n\n",
+                "[[workload]]\nname = \"{role}\"\ncgroup = \"{}\"\nrole = \"{role}\"\n\n",
                 relative.display()
             ));
         }

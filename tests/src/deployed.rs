@@ -10,6 +10,7 @@ use crate::{
     agent::{Agent, BASE_ROLE_ARN, WorkloadFile},
     lab::{StandIn, run},
     moto::Moto,
+    python,
     sim::{NODE_IP, Pod, SimNode},
 };
 
@@ -80,6 +81,24 @@ pub fn aws_client_env(command: &mut Command, home: &Path) {
         .env("AWS_CONFIG_FILE", "/nonexistent")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
         .env("AWS_PAGER", "");
+}
+
+/// `aws sts get-caller-identity` (the AWS CLI) in a container, against `sts_url`: the caller's ARN.
+pub async fn aws_cli_caller_arn(pod: &Pod, container: &Path, sts_url: &str) -> Result<String> {
+    let home = tempfile::tempdir()?;
+    let mut command = pod.command(container, python::tool("aws")?)?;
+    aws_client_env(&mut command, home.path());
+    command.args([
+        "sts",
+        "get-caller-identity",
+        "--endpoint-url",
+        sts_url,
+        "--query",
+        "Arn",
+        "--output",
+        "text",
+    ]);
+    run(command).await
 }
 
 /// `curl` in a container: the response head and body, as `curl -i` prints them.

@@ -1,7 +1,7 @@
 //! Attribution by cgroup, not by address: workloads sharing one network namespace (one IP, as
-//! hostNetwork pods do) are told apart on every connection.
+//! hostNetwork pods do) are told apart on every connection, and a cgroup id leads back to its pod.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, path::Path};
 
 use interceptor_tests::{
     cgroup::id_of,
@@ -59,5 +59,43 @@ async fn workloads_sharing_one_ip_are_attributed_to_their_own_cgroups() -> anyho
         "connections attributed to the wrong cgroup or not at all"
     );
     assert_eq!(lab.stand_in.tcp_accepted(), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cgroup_id_resolves_to_its_kubelet_path_and_pod() -> anyhow::Result<()> {
+    if !privileged::can_run("cgroup id to path") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let pod = node.pod()?;
+    let container = pod.container()?;
+    let mount = interceptor::identity::cgroup2_mount()?;
+    let paths = interceptor::identity::CgroupPaths::new(mount.clone(), std::num::NonZeroUsize::MIN)?;
+
+    let path = paths.path_of(id_of(&container))?;
+    assert_eq!(Path::new(path.as_str()), container.strip_prefix(&mount)?);
+    let parsed = interceptor::identity::parse_pod_cgroup(path.as_str()).expect("a kubelet path");
+    assert_eq!(parsed.pod_uid.as_str(), pod.uid);
+    let id_in_path = container.file_name().unwrap().to_string_lossy();
+    let container_id = parsed.container_id.expect("a container scope");
+    assert_eq!(
+        id_in_path,
+        format!("cri-containerd-{}.scope", container_id.as_str())
+    );
+
+    // A second lookup of another id evicts the first from the one-entry cache; both still resolve.
+    let slice = paths.path_of(id_of(pod.slice()))?;
+    assert_eq!(Path::new(slice.as_str()), pod.slice().strip_prefix(&mount)?);
+    assert_eq!(paths.path_of(id_of(&container))?, path);
+
+    // A removed cgroup's id names nothing.
+    let gone = node.cgroup("gone.slice")?;
+    let gone_id = id_of(&gone);
+    std::fs::remove_dir(&gone)?;
+    assert!(matches!(
+        paths.path_of(gone_id),
+        Err(interceptor::identity::CgroupError::UnknownId(_))
+    ));
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use interceptor_tests::{
     agent::ACCOUNT_ID,
-    deployed::{DeployedNode, Sts, aws_client_env},
+    deployed::{DeployedNode, Sts, aws_cli_caller_arn, aws_client_env},
     lab::run,
     privileged, python,
     sim::{Pod, SimNode},
@@ -20,23 +20,6 @@ fn can_run(test: &str) -> bool {
 /// The ARN moto reports for credentials of `role` (session name: the agent's default for the workload).
 fn assumed_role_prefix(role: &str) -> String {
     format!("arn:aws:sts::{ACCOUNT_ID}:assumed-role/{role}/")
-}
-
-async fn aws_cli(pod: &Pod, container: &Path, moto_url: &str) -> anyhow::Result<String> {
-    let home = tempfile::tempdir()?;
-    let mut command = pod.command(container, python::tool("aws")?)?;
-    aws_client_env(&mut command, home.path());
-    command.args([
-        "sts",
-        "get-caller-identity",
-        "--endpoint-url",
-        moto_url,
-        "--query",
-        "Arn",
-        "--output",
-        "text",
-    ]);
-    run(command).await
 }
 
 async fn boto3(pod: &Pod, container: &Path, moto_url: &str) -> anyhow::Result<String> {
@@ -82,7 +65,7 @@ async fn aws_cli_boto3_and_aws_sdk_rust_get_each_pods_own_role() -> anyhow::Resu
         (&writer, &writer_container, "writer"),
     ] {
         let expected = assumed_role_prefix(role);
-        let cli = aws_cli(pod, container, &moto).await?;
+        let cli = aws_cli_caller_arn(pod, container, &moto).await?;
         assert!(cli.starts_with(&expected), "AWS CLI in the {role} pod: {cli}");
         let python = boto3(pod, container, &moto).await?;
         assert!(python.starts_with(&expected), "boto3 in the {role} pod: {python}");

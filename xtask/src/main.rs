@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask build-ebpf`, `cargo xtask test` and `cargo xtask bench`.
+//! Project tasks: `cargo xtask build-ebpf`, `test`, `demo` and `bench`.
 
 mod bench;
 mod build_ebpf;
+mod demo;
 mod install;
 mod python;
 mod test;
@@ -24,6 +25,8 @@ enum Command {
     BuildEbpf,
     /// Install what the tests need, build the BPF object, check formatting and lints, run every test.
     Test(test::Options),
+    /// Run the main job on this machine (as root): two simulated pods get two roles from the agent.
+    Demo,
     /// Run the benchmarks (as root), each reporting ratios against a baseline from the same run.
     Bench,
 }
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::BuildEbpf => build_ebpf::run(),
         Command::Test(options) => test::run(&options),
+        Command::Demo => demo::run(),
         Command::Bench => bench::run(),
     };
     match result {

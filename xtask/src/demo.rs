@@ -1,0 +1,31 @@
+//! `sudo cargo xtask demo`: builds the agent and the demo, installs what they need (moto and the AWS
+//! CLI in the project venv), then runs the demo (a simulated node with two pods; see
+//! `tests/src/bin/demo.rs`).
+
+use anyhow::Result;
+
+use crate::{
+    build_ebpf::{self, workspace_cargo, workspace_root},
+    install::{ensure_commands, run_checked},
+    python, test,
+};
+
+pub fn run() -> Result<()> {
+    ensure_commands(test::TEST_COMMANDS)?;
+    python::ensure_venv(python::AWS_TOOLS)?;
+    build_ebpf::run()?;
+    run_checked(workspace_cargo().args([
+        "build",
+        "--package",
+        "interceptor",
+        "--bin",
+        "interceptor",
+        "--package",
+        "interceptor-tests",
+        "--bin",
+        "demo",
+    ]))?;
+    run_checked(&mut std::process::Command::new(
+        workspace_root().join("target/debug/demo"),
+    ))
+}
