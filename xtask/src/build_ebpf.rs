@@ -46,3 +46,10 @@ pub fn workspace_cargo() -> Command {
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
+
+/// Builds the agent binary (`target/debug/interceptor`, with the BPF object embedded), which the
+/// end-to-end tests and the demo run. Another package's binary is not built by `cargo test`, so this
+/// runs first.
+pub fn build_agent() -> Result<()> {
+    run_checked(workspace_cargo().args(["build", "--package", "interceptor", "--bin", "interceptor"]))
+}

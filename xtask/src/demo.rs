@@ -14,17 +14,8 @@ pub fn run() -> Result<()> {
     ensure_commands(test::TEST_COMMANDS)?;
     python::ensure_venv(python::AWS_TOOLS)?;
     build_ebpf::run()?;
-    run_checked(workspace_cargo().args([
-        "build",
-        "--package",
-        "interceptor",
-        "--bin",
-        "interceptor",
-        "--package",
-        "interceptor-tests",
-        "--bin",
-        "demo",
-    ]))?;
+    build_ebpf::build_agent()?;
+    run_checked(workspace_cargo().args(["build", "--package", "interceptor-tests", "--bin", "demo"]))?;
     run_checked(&mut std::process::Command::new(
         workspace_root().join("target/debug/demo"),
     ))

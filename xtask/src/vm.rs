@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    build_ebpf::{workspace_cargo, workspace_root},
+    build_ebpf::{self, workspace_cargo, workspace_root},
     install::{ensure_commands, output, run_checked},
     python,
 };
@@ -166,7 +166,7 @@ const KERNEL_TESTS: [&str; 4] = ["redirect", "attribution", "lifecycle", "imds"]
 
 /// Builds the agent and the privileged tests and returns the kernel tests' executables.
 fn build_test_binaries() -> Result<Vec<PathBuf>> {
-    run_checked(workspace_cargo().args(["build", "--package", "interceptor", "--bin", "interceptor"]))?;
+    build_ebpf::build_agent()?;
     let out = workspace_cargo()
         .args([
             "test",
