@@ -177,6 +177,17 @@ impl Counter {
         Counter::MappedFallback,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The counter's name in metrics and logs.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Counter::Redirected => "redirected",
+            Counter::Exempt => "exempt",
+            Counter::RecordFailed => "record_failed",
+            Counter::TupleFailed => "tuple_failed",
+            Counter::MappedFallback => "mapped_fallback",
+        }
+    }
 }
 
 /// Where a redirected connect goes: IPv4 sockets and IPv4-mapped destinations to the agent's IPv4
@@ -275,9 +286,14 @@ mod tests {
     }
 
     #[test]
-    fn counters_have_distinct_dense_slots() {
+    fn counters_have_distinct_dense_slots_and_labels() {
         for (slot, counter) in Counter::ALL.iter().enumerate() {
             assert_eq!(*counter as usize, slot);
+        }
+        for (i, a) in Counter::ALL.iter().enumerate() {
+            for b in &Counter::ALL[i + 1..] {
+                assert_ne!(a.label(), b.label());
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! agent: the `interceptor agent` command. Its flags (each also an `INTERCEPTOR_*` variable), and the
-//! start-up order that keeps a pod from ever reaching the node's credentials: load the configuration,
-//! attach the programs, listen, then report ready.
+//! start-up order that keeps a pod from ever reaching the node's credentials: start the health server,
+//! load the configuration, attach the programs, listen, then report ready.
 
 use std::{
     net::{IpAddr, SocketAddr, SocketAddrV4},
@@ -15,16 +15,17 @@ use interceptor_common::CgroupId;
 use tokio::net::TcpListener;
 
 use crate::{
-    bpf::{Interceptor, RedirectConfig},
+    bpf::{Interceptor, RedirectConfig, metrics::BpfCollector},
     creds::{CredentialCache, StsAssumeRole},
     identity::{self, CgroupPaths},
     imds::{
-        self, ImdsState,
+        self, ImdsMetrics, ImdsState,
         route::{AllowList, DEFAULT_ALLOWED},
         token::TokenKey,
         upstream::{MetadataService, Upstream},
     },
     policy::{BaseArn, Policy},
+    telemetry::{self, LogFormat, Telemetry},
     workload::StaticWorkloads,
 };
 
@@ -91,18 +92,20 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     pub metadata_proxy_allow: Vec<String>,
+    /// Address of the health server: /metrics, /healthz, /readyz.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_METRICS_ADDR",
+        value_name = "IP:PORT",
+        default_value = "0.0.0.0:9181"
+    )]
+    pub metrics_addr: SocketAddr,
     /// Log format.
     #[arg(long, env = "INTERCEPTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Log filter: a level or tracing directives (`info`, `interceptor=debug`).
     #[arg(long, env = "INTERCEPTOR_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 const DEFAULT_AGENT_PORT: u16 = 8181;
@@ -112,29 +115,23 @@ const CGROUP_PATH_CACHE: NonZeroUsize = NonZeroUsize::new(16_384).expect("non-ze
 const MAX_SESSIONS: usize = 10_000;
 const WORKLOAD_FILE_CHECK: Duration = Duration::from_secs(1);
 const CREDENTIAL_REFRESH_CHECK: Duration = Duration::from_secs(15);
-
-/// Sends the agent's logs to standard error in the chosen format.
-pub fn init_tracing(format: LogFormat, filter: &str) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .with_context(|| format!("bad --log-level {filter:?}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    }
-    .map_err(|err| anyhow::anyhow!("cannot set up logging: {err}"))
-}
+const NODE_CREDENTIALS_CHECK: Duration = Duration::from_secs(30);
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(args: AgentArgs) -> Result<()> {
+    // 0. Health first, so a probe sees "alive, not ready" for the whole start-up.
+    let telemetry = Arc::new(Telemetry::default());
+    telemetry::spawn_server(args.metrics_addr, telemetry.clone()).await?;
+
     // 1. Configuration: everything that can be wrong is found before anything is attached.
     let workloads_path = args
         .workloads
         .clone()
         .context("the Kubernetes workload source is not available yet: pass --workloads FILE")?;
+    wait_for_file(&workloads_path).await;
     let workloads = Arc::new(StaticWorkloads::load(&workloads_path)?);
+    telemetry.register(|registry| workloads.metrics().register(registry));
+    telemetry.readiness.set_workloads_synced(true);
     let ttl = args.iam_role_session_ttl;
     ensure!(
         (Duration::from_secs(15 * 60)..=Duration::from_secs(12 * 3600)).contains(&ttl),
@@ -156,13 +153,18 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let own_cgroup = own_cgroup_id(&mount)?;
     let agent_addr = agent_addr(args.agent_addr)?;
     let cgroups = Arc::new(CgroupPaths::new(mount, CGROUP_PATH_CACHE)?);
-    let sts = StsAssumeRole::from_env(args.region.clone(), args.sts_endpoint.clone()).await;
-    let creds = Arc::new(CredentialCache::new(Arc::new(sts), ttl, MAX_SESSIONS));
+    let sts = Arc::new(StsAssumeRole::from_env(args.region.clone(), args.sts_endpoint.clone()).await);
+    let _node_credentials_check = watch_node_credentials(&sts, &telemetry).await;
+    let creds = Arc::new(CredentialCache::new(sts, ttl, MAX_SESSIONS));
+    telemetry.register(|registry| creds.metrics().register(registry));
 
     // 2. Attach: from here on, every new connection to the metadata address comes to the agent.
     let mut redirect = RedirectConfig::new(cgroup_root.clone(), agent_addr);
     redirect.exempt_cgroups = vec![own_cgroup];
     let interceptor = Arc::new(Interceptor::attach(&redirect)?);
+    let collector = BpfCollector::new(interceptor.clone());
+    telemetry.register(|registry| registry.register_collector(Box::new(collector)));
+    telemetry.readiness.set_attached(true);
 
     // 3. Listen.
     let listener = TcpListener::bind(agent_addr)
@@ -170,6 +172,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {agent_addr}"))?;
     let _workload_watch = workloads.watch(WORKLOAD_FILE_CHECK);
     let _refresher = creds.spawn_refresher(CREDENTIAL_REFRESH_CHECK);
+    let metrics = ImdsMetrics::default();
+    telemetry.register(|registry| metrics.register(registry));
     let state = ImdsState {
         cgroups,
         workloads,
@@ -179,20 +183,48 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         allow,
         tokens: TokenKey::random(),
         require_v2: args.require_imdsv2,
+        metrics: metrics.clone(),
     };
 
     // 4. Ready.
-    tracing::info!(agent_addr = %agent_addr, cgroup_root = %cgroup_root.display(), exempt_cgroup_id = own_cgroup.0,
-        workloads = %workloads_path.display(), "ready");
-    imds::serve(
-        listener,
-        imds::router(Arc::new(state)),
-        interceptor,
-        shutdown_signal(),
-    )
-    .await;
+    tracing::info!(agent_addr = %agent_addr, metrics_addr = %args.metrics_addr, cgroup_root = %cgroup_root.display(),
+        exempt_cgroup_id = own_cgroup.0, workloads = %workloads_path.display(), "ready");
+    let router = imds::router(Arc::new(state));
+    imds::serve(listener, router, interceptor, metrics, shutdown_signal()).await;
+    telemetry.readiness.set_attached(false);
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// A workload file mounted from a ConfigMap may appear after the agent starts: wait for it, not ready.
+async fn wait_for_file(path: &Path) {
+    let mut logged = false;
+    while !path.exists() {
+        if !logged {
+            tracing::warn!(path = %path.display(), "waiting for the workload file to appear");
+            logged = true;
+        }
+        tokio::time::sleep(WORKLOAD_FILE_CHECK).await;
+    }
+}
+
+/// Checks now and then that the agent has credentials of its own to call STS with; readiness follows.
+async fn watch_node_credentials(
+    sts: &Arc<StsAssumeRole>,
+    telemetry: &Arc<Telemetry>,
+) -> tokio::task::JoinHandle<()> {
+    let check = |sts: Arc<StsAssumeRole>, telemetry: Arc<Telemetry>| async move {
+        let result = sts.node_credentials().await;
+        if let Err(err) = &result {
+            tracing::warn!(error = %err, "the agent has no credentials of its own to call STS with");
+        }
+        telemetry.readiness.set_node_credentials(result.is_ok());
+    };
+    check(sts.clone(), telemetry.clone()).await;
+    let telemetry = telemetry.clone();
+    crate::periodic::every(NODE_CREDENTIALS_CHECK, sts, move |sts| {
+        check(sts, telemetry.clone())
+    })
 }
 
 async fn policy(args: &AgentArgs, upstream: &dyn Upstream) -> Result<Policy> {

@@ -2,6 +2,8 @@
 //! workload cgroup root, owns their links (dropping the [`Interceptor`] detaches them), forwards the
 //! programs' aya-log records to `tracing`, and answers "which cgroup made this accepted connection?".
 
+pub mod metrics;
+
 use std::{
     fs::File,
     io,
@@ -147,6 +149,8 @@ pub struct Interceptor {
     // Declared first so the links are dropped (and the programs detached) before anything else.
     links: Vec<FdLink>,
     connects_by_tuple: Mutex<HashMap<MapData, ConnectionKey, ConnectRecord>>,
+    /// Keyed by the raw socket cookie, as the programs key it.
+    connects_by_cookie: HashMap<MapData, u64, ConnectRecord>,
     counters: PerCpuArray<MapData, u64>,
     log_forwarder: JoinHandle<()>,
     cgroup_root: PathBuf,
@@ -190,6 +194,7 @@ impl Interceptor {
             config.exempt_cgroups.iter().map(|id| id.0),
         )?;
         let connects_by_tuple = take_map(&mut ebpf, names::CONNECTS_BY_TUPLE)?;
+        let connects_by_cookie = take_map(&mut ebpf, names::CONNECTS_BY_COOKIE)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
         let links = attach_all(&mut ebpf, &cgroup)?;
         tracing::info!(cgroup_root = %config.cgroup_root.display(), programs = links.len(), "BPF programs attached");
@@ -197,6 +202,7 @@ impl Interceptor {
         Ok(Self {
             links,
             connects_by_tuple: Mutex::new(connects_by_tuple),
+            connects_by_cookie,
             counters,
             log_forwarder,
             cgroup_root: config.cgroup_root.clone(),
@@ -246,6 +252,30 @@ impl Interceptor {
                 Ok((counter, per_cpu.iter().sum()))
             })
             .collect()
+    }
+}
+
+/// How many records the connection maps hold: connects not yet turned into 4-tuple records, and
+/// 4-tuple records not yet consumed by an accept. Both are LRU maps of fixed size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Occupancy {
+    pub connects_by_cookie: u64,
+    pub connects_by_tuple: u64,
+}
+
+impl Interceptor {
+    /// Counts the maps' entries (one key walk each; meant for a metrics scrape, not the request path).
+    pub fn occupancy(&self) -> Occupancy {
+        let tuples = self
+            .connects_by_tuple
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .count();
+        Occupancy {
+            connects_by_cookie: self.connects_by_cookie.keys().count() as u64,
+            connects_by_tuple: tuples as u64,
+        }
     }
 }
 

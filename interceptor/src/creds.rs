@@ -10,8 +10,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+pub mod metrics;
+
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use tokio::sync::Mutex as AsyncMutex;
 
+pub use self::metrics::CacheMetrics;
 use crate::policy::SessionKey;
 
 /// A secret string whose `Debug` and `Display` never show it.
@@ -97,6 +101,8 @@ pub trait AssumeRole: Send + Sync {
 /// AssumeRole through `aws-sdk-sts`.
 pub struct StsAssumeRole {
     client: aws_sdk_sts::Client,
+    /// The agent's own credentials, which sign the calls.
+    node_credentials: Option<SharedCredentialsProvider>,
 }
 
 impl StsAssumeRole {
@@ -110,9 +116,24 @@ impl StsAssumeRole {
         if let Some(endpoint) = endpoint {
             loader = loader.endpoint_url(endpoint);
         }
+        let config = loader.load().await;
         Self {
-            client: aws_sdk_sts::Client::new(&loader.load().await),
+            client: aws_sdk_sts::Client::new(&config),
+            node_credentials: config.credentials_provider(),
         }
+    }
+
+    /// Whether the agent has credentials of its own to sign AssumeRole with; why not when it has none.
+    pub async fn node_credentials(&self) -> Result<(), String> {
+        let provider = self
+            .node_credentials
+            .as_ref()
+            .ok_or_else(|| "no credentials provider is configured".to_owned())?;
+        provider
+            .provide_credentials()
+            .await
+            .map(|_| ())
+            .map_err(|err| aws_sdk_sts::error::DisplayErrorContext(err).to_string())
     }
 }
 
@@ -176,6 +197,7 @@ pub struct CredentialCache {
     session_duration: Duration,
     max_sessions: usize,
     slots: Mutex<HashMap<SessionKey, Arc<Slot>>>,
+    metrics: CacheMetrics,
 }
 
 impl CredentialCache {
@@ -185,7 +207,12 @@ impl CredentialCache {
             session_duration,
             max_sessions,
             slots: Mutex::new(HashMap::new()),
+            metrics: CacheMetrics::default(),
         }
+    }
+
+    pub fn metrics(&self) -> &CacheMetrics {
+        &self.metrics
     }
 
     /// Credentials for `session`: the cached set when it is fit to serve, else a fresh one (one STS call
@@ -196,8 +223,10 @@ impl CredentialCache {
         let now = SystemTime::now();
         slot.touch(now);
         if let Some(creds) = slot.current().filter(|creds| fit_to_serve(creds, now)) {
+            self.metrics.lookup(true);
             return Ok(creds);
         }
+        self.metrics.lookup(false);
         let _fetching = slot.fetch.lock().await;
         // Whoever held the lock before us may have fetched a fresh set.
         if let Some(creds) = slot
@@ -250,7 +279,9 @@ impl CredentialCache {
             let Ok(_fetching) = slot.fetch.try_lock() else {
                 continue; // a request is fetching this session right now
             };
-            if let Err(err) = self.fetch(&session, &slot).await {
+            let result = self.fetch(&session, &slot).await;
+            self.metrics.refresh(result.is_ok());
+            if let Err(err) = result {
                 tracing::warn!(role = %session.role, error = %err, "background credential refresh failed");
             }
         }
@@ -262,7 +293,11 @@ impl CredentialCache {
     }
 
     async fn fetch(&self, session: &SessionKey, slot: &Slot) -> Result<Arc<Credentials>, StsError> {
-        let creds = Arc::new(self.sts.assume_role(session, self.session_duration).await?);
+        let started = std::time::Instant::now();
+        let result = self.sts.assume_role(session, self.session_duration).await;
+        self.metrics
+            .sts_call(session.role.as_str(), result.is_ok(), started.elapsed());
+        let creds = Arc::new(result?);
         tracing::info!(role = %session.role, session_name = session.session_name.as_str(), "assumed role");
         *slot.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(creds.clone());
         Ok(creds)
@@ -276,7 +311,9 @@ impl CredentialCache {
         if slots.len() >= self.max_sessions {
             evict_least_recently_used(&mut slots);
         }
-        slots.entry(session.clone()).or_default().clone()
+        let slot = slots.entry(session.clone()).or_default().clone();
+        self.metrics.sessions(slots.len());
+        slot
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, Arc<Slot>>> {

@@ -9,6 +9,7 @@
 //! - [`policy`]: role names and ARNs, external ids, session names: which session a workload gets.
 //! - [`creds`]: STS AssumeRole, cached and refreshed per session.
 //! - [`imds`]: the metadata HTTP API the redirected callers talk to.
+//! - [`telemetry`]: logs, Prometheus metrics, `/healthz` and `/readyz`.
 //! - [`agent`]: the `interceptor agent` command: flags, start-up order, shutdown.
 
 pub mod agent;
@@ -18,6 +19,7 @@ pub mod identity;
 pub mod imds;
 mod periodic;
 pub mod policy;
+pub mod telemetry;
 pub mod workload;
 
 /// An error and its sources on one line, for log fields.

@@ -3,7 +3,10 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use interceptor::agent::{self, AgentArgs};
+use interceptor::{
+    agent::{self, AgentArgs},
+    telemetry,
+};
 
 #[derive(Parser)]
 #[command(
@@ -23,7 +26,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let Command::Agent(args) = Cli::parse().command;
-    if let Err(err) = agent::init_tracing(args.log_format, &args.log_level) {
+    if let Err(err) = telemetry::init_tracing(args.log_format, &args.log_level) {
         eprintln!("error: {err:#}");
         return ExitCode::FAILURE;
     }

@@ -9,6 +9,11 @@ use std::{
 };
 
 use globset::{Glob, GlobBuilder, GlobMatcher};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use serde::Deserialize;
 
 use crate::{identity::CgroupPath, policy::RoleRequest};
@@ -154,11 +159,49 @@ impl Table {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// The workload source's state: how many workloads it knows and how its reloads went.
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadMetrics {
+    workloads: Gauge,
+    reloads: Family<ResultLabels, Counter>,
+}
+
+impl WorkloadMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "workloads",
+            "Workloads the workload source knows",
+            self.workloads.clone(),
+        );
+        registry.register(
+            "workload_reloads",
+            "Reloads of the static workload file by result (an error keeps the previous file)",
+            self.reloads.clone(),
+        );
+    }
+
+    fn loaded(&self, table: &Table) {
+        self.workloads
+            .set(i64::try_from(table.entries.len()).unwrap_or(i64::MAX));
+    }
+
+    fn reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "error" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+}
+
 /// The static workload file, reloaded when it changes; a file that does not parse keeps the last good
 /// one in force.
 pub struct StaticWorkloads {
     path: PathBuf,
     state: RwLock<Loaded>,
+    metrics: WorkloadMetrics,
 }
 
 struct Loaded {
@@ -173,13 +216,20 @@ impl StaticWorkloads {
         let stamp = file_stamp(path);
         let table = read_table(path)?;
         tracing::info!(path = %path.display(), workloads = table.entries.len(), "workload file loaded");
+        let metrics = WorkloadMetrics::default();
+        metrics.loaded(&table);
         Ok(Self {
             path: path.to_owned(),
             state: RwLock::new(Loaded {
                 table: Arc::new(table),
                 stamp,
             }),
+            metrics,
         })
+    }
+
+    pub fn metrics(&self) -> &WorkloadMetrics {
+        &self.metrics
     }
 
     /// Re-reads the file when its modification time or length changed. Returns whether a new table
@@ -192,9 +242,11 @@ impl StaticWorkloads {
         let result = read_table(&self.path);
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         state.stamp = stamp;
+        self.metrics.reload(result.is_ok());
         match result {
             Ok(table) => {
                 tracing::info!(path = %self.path.display(), workloads = table.entries.len(), "workload file reloaded");
+                self.metrics.loaded(&table);
                 state.table = Arc::new(table);
                 true
             }

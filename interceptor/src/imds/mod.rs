@@ -6,6 +6,7 @@
 //! with what the kernel recorded about its caller.
 
 mod error;
+pub mod metrics;
 pub mod route;
 mod serve;
 pub mod token;
@@ -23,6 +24,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 pub use error::ImdsError;
+pub use metrics::ImdsMetrics;
 use serde::Serialize;
 pub use serve::{Caller, serve};
 use sha2::{Digest, Sha256};
@@ -52,6 +54,15 @@ pub struct ImdsState {
     pub tokens: TokenKey,
     /// Refuse requests without a token (IMDSv2 only).
     pub require_v2: bool,
+    pub metrics: ImdsMetrics,
+}
+
+/// What the log line and the metrics of one request say, filled in as the request is answered.
+#[derive(Default)]
+struct RequestRecord {
+    route: Option<&'static str>,
+    workload: Option<String>,
+    role: Option<String>,
 }
 
 /// Bound on answering one request, STS call included (the SDKs give up after 1 to 5 seconds).
@@ -85,22 +96,41 @@ async fn handle(
 ) -> Response {
     let started = Instant::now();
     let path = uri.path();
-    let result = tokio::time::timeout(REQUEST_TIMEOUT, answer(&state, &caller, &method, path, &headers))
+    let mut record = RequestRecord::default();
+    let answered = answer(&state, &caller, &method, path, &headers, &mut record);
+    let result = tokio::time::timeout(REQUEST_TIMEOUT, answered)
         .await
         .unwrap_or(Err(ImdsError::Timeout));
-    let cgroup_id = caller.attribution.map(|found| found.cgroup_id.0);
-    match result {
-        Ok(response) => {
-            tracing::debug!(peer = %caller.peer, cgroup_id, %method, path, status = response.status().as_u16(),
-                latency_us = started.elapsed().as_micros() as u64, "metadata request served");
-            response
-        }
+    let (response, refusal) = match result {
+        Ok(response) => (response, None),
         Err(err) => {
-            tracing::warn!(peer = %caller.peer, cgroup_id, %method, path, status = err.status().as_u16(),
-                reason = err.reason(), error = %crate::error_chain(&err), "metadata request refused");
-            err.into_response()
+            let refusal = (err.reason(), crate::error_chain(&err));
+            (err.into_response(), Some(refusal))
         }
-    }
+    };
+    let latency = started.elapsed();
+    let route = record.route.unwrap_or(route::UNROUTED);
+    let status = response.status().as_u16();
+    let reason = refusal.as_ref().map(|(reason, _)| *reason);
+    state
+        .metrics
+        .request(route, status, latency.as_secs_f64(), reason);
+    // One line per request. Never a token or a key: only names, ids and the path.
+    tracing::info!(
+        peer = %caller.peer,
+        cgroup_id = caller.attribution.map(|found| found.cgroup_id.0),
+        workload = record.workload.as_deref(),
+        role = record.role.as_deref(),
+        %method,
+        path,
+        route,
+        status,
+        latency_us = latency.as_micros() as u64,
+        reason,
+        error = refusal.as_ref().map(|(_, error)| error.as_str()),
+        "metadata request"
+    );
+    response
 }
 
 async fn answer(
@@ -109,33 +139,34 @@ async fn answer(
     method: &Method,
     path: &str,
     headers: &HeaderMap,
+    record: &mut RequestRecord,
 ) -> Result<Response, ImdsError> {
     let attribution = caller.attribution.ok_or(ImdsError::Unattributed)?;
     let route = route::route(method, path, &state.allow)?;
+    record.route = Some(route.label());
     if route == Route::Token {
         return mint_token(state, &attribution, headers);
     }
     check_token(state, &attribution, headers)?;
+    let mut session = async || -> Result<SessionKey, ImdsError> {
+        let (workload, session) = session_of(state, &attribution).await?;
+        record.workload = Some(workload.name.clone());
+        record.role = Some(session.role.to_string());
+        Ok(session)
+    };
     match route {
         Route::Token => unreachable!("answered above"),
         Route::Proxy { path } => proxy(state, &path).await,
         Route::IamIndex => Ok(text("info\nsecurity-credentials/")),
-        Route::IamInfo => {
-            let session = session_of(state, &attribution).await?.1;
-            Ok(json(&IamInfo::of(&session)))
-        }
-        Route::RoleList { .. } => {
-            let session = session_of(state, &attribution).await?.1;
-            Ok(text(session.role.name()))
-        }
+        Route::IamInfo => Ok(json(&IamInfo::of(&session().await?))),
+        Route::RoleList { .. } => Ok(text(session().await?.role.name())),
         Route::RoleCredentials { extended, role_name } => {
-            let (workload, session) = session_of(state, &attribution).await?;
+            let session = session().await?;
             if role_name != session.role.name() {
                 return Err(ImdsError::OtherRole { asked: role_name });
             }
             let creds = state.creds.get(&session).await?;
-            tracing::info!(workload = workload.name, cgroup_id = attribution.cgroup_id.0, role = %session.role,
-                "credentials served");
+            state.metrics.credentials_served(session.role.as_str());
             let account_id = extended.then(|| session.role.account_id());
             Ok(json(&CredentialsDocument::of(&creds, account_id)))
         }

@@ -21,6 +21,25 @@ pub enum Route {
     Proxy { path: String },
 }
 
+impl Route {
+    /// The route's name in metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Token => "token",
+            Route::IamIndex => "iam_index",
+            Route::IamInfo => "iam_info",
+            Route::RoleList { extended: false } => "role_list",
+            Route::RoleList { extended: true } => "role_list_extended",
+            Route::RoleCredentials { extended: false, .. } => "credentials",
+            Route::RoleCredentials { extended: true, .. } => "credentials_extended",
+            Route::Proxy { .. } => "proxy",
+        }
+    }
+}
+
+/// The route label of requests refused before they were routed.
+pub const UNROUTED: &str = "unrouted";
+
 /// Why a request is refused before anyone looks at who sent it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {

@@ -12,6 +12,7 @@ use hyper_util::{
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+use super::ImdsMetrics;
 use crate::bpf::{Attribution, Interceptor};
 
 /// Who is on the other end of a connection, as far as the agent knows.
@@ -43,6 +44,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     attribute: Arc<dyn Attribute>,
+    metrics: ImdsMetrics,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -63,6 +65,7 @@ pub async fn serve(
             .local_addr()
             .ok()
             .and_then(|local| attribute.attribute(peer, local));
+        metrics.connection(attribution.is_some());
         let caller = Caller { peer, attribution };
         let service = router.clone().map_request(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(caller);

@@ -139,6 +139,7 @@ impl Api {
             allow: AllowList::default_facts(),
             tokens: TokenKey::random(),
             require_v2,
+            metrics: ImdsMetrics::default(),
         };
         Self {
             router: router(Arc::new(state)),

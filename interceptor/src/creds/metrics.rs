@@ -1,0 +1,122 @@
+//! creds::metrics: STS AssumeRole calls, errors and latency by role; cache hits, misses, background
+//! refreshes and the number of sessions held.
+
+use std::time::Duration;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StsLabels {
+    role: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabels {
+    role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// 1 ms to about 16 s.
+fn sts_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+#[derive(Clone, Debug)]
+pub struct CacheMetrics {
+    sts_calls: Family<StsLabels, Counter>,
+    sts_latency: Family<RoleLabels, Histogram, fn() -> Histogram>,
+    lookups: Family<ResultLabels, Counter>,
+    refreshes: Family<ResultLabels, Counter>,
+    sessions: Gauge,
+}
+
+impl Default for CacheMetrics {
+    fn default() -> Self {
+        Self {
+            sts_calls: Family::default(),
+            sts_latency: Family::new_with_constructor(sts_histogram),
+            lookups: Family::default(),
+            refreshes: Family::default(),
+            sessions: Gauge::default(),
+        }
+    }
+}
+
+fn result_label(ok: bool) -> &'static str {
+    if ok { "success" } else { "error" }
+}
+
+impl CacheMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "sts_assume_role",
+            "STS AssumeRole calls by role ARN and result",
+            self.sts_calls.clone(),
+        );
+        registry.register_with_unit(
+            "sts_assume_role_duration",
+            "Time STS took to answer AssumeRole, by role ARN",
+            Unit::Seconds,
+            self.sts_latency.clone(),
+        );
+        registry.register(
+            "credential_cache_lookups",
+            "Credential cache lookups: hit (a cached set fit to serve) or miss",
+            self.lookups.clone(),
+        );
+        registry.register(
+            "credential_refreshes",
+            "Background credential refreshes by result",
+            self.refreshes.clone(),
+        );
+        registry.register(
+            "credential_sessions",
+            "Sessions the credential cache holds",
+            self.sessions.clone(),
+        );
+    }
+
+    pub(super) fn sts_call(&self, role: &str, ok: bool, took: Duration) {
+        let role = role.to_owned();
+        self.sts_latency
+            .get_or_create(&RoleLabels { role: role.clone() })
+            .observe(took.as_secs_f64());
+        self.sts_calls
+            .get_or_create(&StsLabels {
+                role,
+                result: result_label(ok),
+            })
+            .inc();
+    }
+
+    pub(super) fn lookup(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.lookups.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub(super) fn refresh(&self, ok: bool) {
+        self.refreshes
+            .get_or_create(&ResultLabels {
+                result: result_label(ok),
+            })
+            .inc();
+    }
+
+    pub(super) fn sessions(&self, count: usize) {
+        self.sessions.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+}
