@@ -48,7 +48,8 @@ impl Agent {
         let mut command = node.command(&cgroup, Agent::binary()?)?;
         command
             .arg("agent")
-            .args(["--log-format", "json", "--log-level", "info"])
+            // Debug level: the check that no secret is ever logged covers the most verbose logs.
+            .args(["--log-format", "json", "--log-level", "debug"])
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("AWS_ACCESS_KEY_ID", "AKIANODEEXAMPLE")
@@ -61,7 +62,12 @@ impl Agent {
 
     /// Starts `command` (from [`Agent::command`], with the test's flags added) and waits until the agent
     /// logs that it is ready, or fails with its log when it exits first or takes too long.
-    pub fn start(mut command: Command) -> Result<Self> {
+    pub fn start(command: Command) -> Result<Self> {
+        Self::start_until(command, "ready")
+    }
+
+    /// Starts `command` and waits until the agent logs a line whose message is `message`.
+    pub fn start_until(mut command: Command, message: &'static str) -> Result<Self> {
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -73,7 +79,7 @@ impl Agent {
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if is_ready_line(&line) {
+                if has_message(&line, message) {
                     let _ = ready_tx.send(());
                 }
                 sink.lock().unwrap().push(line);
@@ -85,7 +91,7 @@ impl Agent {
             Err(_) => {
                 let status = agent.child.try_wait().ok().flatten();
                 bail!(
-                    "the agent did not become ready (exit status {status:?}); its log:\n{}",
+                    "the agent never logged {message:?} (exit status {status:?}); its log:\n{}",
                     agent.logs().join("\n")
                 )
             }
@@ -95,6 +101,19 @@ impl Agent {
     /// Every log line so far.
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
+    }
+
+    /// Fails when any log line so far contains one of `secrets` (keys, session tokens, IMDS tokens).
+    pub fn assert_no_secret_logged(&self, secrets: &[String]) {
+        assert!(!secrets.is_empty(), "no secrets to look for");
+        for line in self.logs() {
+            for secret in secrets {
+                assert!(
+                    !line.contains(secret.as_str()),
+                    "the agent logged a secret: {line}"
+                );
+            }
+        }
     }
 
     /// Waits (bounded) until a log line contains `needle`.
@@ -113,8 +132,8 @@ impl Agent {
     }
 }
 
-fn is_ready_line(line: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(line).is_ok_and(|entry| entry["message"] == "ready")
+fn has_message(line: &str, message: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(line).is_ok_and(|entry| entry["message"] == message)
 }
 
 impl Drop for Agent {

@@ -69,6 +69,53 @@ impl DeployedNode {
     }
 }
 
+/// The node's address of the agent's health server (`--metrics-addr`).
+pub const METRICS_PORT: u16 = 9181;
+
+impl DeployedNode {
+    /// GETs `path` from the agent's health server, from a process of the node's: `(status, body)`.
+    pub async fn health(&self, path: &str) -> Result<(u16, String)> {
+        health(&self.node, path).await
+    }
+
+    /// The secrets the agent serves `pod` for its role: the access key's secret and the session token
+    /// of the cached set (the same set its clients got), and a fresh IMDS token.
+    pub async fn secrets_served_to(&self, pod: &Pod, container: &Path) -> Result<Vec<String>> {
+        let role = body_of(&curl(pod, container, &[ROLE_LIST]).await?).to_owned();
+        let creds = curl(pod, container, &[&format!("{ROLE_LIST}{role}")]).await?;
+        let doc: serde_json::Value = serde_json::from_str(body_of(&creds))?;
+        let token = curl(
+            pod,
+            container,
+            &[
+                "-X",
+                "PUT",
+                "-H",
+                "X-aws-ec2-metadata-token-ttl-seconds: 60",
+                "http://169.254.169.254/latest/api/token",
+            ],
+        )
+        .await?;
+        Ok(vec![
+            doc["SecretAccessKey"].as_str().unwrap_or_default().to_owned(),
+            doc["Token"].as_str().unwrap_or_default().to_owned(),
+            body_of(&token).to_owned(),
+        ])
+    }
+}
+
+const ROLE_LIST: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
+
+/// GETs `path` from the health server of the agent on `node`: `(status, body)`.
+pub async fn health(node: &SimNode, path: &str) -> Result<(u16, String)> {
+    let cgroup = node.cgroup("system.slice/scraper.service")?;
+    let mut command = node.command(&cgroup, "curl")?;
+    command.args(["-sS", "-i", "--noproxy", "*", "--max-time", "10"]);
+    command.arg(format!("http://{NODE_IP}:{METRICS_PORT}{path}"));
+    let response = run(command).await?;
+    Ok((status_of(&response), body_of(&response).to_owned()))
+}
+
 /// Environment of an AWS client in a pod: no credentials, no profile files, nothing from the host;
 /// the SDK's default chain ends at the instance metadata service.
 pub fn aws_client_env(command: &mut Command, home: &Path) {

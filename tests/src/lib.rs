@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod deployed;
+pub mod exposition;
 pub mod kernel;
 pub mod lab;
 pub mod moto;

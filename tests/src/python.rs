@@ -1,4 +1,5 @@
-//! The project's Python venv (`target/venv`, made by `cargo xtask test`): moto, the AWS CLI, boto3.
+//! The project's Python venv (`target/venv`, made by `cargo xtask test`): moto, the AWS CLI, boto3 and
+//! the Prometheus client's parser.
 
 use std::path::PathBuf;
 
@@ -22,7 +23,17 @@ pub fn tool(name: &str) -> Result<PathBuf> {
 
 /// Whether the venv holds what the tests run.
 pub fn ready() -> bool {
+    let site_packages = venv().join("lib");
+    let has_package = |name: &str| {
+        std::fs::read_dir(&site_packages)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|python| python.path().join("site-packages").join(name).exists())
+    };
     ["moto_server", "aws", "python3"]
         .iter()
         .all(|name| venv().join("bin").join(name).exists())
+        && has_package("boto3")
+        && has_package("prometheus_client")
 }

@@ -77,5 +77,10 @@ async fn aws_cli_boto3_and_aws_sdk_rust_get_each_pods_own_role() -> anyhow::Resu
     }
     // Every metadata request was answered by the agent: the stand-in saw none of them.
     assert_eq!(t.stand_in.metadata_paths(), Vec::<String>::new());
+    // The agent's log (debug level) holds none of the secrets it served the clients.
+    for (pod, container) in [(&reader, &reader_container), (&writer, &writer_container)] {
+        t.agent
+            .assert_no_secret_logged(&t.secrets_served_to(pod, container).await?);
+    }
     Ok(())
 }

@@ -72,6 +72,10 @@ async fn credentials_and_extended_credentials_for_each_workload_behind_one_ip() 
         "two workloads behind one IP got the same credentials"
     );
     assert_eq!(t.moto().assume_role_calls()?, 2);
+    for (pod, container) in [(&first, &c1), (&second, &c2)] {
+        t.agent
+            .assert_no_secret_logged(&t.secrets_served_to(pod, container).await?);
+    }
     Ok(())
 }
 

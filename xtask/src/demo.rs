@@ -12,7 +12,7 @@ use crate::{
 
 pub fn run() -> Result<()> {
     ensure_commands(test::TEST_COMMANDS)?;
-    python::ensure_venv(python::AWS_TOOLS)?;
+    python::ensure_venv(python::TEST_TOOLS)?;
     build_ebpf::run()?;
     build_ebpf::build_agent()?;
     run_checked(workspace_cargo().args(["build", "--package", "interceptor-tests", "--bin", "demo"]))?;

@@ -29,7 +29,7 @@ pub const TEST_COMMANDS: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl"
 
 pub fn run(options: &Options) -> Result<()> {
     ensure_commands(TEST_COMMANDS)?;
-    python::ensure_venv(python::AWS_TOOLS)?;
+    python::ensure_venv(python::TEST_TOOLS)?;
     build_ebpf::run()?;
     if let Some(series) = &options.kernel {
         return vm::run_matrix(series);
