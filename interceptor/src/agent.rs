@@ -1,6 +1,7 @@
 //! agent: the `interceptor agent` command. Its flags (each also an `INTERCEPTOR_*` variable), and the
 //! start-up order that keeps a pod from ever reaching the node's credentials: start the health server,
-//! load the configuration, attach the programs, listen, then report ready.
+//! load the configuration, attach the programs (taking over pinned ones from a previous agent), listen,
+//! then report ready. `interceptor uninstall` removes what the agent pinned.
 
 use std::{
     net::{IpAddr, SocketAddr, SocketAddrV4},
@@ -35,6 +36,10 @@ pub struct AgentArgs {
     /// cgroup2 mount]
     #[arg(long, env = "INTERCEPTOR_CGROUP_ROOT", value_name = "PATH")]
     pub cgroup_root: Option<PathBuf>,
+    /// bpffs directory where the programs' links and shared maps are pinned, so they stay attached while
+    /// the agent restarts (`interceptor uninstall` removes them).
+    #[arg(long, env = "INTERCEPTOR_BPFFS_DIR", value_name = "PATH", default_value = DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
     /// Redirect target and listen address [default: $HOST_IP:8181]
     #[arg(long, env = "INTERCEPTOR_AGENT_ADDR", value_name = "IP:PORT")]
     pub agent_addr: Option<SocketAddr>,
@@ -109,6 +114,7 @@ pub struct AgentArgs {
 }
 
 const DEFAULT_AGENT_PORT: u16 = 8181;
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/interceptor";
 /// Cgroup ids whose paths are remembered (one per container that asked recently).
 const CGROUP_PATH_CACHE: NonZeroUsize = NonZeroUsize::new(16_384).expect("non-zero");
 /// Sessions the credential cache holds at most.
@@ -161,6 +167,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     // 2. Attach: from here on, every new connection to the metadata address comes to the agent.
     let mut redirect = RedirectConfig::new(cgroup_root.clone(), agent_addr);
     redirect.exempt_cgroups = vec![own_cgroup];
+    redirect.pin_dir = Some(args.bpffs_dir.clone());
     let interceptor = Arc::new(Interceptor::attach(&redirect)?);
     let collector = BpfCollector::new(interceptor.clone());
     telemetry.register(|registry| registry.register_collector(Box::new(collector)));
@@ -191,8 +198,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         exempt_cgroup_id = own_cgroup.0, workloads = %workloads_path.display(), "ready");
     let router = imds::router(Arc::new(state));
     imds::serve(listener, router, interceptor, metrics, shutdown_signal()).await;
+    // The pinned programs stay: until the next agent takes over, pods' metadata connections are refused.
     telemetry.readiness.set_attached(false);
-    tracing::info!("shutting down");
+    tracing::info!(bpffs_dir = %args.bpffs_dir.display(), "shutting down; programs stay attached (interceptor uninstall removes them)");
     Ok(())
 }
 
@@ -328,4 +336,24 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UninstallArgs {
+    /// The agent's bpffs directory.
+    #[arg(long, env = "INTERCEPTOR_BPFFS_DIR", value_name = "PATH", default_value = DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+}
+
+/// Detaches the programs a stopped agent left pinned and removes its maps: after this, the node's
+/// workloads reach the real metadata service again.
+pub fn uninstall(args: &UninstallArgs) -> Result<()> {
+    let removed = crate::bpf::pin::uninstall(&args.bpffs_dir)?;
+    println!(
+        "interceptor uninstall: detached {} programs, removed {} maps and {}",
+        removed.links,
+        removed.maps,
+        args.bpffs_dir.display()
+    );
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! programs' aya-log records to `tracing`, and answers "which cgroup made this accepted connection?".
 
 pub mod metrics;
+pub mod pin;
 
 use std::{
     fs::File,
@@ -12,12 +13,13 @@ use std::{
     sync::{Mutex, PoisonError},
 };
 
+use self::pin::PinDir;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SockOps,
-        links::{FdLink, LinkError},
+        links::{FdLink, LinkError, PinnedLink},
     },
 };
 use aya_log::EbpfLogger;
@@ -90,6 +92,20 @@ pub enum BpfError {
     },
     #[error("cannot forward BPF logs")]
     Logger(#[source] io::Error),
+    #[error("{path} is not on a bpffs mount (mount one: mount -t bpf bpf /sys/fs/bpf)")]
+    NotBpffs { path: PathBuf },
+    #[error("bpffs directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pinned link {path}")]
+    PinLink {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What the programs need to know: where to attach, what to intercept, where to send it, whom to spare.
@@ -105,6 +121,9 @@ pub struct RedirectConfig {
     pub intercepted: Vec<SocketAddr>,
     /// Cgroups whose connections are never redirected: the agent's own.
     pub exempt_cgroups: Vec<CgroupId>,
+    /// Where to pin the links and shared maps (a bpffs directory), so the programs outlive this
+    /// process and the next agent takes over from them; `None`: they are detached on drop.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl RedirectConfig {
@@ -116,6 +135,7 @@ impl RedirectConfig {
             agent_v6: None,
             intercepted: vec![METADATA_V4, METADATA_V6],
             exempt_cgroups: Vec::new(),
+            pin_dir: None,
         }
     }
 }
@@ -144,10 +164,18 @@ impl From<ConnectRecord> for Attribution {
     }
 }
 
-/// The loaded and attached programs. Dropping it detaches every program.
+/// A program's link, held for what dropping it does: an owned link detaches its program, a pinned one
+/// leaves it attached for the next agent.
+#[derive(Debug)]
+enum AgentLink {
+    Owned { _link: FdLink },
+    Pinned { _link: PinnedLink },
+}
+
+/// The loaded and attached programs. Dropping it detaches every program, unless they are pinned.
 pub struct Interceptor {
     // Declared first so the links are dropped (and the programs detached) before anything else.
-    links: Vec<FdLink>,
+    links: Vec<AgentLink>,
     connects_by_tuple: Mutex<HashMap<MapData, ConnectionKey, ConnectRecord>>,
     /// Keyed by the raw socket cookie, as the programs key it.
     connects_by_cookie: HashMap<MapData, u64, ConnectRecord>,
@@ -175,11 +203,19 @@ impl Interceptor {
             .agent_v6
             .map(|addr| endpoint(SocketAddr::V6(addr)))
             .unwrap_or_default();
-        let mut ebpf = EbpfLoader::new()
+        let pin_dir = config.pin_dir.as_deref().map(PinDir::create).transpose()?;
+        let map_pins: Vec<(&str, PathBuf)> = pin_dir
+            .iter()
+            .flat_map(|dir| pin::PINNED_MAPS.map(|name| (name, dir.map(name))))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(names::AGENT_V4, &agent_v4, true)
-            .override_global(names::AGENT_V6, &agent_v6, true)
-            .load(EMBEDDED_OBJECT)
-            .map_err(BpfError::Load)?;
+            .override_global(names::AGENT_V6, &agent_v6, true);
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EMBEDDED_OBJECT).map_err(BpfError::Load)?;
         let logger = EbpfLogger::init(&mut ebpf).map_err(|err| BpfError::Logger(io::Error::other(err)))?;
         let log_forwarder = spawn_log_forwarder(logger).map_err(BpfError::Logger)?;
 
@@ -196,8 +232,17 @@ impl Interceptor {
         let connects_by_tuple = take_map(&mut ebpf, names::CONNECTS_BY_TUPLE)?;
         let connects_by_cookie = take_map(&mut ebpf, names::CONNECTS_BY_COOKIE)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
-        let links = attach_all(&mut ebpf, &cgroup)?;
-        tracing::info!(cgroup_root = %config.cgroup_root.display(), programs = links.len(), "BPF programs attached");
+        let links = attach_all(&mut ebpf, &cgroup)?
+            .into_iter()
+            .map(|(program, link)| match &pin_dir {
+                Some(dir) => dir
+                    .replace_link(program, link)
+                    .map(|pinned| AgentLink::Pinned { _link: pinned }),
+                None => Ok(AgentLink::Owned { _link: link }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::info!(cgroup_root = %config.cgroup_root.display(), programs = links.len(),
+            pinned_in = config.pin_dir.as_ref().map(|dir| dir.display().to_string()), "BPF programs attached");
 
         Ok(Self {
             links,
@@ -282,9 +327,14 @@ impl Interceptor {
 impl Drop for Interceptor {
     fn drop(&mut self) {
         self.log_forwarder.abort();
-        let detached = self.links.len();
+        let pinned = self
+            .links
+            .iter()
+            .filter(|link| matches!(link, AgentLink::Pinned { .. }))
+            .count();
+        let detached = self.links.len() - pinned;
         self.links.clear();
-        tracing::info!(cgroup_root = %self.cgroup_root.display(), programs = detached, "BPF programs detached");
+        tracing::info!(cgroup_root = %self.cgroup_root.display(), detached, left_pinned = pinned, "BPF programs released");
     }
 }
 
@@ -293,15 +343,28 @@ fn endpoint(addr: SocketAddr) -> Endpoint {
     Endpoint::new(InetAddr::from_ip(addr.ip()), addr.port())
 }
 
-fn fill_set<K: aya::Pod>(
+/// Makes the set map `name` hold exactly `keys`. A pinned set may hold a previous agent's entries, which
+/// running programs read: the new keys go in first and the stale ones come out after, so no moment has
+/// the set missing an entry both agents want.
+fn fill_set<K: aya::Pod + PartialEq>(
     ebpf: &mut Ebpf,
     name: &'static str,
     keys: impl Iterator<Item = K>,
 ) -> Result<(), BpfError> {
     let map = ebpf.map_mut(name).ok_or(BpfError::MissingMap { name })?;
     let mut set = HashMap::<_, K, u8>::try_from(map).map_err(|source| BpfError::Map { name, source })?;
-    for key in keys {
+    let keys: Vec<K> = keys.collect();
+    for key in &keys {
         set.insert(key, 1, 0)
+            .map_err(|source| BpfError::Map { name, source })?;
+    }
+    let stale: Vec<K> = set
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| !keys.contains(key))
+        .collect();
+    for key in stale {
+        set.remove(&key)
             .map_err(|source| BpfError::Map { name, source })?;
     }
     Ok(())
@@ -315,12 +378,16 @@ where
     T::try_from(map).map_err(|source| BpfError::Map { name, source })
 }
 
-fn attach_all(ebpf: &mut Ebpf, cgroup: &File) -> Result<Vec<FdLink>, BpfError> {
+fn attach_all(ebpf: &mut Ebpf, cgroup: &File) -> Result<Vec<(&'static str, FdLink)>, BpfError> {
     let mut links = Vec::with_capacity(SOCK_ADDR_PROGRAMS.len() + 1);
     for name in SOCK_ADDR_PROGRAMS {
-        links.push(program::<CgroupSockAddr>(ebpf, name)?.attach_to(name, cgroup)?);
+        links.push((
+            name,
+            program::<CgroupSockAddr>(ebpf, name)?.attach_to(name, cgroup)?,
+        ));
     }
-    links.push(program::<SockOps>(ebpf, SOCK_OPS_PROGRAM)?.attach_to(SOCK_OPS_PROGRAM, cgroup)?);
+    let sock_ops = program::<SockOps>(ebpf, SOCK_OPS_PROGRAM)?.attach_to(SOCK_OPS_PROGRAM, cgroup)?;
+    links.push((SOCK_OPS_PROGRAM, sock_ops));
     Ok(links)
 }
 

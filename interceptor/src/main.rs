@@ -2,9 +2,10 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use interceptor::{
-    agent::{self, AgentArgs},
+    agent::{self, AgentArgs, UninstallArgs},
     telemetry,
 };
 
@@ -22,26 +23,29 @@ struct Cli {
 enum Command {
     /// Attach the BPF programs and serve the metadata API (run one per node, as root).
     Agent(Box<AgentArgs>),
+    /// Detach the programs a stopped agent left pinned and remove its maps (as root).
+    Uninstall(UninstallArgs),
 }
 
 fn main() -> ExitCode {
-    let Command::Agent(args) = Cli::parse().command;
-    if let Err(err) = telemetry::init_tracing(args.log_format, &args.log_level) {
-        eprintln!("error: {err:#}");
-        return ExitCode::FAILURE;
-    }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+    let result = match Cli::parse().command {
+        Command::Agent(args) => run_agent(*args),
+        Command::Uninstall(args) => agent::uninstall(&args),
     };
-    match runtime.block_on(agent::run(*args)) {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!(error = format!("{err:#}"), "agent failed");
+            eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    telemetry::init_tracing(args.log_format, &args.log_level)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(agent::run(args)).inspect_err(|err| {
+        // The log is where operators look; standard error gets the plain line too.
+        tracing::error!(error = format!("{err:#}"), "agent failed");
+    })
 }

@@ -27,7 +27,7 @@ impl std::fmt::Debug for Interceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Interceptor")
             .field("cgroup_root", &self.cgroup_root)
-            .field("links", &self.links.len())
+            .field("links", &self.links)
             .finish_non_exhaustive()
     }
 }
