@@ -48,6 +48,8 @@ impl Agent {
         let mut command = node.command(&cgroup, Agent::binary()?)?;
         command
             .arg("agent")
+            .arg("--bpffs-dir")
+            .arg(node.bpffs_dir())
             // Debug level: the check that no secret is ever logged covers the most verbose logs.
             .args(["--log-format", "json", "--log-level", "debug"])
             .env_clear()
@@ -96,6 +98,13 @@ impl Agent {
                 )
             }
         }
+    }
+
+    /// Kills the agent at once (SIGKILL, as a crash or an OOM kill would) and waits for it to exit.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill().context("cannot kill the agent")?;
+        self.child.wait().context("cannot wait for the agent")?;
+        Ok(())
     }
 
     /// Every log line so far.

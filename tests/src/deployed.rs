@@ -2,7 +2,7 @@
 //! as STS, and the stand-in metadata service on 169.254.169.254 behind it. Pods are created on the node
 //! before the agent starts, so the workload file can name their cgroups.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{ffi::OsString, path::Path, process::Command, time::Duration};
 
 use anyhow::Result;
 
@@ -24,6 +24,7 @@ pub enum Sts {
 /// Fields drop in order: the agent (detaching its programs) first, the node last.
 pub struct DeployedNode {
     pub agent: Agent,
+    agent_args: Vec<OsString>,
     pub moto: Option<Moto>,
     pub workloads: WorkloadFile,
     pub stand_in: StandIn,
@@ -43,24 +44,38 @@ impl DeployedNode {
             .as_ref()
             .map_or_else(|| format!("http://{NODE_IP}:5999"), Moto::url);
         let workload_file = WorkloadFile::new(workloads)?;
+        let mut agent_args: Vec<OsString> = vec![
+            "--agent-addr".into(),
+            node.agent_v4().to_string().into(),
+            "--cgroup-root".into(),
+            node.kubepods().into(),
+            "--sts-endpoint".into(),
+            sts_url.into(),
+            "--base-role-arn".into(),
+            BASE_ROLE_ARN.into(),
+            "--workloads".into(),
+            workload_file.path().into(),
+        ];
+        agent_args.extend(extra_args.iter().map(OsString::from));
         let mut command = Agent::command(&node)?;
-        command
-            .args(["--agent-addr", &node.agent_v4().to_string()])
-            .arg("--cgroup-root")
-            .arg(node.kubepods())
-            .args(["--sts-endpoint", &sts_url])
-            .args(["--base-role-arn", BASE_ROLE_ARN])
-            .arg("--workloads")
-            .arg(workload_file.path())
-            .args(extra_args);
+        command.args(&agent_args);
         let agent = Agent::start(command)?;
         Ok(Self {
             agent,
+            agent_args,
             moto,
             workloads: workload_file,
             stand_in,
             node,
         })
+    }
+
+    /// Starts the agent again with the same flags, after [`Agent::kill`], and waits until it is ready.
+    pub fn restart_agent(&mut self) -> Result<()> {
+        let mut command = Agent::command(&self.node)?;
+        command.args(&self.agent_args);
+        self.agent = Agent::start(command)?;
+        Ok(())
     }
 
     /// The node's moto; panics when the node was started with STS down.

@@ -6,6 +6,7 @@
 //! are unique so tests run in parallel.
 
 pub mod agent;
+pub mod bpffs;
 pub mod cgroup;
 pub mod deployed;
 pub mod exposition;

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context, Result};
 use interceptor::bpf::RedirectConfig;
 
-use crate::{cgroup::CgroupTree, netns::NetNs, unique_name};
+use crate::{bpffs::BpffsMount, cgroup::CgroupTree, netns::NetNs, unique_name};
 
 /// The node's own addresses, where the agent listens.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -29,6 +29,8 @@ pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 pub const METADATA_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 
 pub struct SimNode {
+    // First, so pinned programs are removed before the cgroups and namespaces they were attached to.
+    bpffs: BpffsMount,
     netns: NetNs,
     cgroups: CgroupTree,
     kubepods: PathBuf,
@@ -50,6 +52,7 @@ impl SimNode {
         let cgroups = CgroupTree::create(&name)?;
         let kubepods = cgroups.mkdir("kubepods.slice/kubepods-besteffort.slice")?;
         Ok(Self {
+            bpffs: BpffsMount::new()?,
             netns,
             kubepods: kubepods.parent().expect("kubepods.slice").to_path_buf(),
             cgroups,
@@ -63,6 +66,11 @@ impl SimNode {
 
     pub fn agent_v6(&self) -> SocketAddrV6 {
         SocketAddrV6::new(NODE_IP6, AGENT_PORT, 0, 0)
+    }
+
+    /// The node's bpffs directory for the agent's pins (`--bpffs-dir`).
+    pub fn bpffs_dir(&self) -> std::path::PathBuf {
+        self.bpffs.path().join("interceptor")
     }
 
     /// The workload cgroup root the programs attach to (`kubepods.slice`).

@@ -1,8 +1,18 @@
-//! The agent's handle owns the programs: attaching shows them on the cgroup root, dropping the handle
-//! leaves none there, as the kernel reports it.
+//! Who owns the programs, as the kernel reports it: an unpinned handle detaches them on drop; the agent
+//! pins them, so they outlive it, the next agent takes them over, and `interceptor uninstall` removes
+//! them.
 
 use interceptor::bpf::Interceptor;
-use interceptor_tests::{kernel, privileged, sim::SimNode};
+use interceptor_tests::{
+    agent::Agent,
+    deployed::{DeployedNode, Sts, body_of, curl, status_of},
+    kernel,
+    lab::{StandIn, run},
+    privileged,
+    sim::SimNode,
+};
+
+const ROLE_LIST: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dropping_the_handle_detaches_every_program() -> anyhow::Result<()> {
@@ -34,5 +44,64 @@ async fn dropping_the_handle_detaches_every_program() -> anyhow::Result<()> {
         "programs remain after drop: {:?}",
         attached(&root)?
     );
+    Ok(())
+}
+
+fn programs_on(root: &std::path::Path) -> anyhow::Result<Vec<usize>> {
+    kernel::AGENT_ATTACH_TYPES
+        .iter()
+        .map(|&attach_type| Ok(kernel::attached_programs(root, attach_type)?.len()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarting_agent_leaves_no_window_and_uninstall_removes_everything() -> anyhow::Result<()> {
+    if !privileged::can_run("restart") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let pod = node.pod()?;
+    let container = pod.container()?;
+    let mut t = DeployedNode::start(node, &[(pod.slice(), "alpha")], Sts::Down, &[])?;
+    let root = t.node.kubepods().to_path_buf();
+    let role_list = || curl(&pod, &container, &[ROLE_LIST]);
+    assert_eq!(body_of(&role_list().await?), "alpha");
+    assert_eq!(programs_on(&root)?, [1; 5]);
+
+    // The agent dies: the pinned programs stay, and a pod's connection is refused, not served by the
+    // node's metadata service.
+    t.agent.kill()?;
+    assert_eq!(programs_on(&root)?, [1; 5], "programs must outlive the agent");
+    let refused = role_list().await;
+    assert!(
+        refused.is_err(),
+        "a pod got an answer with the agent down: {refused:?}"
+    );
+    assert_eq!(
+        t.stand_in.tcp_accepted(),
+        0,
+        "a pod reached the node's metadata service"
+    );
+
+    // The next agent takes over: its programs replace the pinned ones, one of each.
+    t.restart_agent()?;
+    assert_eq!(body_of(&role_list().await?), "alpha");
+    assert_eq!(programs_on(&root)?, [1; 5]);
+
+    // Uninstall removes everything: nothing attached, nothing pinned, pods reach the metadata service.
+    t.agent.kill()?;
+    let cgroup = t.node.cgroup("system.slice/uninstall.service")?;
+    let mut uninstall = t.node.command(&cgroup, Agent::binary()?)?;
+    uninstall
+        .arg("uninstall")
+        .arg("--bpffs-dir")
+        .arg(t.node.bpffs_dir());
+    let said = run(uninstall).await?;
+    assert!(said.contains("detached 5 programs, removed 4 maps"), "{said}");
+    assert_eq!(programs_on(&root)?, [0; 5]);
+    assert!(!t.node.bpffs_dir().exists());
+    let direct = role_list().await?;
+    assert_eq!(status_of(&direct), 200);
+    assert!(body_of(&direct).contains(StandIn::NODE_SECRET), "{direct}");
     Ok(())
 }

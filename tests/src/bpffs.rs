@@ -1,0 +1,59 @@
+//! A private bpffs instance for one simulated node: the agent pins its programs and maps there. Each
+//! mount of bpffs is a filesystem of its own, so parallel tests never see each other's pins. On drop,
+//! whatever is pinned is uninstalled (the programs detached), then the mount goes.
+
+use std::{ffi::CString, io, os::unix::ffi::OsStrExt, path::Path};
+
+use anyhow::{Context, Result};
+
+pub struct BpffsMount {
+    dir: tempfile::TempDir,
+}
+
+impl BpffsMount {
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("interceptor-bpffs").tempdir()?;
+        let target = CString::new(dir.path().as_os_str().as_bytes())?;
+        // SAFETY: NUL-terminated strings that outlive the call; no mount data.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("cannot mount bpffs on {}", dir.path().display()));
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for BpffsMount {
+    fn drop(&mut self) {
+        if let Err(err) = interceptor::bpf::pin::uninstall(self.path()) {
+            eprintln!(
+                "warning: cannot uninstall what was pinned in {}: {err}",
+                self.path().display()
+            );
+        }
+        let Ok(target) = CString::new(self.path().as_os_str().as_bytes()) else {
+            return;
+        };
+        // SAFETY: a NUL-terminated path that outlives the call.
+        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+            eprintln!(
+                "warning: cannot unmount {}: {}",
+                self.path().display(),
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
