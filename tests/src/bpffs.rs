@@ -2,7 +2,12 @@
 //! mount of bpffs is a filesystem of its own, so parallel tests never see each other's pins. On drop,
 //! whatever is pinned is uninstalled (the programs detached), then the mount goes.
 
-use std::{ffi::CString, io, os::unix::ffi::OsStrExt, path::Path};
+use std::{
+    ffi::CString,
+    io,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 
@@ -34,14 +39,20 @@ impl BpffsMount {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// The agent's directory in this mount (its `--bpffs-dir`).
+    pub fn agent_dir(&self) -> PathBuf {
+        self.path().join("interceptor")
+    }
 }
 
 impl Drop for BpffsMount {
     fn drop(&mut self) {
-        if let Err(err) = interceptor::bpf::pin::uninstall(self.path()) {
+        if let Err(err) = interceptor::bpf::pin::uninstall(&self.agent_dir()) {
             eprintln!(
-                "warning: cannot uninstall what was pinned in {}: {err}",
-                self.path().display()
+                "warning: cannot uninstall what was pinned in {}: {:#}",
+                self.path().display(),
+                anyhow::Error::from(err)
             );
         }
         let Ok(target) = CString::new(self.path().as_os_str().as_bytes()) else {

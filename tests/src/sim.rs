@@ -70,7 +70,7 @@ impl SimNode {
 
     /// The node's bpffs directory for the agent's pins (`--bpffs-dir`).
     pub fn bpffs_dir(&self) -> std::path::PathBuf {
-        self.bpffs.path().join("interceptor")
+        self.bpffs.agent_dir()
     }
 
     /// The workload cgroup root the programs attach to (`kubepods.slice`).
