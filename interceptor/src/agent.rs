@@ -30,7 +30,9 @@ use crate::{
     workload::StaticWorkloads,
 };
 
+/// A flag given twice takes its last value, so wrappers can append overrides to a base command line.
 #[derive(Debug, clap::Args)]
+#[command(args_override_self = true)]
 pub struct AgentArgs {
     /// cgroup v2 directory whose subtree is intercepted [default: the kubelet's kubepods cgroup under the
     /// cgroup2 mount]

@@ -24,8 +24,12 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// The agent executable `cargo test` / `cargo build` put beside the running test or tool.
+    /// The agent executable: `INTERCEPTOR_AGENT_BIN` when set (the demo runs a release build), else
+    /// the one `cargo build` put beside the running test or tool.
     pub fn binary() -> Result<PathBuf> {
+        if let Some(binary) = std::env::var_os("INTERCEPTOR_AGENT_BIN") {
+            return Ok(PathBuf::from(binary));
+        }
         let exe = std::env::current_exe()?;
         let mut dir = exe.parent().context("executable without a directory")?;
         if dir.ends_with("deps") {

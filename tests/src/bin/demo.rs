@@ -6,6 +6,7 @@ use std::{path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use interceptor_tests::{
+    agent::Agent,
     deployed::{DeployedNode, Sts, aws_cli_caller_arn, curl, status_of},
     lab::run,
     privileged,
@@ -36,11 +37,13 @@ async fn demo() -> Result<()> {
         node,
         &[(reader.slice(), "demo-reader"), (writer.slice(), "demo-writer")],
         Sts::Moto,
-        &[],
+        // As an operator would run it: one info line per request.
+        &["--log-level", "info"],
     )?;
     println!(
-        "interceptor demo: one simulated node, two pods, moto as STS at {}\n",
-        t.moto().url()
+        "interceptor demo: one simulated node, two pods, moto as STS at {}, agent {}\n",
+        t.moto().url(),
+        Agent::binary()?.display()
     );
     println!("static workload file ({}):", t.workloads.path().display());
     let file = std::fs::read_to_string(t.workloads.path())?;
