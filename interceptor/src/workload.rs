@@ -61,7 +61,7 @@ pub enum StaticFileError {
         #[source]
         source: globset::Error,
     },
-    #[error("workload file {path}, entry {index}: `role` is empty")]
+    #[error("workload file {path}, entry {index}: `role` is empty (leave it out for the default role)")]
     EmptyRole { path: PathBuf, index: usize },
 }
 
@@ -78,8 +78,8 @@ struct StaticFile {
 struct StaticEntry {
     /// Glob relative to the cgroup2 mount, e.g. `system.slice/billing.service`.
     cgroup: String,
-    /// Role name (joined to the base ARN) or full role ARN.
-    role: String,
+    /// Role name (joined to the base ARN) or full role ARN; without one, the default role.
+    role: Option<String>,
     /// How logs and the default session name call it; defaults to the glob's last segment.
     name: Option<String>,
     external_id: Option<String>,
@@ -124,7 +124,7 @@ impl Table {
                 glob: entry.cgroup.clone(),
                 source,
             })?;
-        if entry.role.trim().is_empty() {
+        if entry.role.as_ref().is_some_and(|role| role.trim().is_empty()) {
             return Err(StaticFileError::EmptyRole {
                 path: path.to_owned(),
                 index,
@@ -136,7 +136,7 @@ impl Table {
         let workload = Workload {
             name: format!("static/{name}"),
             request: RoleRequest {
-                role: Some(entry.role),
+                role: entry.role,
                 external_id: entry.external_id,
                 session_name: entry.session_name,
             },
@@ -375,11 +375,16 @@ role = "pods"
             Table::parse(path, unknown_field),
             Err(StaticFileError::Parse { .. })
         ));
-        let missing_role = "[[workload]]\ncgroup = \"a\"\n";
+        let missing_cgroup = "[[workload]]\nrole = \"r\"\n";
         assert!(matches!(
-            Table::parse(path, missing_role),
+            Table::parse(path, missing_cgroup),
             Err(StaticFileError::Parse { .. })
         ));
+        let no_role = Table::parse(path, "[[workload]]\ncgroup = \"a\"\n").unwrap();
+        assert_eq!(
+            no_role.entries[0].1.request.role, None,
+            "no role: the default role applies"
+        );
         let empty_role = "[[workload]]\ncgroup = \"a\"\nrole = \" \"\n";
         assert!(matches!(
             Table::parse(path, empty_role),

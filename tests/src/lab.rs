@@ -42,6 +42,8 @@ impl StandIn {
     /// What the node's own secrets look like, to search for in everything a pod receives.
     pub const NODE_SECRET: &str = "NODE-SECRET";
     pub const OTHER_PORT: u16 = 8080;
+    pub const NODE_ROLE: &str = "node-role";
+    pub const NODE_IAM_INFO: &str = r#"{"Code":"Success","InstanceProfileArn":"arn:aws:iam::210987654321:instance-profile/nodes","InstanceProfileId":"AIPANODE"}"#;
 
     pub fn start(node: &SimNode) -> Result<Self> {
         let respond = |body: &'static str| move |_: &Exchange| body.to_owned();
@@ -70,6 +72,9 @@ impl StandIn {
         match path {
             "/latest/meta-data/instance-id" => Self::INSTANCE_ID,
             "/latest/user-data" => "NODE-SECRET user-data: bootstrap token",
+            // What the agent's discovery reads: the node's instance profile and role.
+            "/latest/meta-data/iam/info" => Self::NODE_IAM_INFO,
+            "/latest/meta-data/iam/security-credentials/" => Self::NODE_ROLE,
             p if p.contains("security-credentials") => "NODE-SECRET node credentials",
             _ => Self::METADATA_BODY,
         }

@@ -4,6 +4,7 @@
 //! credentials themselves are tested in `credentials.rs`.
 
 use interceptor_tests::{
+    agent::{Agent, WorkloadFile},
     deployed::{DeployedNode, Sts, body_of, curl, eventually, header_of, status_of},
     lab::StandIn,
     privileged,
@@ -243,5 +244,50 @@ async fn the_workload_file_is_reloaded_and_a_bad_one_keeps_the_last_good_one() -
     t.workloads.write_raw("[[workload]]\nthis is not toml")?;
     t.agent.wait_for_log("workload file not reloaded")?;
     assert_eq!(role().await, "after");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_discovery_takes_the_base_arn_and_the_default_role_from_the_node() -> anyhow::Result<()> {
+    if !can_run("auto discovery") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let pod = node.pod()?;
+    let container = pod.container()?;
+    let stand_in = StandIn::start(&node)?;
+    let workloads = WorkloadFile::new(&[])?;
+    let mount = interceptor::identity::cgroup2_mount()?;
+    let relative = pod.slice().strip_prefix(&mount)?.display().to_string();
+    // An entry without a role: the default role applies.
+    workloads.write_raw(&format!(
+        "[[workload]]\nname = \"plain\"\ncgroup = \"{relative}\"\n"
+    ))?;
+    let mut command = Agent::command(&node)?;
+    command
+        .args(["--agent-addr", &node.agent_v4().to_string()])
+        .arg("--cgroup-root")
+        .arg(node.kubepods())
+        .args(["--sts-endpoint", "http://10.99.0.1:5999"])
+        .args(["--auto-discover-base-arn", "--auto-discover-default-role"])
+        .arg("--workloads")
+        .arg(workloads.path());
+    let _agent = Agent::start(command)?;
+
+    let listed = curl(&pod, &container, &[ROLE_LIST]).await?;
+    assert_eq!((status_of(&listed), body_of(&listed)), (200, StandIn::NODE_ROLE));
+    let info = curl(&pod, &container, &[&format!("{IMDS}/latest/meta-data/iam/info")]).await?;
+    assert!(
+        body_of(&info).contains("arn:aws:iam::210987654321:instance-profile/node-role"),
+        "the discovered account and role: {info}"
+    );
+    // Only the agent asked the node, at start-up, through its own token.
+    let heard = stand_in.metadata_paths();
+    for path in [
+        "/latest/meta-data/iam/info",
+        "/latest/meta-data/iam/security-credentials/",
+    ] {
+        assert_eq!(heard.iter().filter(|p| *p == path).count(), 1, "{heard:?}");
+    }
     Ok(())
 }
