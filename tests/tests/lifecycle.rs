@@ -101,7 +101,15 @@ async fn a_restarting_agent_leaves_no_window_and_uninstall_removes_everything() 
     assert_eq!(programs_on(&root)?, [0; 5]);
     assert!(!t.node.bpffs_dir().exists());
     let direct = role_list().await?;
-    assert_eq!(status_of(&direct), 200);
-    assert!(body_of(&direct).contains(StandIn::NODE_SECRET), "{direct}");
+    assert_eq!(
+        (status_of(&direct), body_of(&direct)),
+        (200, StandIn::NODE_ROLE),
+        "{direct}"
+    );
+    assert_eq!(
+        t.stand_in.tcp_accepted(),
+        1,
+        "the node's metadata service answered the pod"
+    );
     Ok(())
 }
