@@ -1,6 +1,6 @@
-//! Reads the agent's `/metrics` with the Prometheus project's own OpenMetrics parser (the
-//! `prometheus_client` Python package in the project venv), so a test both checks that the exposition
-//! parses and gets its samples.
+//! Reads the agent's `/metrics` with the Prometheus project's own parsers (the `prometheus_client`
+//! Python package in the project venv): the strict OpenMetrics one and the classic Prometheus text one
+//! must both accept the exposition and read the same samples.
 
 use std::{
     collections::BTreeMap,
@@ -14,13 +14,20 @@ use crate::python;
 
 const PARSE: &str = r#"
 import json, sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-samples = {}
-for family in text_string_to_metric_families(sys.stdin.read()):
-    for sample in family.samples:
-        labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-        samples[f"{sample.name}{{{labels}}}"] = sample.value
-print(json.dumps(samples))
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
+from prometheus_client.parser import text_string_to_metric_families as prometheus_text
+text = sys.stdin.read()
+def samples(parse):
+    found = {}
+    for family in parse(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}"] = sample.value
+    return found
+strict, classic = samples(openmetrics), samples(prometheus_text)
+if strict != classic:
+    sys.exit(f"the OpenMetrics and Prometheus text parsers disagree: {sorted(set(strict.items()) ^ set(classic.items()))}")
+print(json.dumps(strict))
 "#;
 
 /// Samples by `name{label="value",...}` (labels sorted by name), as the parser read them.
@@ -28,7 +35,7 @@ print(json.dumps(samples))
 pub struct Samples(BTreeMap<String, f64>);
 
 impl Samples {
-    /// Parses an OpenMetrics text exposition; fails when the parser refuses it.
+    /// Parses an exposition; fails when either parser refuses it or they disagree.
     pub fn parse(exposition: &str) -> Result<Self> {
         let mut child = Command::new(python::tool("python3")?)
             .args(["-c", PARSE])
