@@ -78,6 +78,21 @@ impl Readiness {
     }
 }
 
+/// The `result` label of metrics that count attempts by how they ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+impl ResultLabels {
+    /// `success` or `error`.
+    pub fn outcome(ok: bool) -> Self {
+        Self {
+            result: if ok { "success" } else { "error" },
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,

@@ -10,13 +10,12 @@ use std::{
 
 use globset::{Glob, GlobBuilder, GlobMatcher};
 use prometheus_client::{
-    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use serde::Deserialize;
 
-use crate::{identity::CgroupPath, policy::RoleRequest};
+use crate::{identity::CgroupPath, policy::RoleRequest, telemetry::ResultLabels};
 
 /// A caller the source knows, and what it asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,11 +158,6 @@ impl Table {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
-    result: &'static str,
-}
-
 /// The workload source's state: how many workloads it knows and how its reloads went.
 #[derive(Clone, Debug, Default)]
 pub struct WorkloadMetrics {
@@ -191,8 +185,7 @@ impl WorkloadMetrics {
     }
 
     fn reload(&self, ok: bool) {
-        let result = if ok { "success" } else { "error" };
-        self.reloads.get_or_create(&ResultLabels { result }).inc();
+        self.reloads.get_or_create(&ResultLabels::outcome(ok)).inc();
     }
 }
 

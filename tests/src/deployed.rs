@@ -119,7 +119,9 @@ impl DeployedNode {
     }
 }
 
-const ROLE_LIST: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
+/// The metadata address as pods call it, and the role list below it.
+pub const IMDS: &str = "http://169.254.169.254";
+pub const ROLE_LIST: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
 
 /// GETs `path` from the health server of the agent on `node`: `(status, body)`.
 pub async fn health(node: &SimNode, path: &str) -> Result<(u16, String)> {

@@ -2,14 +2,13 @@
 //! pods; AssumeRole calls counted where they arrive, at moto.
 
 use interceptor_tests::{
-    deployed::{DeployedNode, Sts, body_of, curl, header_of, status_of},
+    deployed::{DeployedNode, ROLE_LIST, Sts, body_of, curl, header_of, status_of},
     lab::{StandIn, run},
     privileged,
     sim::SimNode,
 };
 
 const SIM_CLIENT: &str = env!("CARGO_BIN_EXE_sim-client");
-const ROLE_LIST: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
 
 fn can_run(test: &str) -> bool {
     privileged::can_run(test) && privileged::has_python_tools(test)

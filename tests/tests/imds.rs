@@ -5,14 +5,12 @@
 
 use interceptor_tests::{
     agent::{Agent, WorkloadFile},
-    deployed::{DeployedNode, Sts, body_of, curl, eventually, header_of, status_of},
+    deployed::{DeployedNode, IMDS, ROLE_LIST, Sts, body_of, curl, eventually, header_of, status_of},
     lab::StandIn,
     privileged,
     sim::SimNode,
 };
 
-const IMDS: &str = "http://169.254.169.254";
-const ROLE_LIST: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
 const TTL_HEADER: &str = "X-aws-ec2-metadata-token-ttl-seconds";
 
 fn can_run(test: &str) -> bool {

@@ -5,14 +5,12 @@
 use interceptor::bpf::Interceptor;
 use interceptor_tests::{
     agent::Agent,
-    deployed::{DeployedNode, Sts, body_of, curl, status_of},
+    deployed::{DeployedNode, ROLE_LIST, Sts, body_of, curl, status_of},
     kernel,
     lab::{StandIn, run},
     privileged,
     sim::SimNode,
 };
-
-const ROLE_LIST: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dropping_the_handle_detaches_every_program() -> anyhow::Result<()> {

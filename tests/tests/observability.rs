@@ -6,14 +6,11 @@ use std::collections::BTreeMap;
 
 use interceptor_tests::{
     agent::{Agent, BASE_ROLE_ARN, WorkloadFile},
-    deployed::{DeployedNode, Sts, curl, health, status_of},
+    deployed::{DeployedNode, IMDS, ROLE_LIST, Sts, body_of, curl, health, status_of},
     exposition::Samples,
     privileged,
     sim::SimNode,
 };
-
-const IMDS: &str = "http://169.254.169.254";
-const ROLE_LIST: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
 
 fn can_run(test: &str) -> bool {
     privileged::can_run(test) && privileged::has_python_tools(test)
@@ -100,11 +97,11 @@ async fn metrics_and_request_logs_follow_a_scripted_set_of_requests() -> anyhow:
     for _ in 0..3 {
         let creds = curl(&known, &a, &[&format!("{ROLE_LIST}alpha")]).await?;
         assert_eq!(status_of(&creds), 200);
-        let doc: serde_json::Value = serde_json::from_str(interceptor_tests::deployed::body_of(&creds))?;
+        let doc: serde_json::Value = serde_json::from_str(body_of(&creds))?;
         secrets.push(doc["SecretAccessKey"].as_str().unwrap_or_default().to_owned());
         secrets.push(doc["Token"].as_str().unwrap_or_default().to_owned());
     }
-    secrets.push(interceptor_tests::deployed::body_of(&token).to_owned());
+    secrets.push(body_of(&token).to_owned());
     assert_eq!(
         status_of(&curl(&known, &a, &[&format!("{ROLE_LIST}beta")]).await?),
         404

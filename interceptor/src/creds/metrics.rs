@@ -14,6 +14,8 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+use crate::telemetry::ResultLabels;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StsLabels {
     role: String,
@@ -23,11 +25,6 @@ struct StsLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RoleLabels {
     role: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
-    result: &'static str,
 }
 
 /// 1 ms to about 16 s.
@@ -54,10 +51,6 @@ impl Default for CacheMetrics {
             sessions: Gauge::default(),
         }
     }
-}
-
-fn result_label(ok: bool) -> &'static str {
-    if ok { "success" } else { "error" }
 }
 
 impl CacheMetrics {
@@ -98,7 +91,7 @@ impl CacheMetrics {
         self.sts_calls
             .get_or_create(&StsLabels {
                 role,
-                result: result_label(ok),
+                result: ResultLabels::outcome(ok).result,
             })
             .inc();
     }
@@ -109,11 +102,7 @@ impl CacheMetrics {
     }
 
     pub(super) fn refresh(&self, ok: bool) {
-        self.refreshes
-            .get_or_create(&ResultLabels {
-                result: result_label(ok),
-            })
-            .inc();
+        self.refreshes.get_or_create(&ResultLabels::outcome(ok)).inc();
     }
 
     pub(super) fn sessions(&self, count: usize) {

@@ -7,13 +7,11 @@ use std::{path::Path, process::ExitCode, time::Duration};
 use anyhow::{Context, Result};
 use interceptor_tests::{
     agent::Agent,
-    deployed::{DeployedNode, Sts, aws_cli_caller_arn, curl, status_of},
+    deployed::{DeployedNode, ROLE_LIST, Sts, aws_cli_caller_arn, body_of, curl, status_of},
     lab::run,
     privileged,
     sim::{Pod, SimNode},
 };
-
-const ROLE_LIST: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -93,7 +91,7 @@ async fn demo() -> Result<()> {
 /// Median and 90th percentile of `count` credential requests, each a new curl process and connection,
 /// as curl measures them (`time_total`).
 async fn cached_latency(pod: &Pod, container: &Path, count: usize) -> Result<(Duration, Duration)> {
-    let role = run_curl_body(pod, container, ROLE_LIST).await?;
+    let role = body_of(&curl(pod, container, &[ROLE_LIST]).await?).to_owned();
     let url = format!("{ROLE_LIST}{role}");
     let mut times = Vec::with_capacity(count);
     for _ in 0..count {
@@ -113,10 +111,4 @@ async fn cached_latency(pod: &Pod, container: &Path, count: usize) -> Result<(Du
     }
     times.sort();
     Ok((times[count / 2], times[count * 9 / 10]))
-}
-
-async fn run_curl_body(pod: &Pod, container: &Path, url: &str) -> Result<String> {
-    let mut command = pod.command(container, "curl")?;
-    command.args(["-sS", "--noproxy", "*", url]);
-    run(command).await
 }
