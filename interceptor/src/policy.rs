@@ -9,16 +9,39 @@ use std::fmt;
 pub enum PolicyError {
     #[error("the workload names no role and there is no default role")]
     NoRole,
-    #[error("{0:?} is not a valid IAM role ARN (arn:<partition>:iam::<12-digit account>:role/[path/]<name>)")]
-    BadRoleArn(String),
+    #[error("{arn:?} is not a valid IAM role ARN: {problem}")]
+    BadRoleArn { arn: String, problem: ArnProblem },
+    #[error("role name {name:?} is not valid: {problem}")]
+    BadRoleName { name: String, problem: ArnProblem },
     #[error(
         "role {0:?} is a name, but no base role ARN is set (--base-role-arn or --auto-discover-base-arn)"
     )]
     NoBaseArn(String),
-    #[error("{0:?} is not a valid base role ARN (arn:<partition>:iam::<12-digit account>:role/[path/])")]
-    BadBaseArn(String),
+    #[error("{arn:?} is not a valid base role ARN: {problem}")]
+    BadBaseArn { arn: String, problem: ArnProblem },
     #[error("{0:?} is not a valid external id (2-1224 characters of [A-Za-z0-9+=,.@:/_-])")]
     BadExternalId(String),
+}
+
+/// What is wrong with a role ARN, a base ARN or a role name (the `[path/]name` after `role/`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ArnProblem {
+    #[error("it does not start with arn:<partition>:iam::<12-digit account>:role/")]
+    Prefix,
+    #[error("the role name (after the last `/`) is empty")]
+    EmptyName,
+    #[error("the role name is longer than 64 characters")]
+    LongName,
+    #[error("the role name may only hold letters, digits and +=,.@_-")]
+    NameCharacter,
+    #[error("the path has an empty segment (a leading, trailing or doubled `/`)")]
+    EmptySegment,
+    #[error("`.` and `..` are not allowed as path segments or names")]
+    DotSegment,
+    #[error("the path may only hold printable ASCII")]
+    PathCharacter,
+    #[error("the path is longer than 512 characters")]
+    LongPath,
 }
 
 /// A validated IAM role ARN: `arn:<partition>:iam::<account>:role/[path/]<name>`.
@@ -31,18 +54,19 @@ pub struct RoleArn {
 
 impl RoleArn {
     pub fn parse(text: &str) -> Result<Self, PolicyError> {
-        let bad = || PolicyError::BadRoleArn(text.to_owned());
-        let prefix = ArnPrefix::parse(text).ok_or_else(bad)?;
-        let path_and_name = &text[prefix.len..];
-        let (path, name) = path_and_name.rsplit_once('/').unwrap_or(("", path_and_name));
-        let path_ok = path.len() < 512 && path.bytes().all(|b| (0x21..0x7f).contains(&b));
-        let name_ok = (1..=64).contains(&name.len()) && name.bytes().all(is_role_name_byte);
-        (path_ok && name_ok)
-            .then(|| Self {
-                arn: text.to_owned(),
-                name_start: text.len() - name.len(),
-            })
-            .ok_or_else(bad)
+        Self::parse_checked(text).map_err(|problem| PolicyError::BadRoleArn {
+            arn: text.to_owned(),
+            problem,
+        })
+    }
+
+    fn parse_checked(text: &str) -> Result<Self, ArnProblem> {
+        let prefix = ArnPrefix::parse(text).ok_or(ArnProblem::Prefix)?;
+        let name_len = check_path_and_name(&text[prefix.len..])?;
+        Ok(Self {
+            arn: text.to_owned(),
+            name_start: text.len() - name_len,
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -107,6 +131,55 @@ fn is_account(field: &str) -> bool {
     field.len() == 12 && field.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// The longest IAM path, counting its leading and trailing `/`.
+const MAX_PATH_LEN: usize = 512;
+/// The longest IAM role name.
+const MAX_NAME_LEN: usize = 64;
+
+/// Checks the `[path/]name` that follows `role/` in a role ARN and returns the name's length. IAM's
+/// rules: a name is 1-64 of `[A-Za-z0-9+=,.@_-]`, a path is printable ASCII, at most 512 characters with
+/// its slashes. On top of them, no segment may be empty, `.` or `..`: IAM's path pattern would take
+/// `/a//b/` or `/teams/../`, but a role name like `../admin` or `/admin` joined to a base ARN reads as a
+/// different role than the one it names (to a person and to the globs that restrict roles), and the SDKs
+/// cannot ask for a role named `.` or `..` (such a segment makes the metadata path malformed).
+fn check_path_and_name(path_and_name: &str) -> Result<usize, ArnProblem> {
+    let name = match path_and_name.rsplit_once('/') {
+        Some((path, name)) => {
+            check_path(path)?;
+            name
+        }
+        None => path_and_name,
+    };
+    check_name(name)?;
+    Ok(name.len())
+}
+
+/// The path between `role/` and the name, as an ARN holds it: without its outer `/` (`teams/web`). A
+/// role at the root path `/` has none in its ARN, so an empty one here is an empty segment.
+fn check_path(path: &str) -> Result<(), ArnProblem> {
+    if path.len() + 2 > MAX_PATH_LEN {
+        return Err(ArnProblem::LongPath);
+    }
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ArnProblem::PathCharacter);
+    }
+    path.split('/').try_for_each(|segment| match segment {
+        "" => Err(ArnProblem::EmptySegment),
+        "." | ".." => Err(ArnProblem::DotSegment),
+        _ => Ok(()),
+    })
+}
+
+fn check_name(name: &str) -> Result<(), ArnProblem> {
+    match name {
+        "" => Err(ArnProblem::EmptyName),
+        "." | ".." => Err(ArnProblem::DotSegment),
+        _ if name.len() > MAX_NAME_LEN => Err(ArnProblem::LongName),
+        _ if !name.bytes().all(is_role_name_byte) => Err(ArnProblem::NameCharacter),
+        _ => Ok(()),
+    }
+}
+
 /// IAM role names: alphanumerics and `+=,.@_-`.
 fn is_role_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b)
@@ -124,13 +197,21 @@ impl BaseArn {
         } else {
             format!("{text}/")
         };
-        let prefix = ArnPrefix::parse(&with_slash).ok_or_else(|| PolicyError::BadBaseArn(text.to_owned()))?;
-        let path = &with_slash[prefix.len..];
-        let path_ok =
-            path.bytes().all(|b| (0x21..0x7f).contains(&b)) && !path.starts_with('/') && !path.contains("//");
-        path_ok
-            .then_some(Self(with_slash))
-            .ok_or_else(|| PolicyError::BadBaseArn(text.to_owned()))
+        Self::check(&with_slash)
+            .map(|()| Self(with_slash))
+            .map_err(|problem| PolicyError::BadBaseArn {
+                arn: text.to_owned(),
+                problem,
+            })
+    }
+
+    /// `with_slash` is the prefix, then nothing or a path that ends with `/`.
+    fn check(with_slash: &str) -> Result<(), ArnProblem> {
+        let prefix = ArnPrefix::parse(with_slash).ok_or(ArnProblem::Prefix)?;
+        match with_slash[prefix.len..].strip_suffix('/') {
+            Some(path) => check_path(path),
+            None => Ok(()),
+        }
     }
 
     /// The base ARN of roles in the account and partition of an instance profile ARN
@@ -141,7 +222,10 @@ impl BaseArn {
             ["arn", partition, "iam", "", account, resource] if resource.starts_with("instance-profile/") => {
                 Self::parse(&format!("arn:{partition}:iam::{account}:role/"))
             }
-            _ => Err(PolicyError::BadBaseArn(profile_arn.to_owned())),
+            _ => Err(PolicyError::BadBaseArn {
+                arn: profile_arn.to_owned(),
+                problem: ArnProblem::Prefix,
+            }),
         }
     }
 
@@ -229,8 +313,9 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// The role ARN for a role name or ARN: ARNs are taken as they are (validated), names are joined
-    /// to the base ARN.
+    /// The role ARN for a role name or ARN: ARNs are taken as they are (validated), names (which may
+    /// carry a path, `team/app`) are joined to the base ARN as they are: `/app` is refused, not
+    /// trimmed, like every name that would put an empty segment into the ARN.
     pub fn role_arn(&self, role: &str) -> Result<RoleArn, PolicyError> {
         if role.starts_with("arn:") {
             return RoleArn::parse(role);
@@ -239,7 +324,12 @@ impl Policy {
             .base_arn
             .as_ref()
             .ok_or_else(|| PolicyError::NoBaseArn(role.to_owned()))?;
-        RoleArn::parse(&format!("{}{}", base.as_str(), role.trim_start_matches('/')))
+        RoleArn::parse_checked(&format!("{}{role}", base.as_str())).map_err(|problem| {
+            PolicyError::BadRoleName {
+                name: role.to_owned(),
+                problem,
+            }
+        })
     }
 
     /// The session for `request`; `default_session_name` names it when the request does not.
@@ -314,6 +404,94 @@ mod tests {
     }
 
     #[test]
+    fn role_names_whose_path_has_empty_or_dot_segments_are_refused() {
+        let policy = policy();
+        for (name, problem) in [
+            ("a//b", ArnProblem::EmptySegment),
+            ("/x", ArnProblem::EmptySegment),
+            ("x/", ArnProblem::EmptyName),
+            ("./x", ArnProblem::DotSegment),
+            ("../admin", ArnProblem::DotSegment),
+            ("team/../admin", ArnProblem::DotSegment),
+            ("team/.", ArnProblem::DotSegment),
+            ("..", ArnProblem::DotSegment),
+        ] {
+            assert_eq!(
+                policy.role_arn(name),
+                Err(PolicyError::BadRoleName {
+                    name: name.to_owned(),
+                    problem
+                }),
+                "{name}"
+            );
+        }
+        let message = policy.role_arn("../admin").unwrap_err().to_string();
+        assert_eq!(
+            message,
+            r#"role name "../admin" is not valid: `.` and `..` are not allowed as path segments or names"#
+        );
+    }
+
+    #[test]
+    fn role_arns_whose_path_has_empty_or_dot_segments_are_refused() {
+        for (arn, problem) in [
+            ("arn:aws:iam::123456789012:role//x", ArnProblem::EmptySegment),
+            ("arn:aws:iam::123456789012:role/a//x", ArnProblem::EmptySegment),
+            ("arn:aws:iam::123456789012:role/./x", ArnProblem::DotSegment),
+            ("arn:aws:iam::123456789012:role/../admin", ArnProblem::DotSegment),
+            ("arn:aws:iam::123456789012:role/team/..", ArnProblem::DotSegment),
+        ] {
+            assert_eq!(
+                RoleArn::parse(arn),
+                Err(PolicyError::BadRoleArn {
+                    arn: arn.to_owned(),
+                    problem
+                }),
+                "{arn}"
+            );
+        }
+        for (base, problem) in [
+            ("arn:aws:iam::123456789012:role/./", ArnProblem::DotSegment),
+            ("arn:aws:iam::123456789012:role/../", ArnProblem::DotSegment),
+            ("arn:aws:iam::123456789012:role/a//", ArnProblem::EmptySegment),
+        ] {
+            assert_eq!(
+                BaseArn::parse(base),
+                Err(PolicyError::BadBaseArn {
+                    arn: base.to_owned(),
+                    problem
+                }),
+                "{base}"
+            );
+        }
+    }
+
+    #[test]
+    fn dots_inside_names_and_path_segments_are_fine() {
+        let policy = policy();
+        for name in ["my.role", "..role", "role..", "...", "v1.2/app.x"] {
+            assert_eq!(
+                policy.role_arn(name).unwrap().as_str(),
+                format!("arn:aws:iam::123456789012:role/{name}")
+            );
+        }
+        assert_eq!(policy.role_arn("v1.2/app.x").unwrap().name(), "app.x");
+    }
+
+    #[test]
+    fn paths_are_at_most_512_characters_with_their_slashes() {
+        let arn = |path_len: usize| format!("arn:aws:iam::123456789012:role/{}/app", "p".repeat(path_len));
+        assert!(RoleArn::parse(&arn(510)).is_ok());
+        assert!(matches!(
+            RoleArn::parse(&arn(511)),
+            Err(PolicyError::BadRoleArn {
+                problem: ArnProblem::LongPath,
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn role_arn_parts() {
         let arn = RoleArn::parse("arn:aws-cn:iam::123456789012:role/team/app").unwrap();
         assert_eq!(arn.name(), "app");
@@ -341,7 +519,10 @@ mod tests {
         );
         assert!(matches!(
             policy.role_arn("arn:aws:iam::1:role/x"),
-            Err(PolicyError::BadRoleArn(_))
+            Err(PolicyError::BadRoleArn {
+                problem: ArnProblem::Prefix,
+                ..
+            })
         ));
         assert!(matches!(
             Policy::default().role_arn("app"),
