@@ -16,6 +16,9 @@ pub mod names {
     pub const CONNECTS_BY_TUPLE: &str = "CONNECTS_BY_TUPLE";
     /// [`Endpoint`](super::Endpoint) -> 1 for every address redirected to the agent.
     pub const INTERCEPTED: &str = "INTERCEPTED";
+    /// [`InetAddr`](super::InetAddr) -> 1 for the addresses of the intercepted endpoints, whatever the
+    /// port: packets to them that cannot be parsed down to a port are dropped.
+    pub const INTERCEPTED_ADDRS: &str = "INTERCEPTED_ADDRS";
     /// Cgroup id -> 1 for cgroups whose connections are never redirected (the agent's own).
     pub const EXEMPT_CGROUPS: &str = "EXEMPT_CGROUPS";
     /// Per-CPU [`Counter`](super::Counter) values.
@@ -31,6 +34,7 @@ pub mod sizes {
     pub const CONNECTS_BY_COOKIE: u32 = 65_536;
     pub const CONNECTS_BY_TUPLE: u32 = 65_536;
     pub const INTERCEPTED: u32 = 16;
+    pub const INTERCEPTED_ADDRS: u32 = 16;
     pub const EXEMPT_CGROUPS: u32 = 64;
 }
 
@@ -71,6 +75,14 @@ impl InetAddr {
 
     pub const fn is_ipv4_mapped(&self) -> bool {
         self.words[0] == 0 && self.words[1] == 0 && self.words[2] == V4_MAPPED_MARKER
+    }
+
+    /// `0.0.0.0` (in its mapped form) or `::`: a connect there reaches the caller's own host.
+    pub const fn is_unspecified(&self) -> bool {
+        (self.is_ipv4_mapped() || self.words[2] == 0)
+            && self.words[3] == 0
+            && self.words[0] == 0
+            && self.words[1] == 0
     }
 
     /// The IPv4 address in network byte order, if this is one.
@@ -140,6 +152,9 @@ pub struct ConnectRecord {
     pub original_dst: Endpoint,
     /// The calling process (the kernel's tgid) at connect time.
     pub pid: u32,
+    /// When the record was made: `bpf_ktime_get_ns`, the `CLOCK_MONOTONIC` nanoseconds. The agent refuses
+    /// a record too old to belong to a connection it is accepting now.
+    pub created_ns: u64,
 }
 
 /// A TCP connection as both ends see it: the caller's address and the agent's, ports in host order.
@@ -150,7 +165,8 @@ pub struct ConnectionKey {
     pub server: Endpoint,
 }
 
-/// Reasons the programs count, one slot each in the per-CPU counters map.
+/// What the programs count, one slot each in the per-CPU counters map: outcomes of connects, and
+/// packets the egress program dropped.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -166,15 +182,36 @@ pub enum Counter {
     /// A redirected connection asked for an IPv6 endpoint while the agent has no IPv6 address; it was
     /// sent to the agent's IPv4-mapped address.
     MappedFallback = 4,
+    /// A connect from the intercepted subtree straight to the agent's address was refused (EPERM): only
+    /// the redirect may bring a workload to the agent, so no workload chooses the 4-tuple it presents.
+    DirectRefused = 5,
+    /// A TCP packet to an intercepted endpoint left a workload cgroup without the redirect (a raw
+    /// socket, or a connection opened before the programs were attached) and was dropped.
+    DroppedPacket = 6,
+    /// A packet to an intercepted address whose port could not be read (an IPv4 fragment, IPv6
+    /// extension headers) was dropped.
+    DroppedUnparsed = 7,
+}
+
+/// Which metric family a counter belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterKind {
+    /// What happened to a connect.
+    Connection,
+    /// Why a packet was dropped.
+    PacketDrop,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 5] = [
+    pub const ALL: [Counter; 8] = [
         Counter::Redirected,
         Counter::Exempt,
         Counter::RecordFailed,
         Counter::TupleFailed,
         Counter::MappedFallback,
+        Counter::DirectRefused,
+        Counter::DroppedPacket,
+        Counter::DroppedUnparsed,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -186,6 +223,16 @@ impl Counter {
             Counter::RecordFailed => "record_failed",
             Counter::TupleFailed => "tuple_failed",
             Counter::MappedFallback => "mapped_fallback",
+            Counter::DirectRefused => "direct_refused",
+            Counter::DroppedPacket => "to_intercepted_endpoint",
+            Counter::DroppedUnparsed => "unparsed_to_intercepted_address",
+        }
+    }
+
+    pub const fn kind(self) -> CounterKind {
+        match self {
+            Counter::DroppedPacket | Counter::DroppedUnparsed => CounterKind::PacketDrop,
+            _ => CounterKind::Connection,
         }
     }
 }
@@ -219,7 +266,7 @@ pub const fn port_from_sock_ops_remote(remote_port: u32) -> u16 {
 
 const _: () = assert!(core::mem::size_of::<InetAddr>() == 16);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
-const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 48);
+const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 56);
 const _: () = assert!(core::mem::size_of::<ConnectionKey>() == 40);
 
 #[cfg(feature = "user")]
@@ -248,6 +295,16 @@ mod tests {
         assert!(addr.is_ipv4_mapped());
         assert_eq!(addr.to_ip(), ip);
         assert_eq!(addr.ipv4_word(), Some(u32::from_ne_bytes([169, 254, 169, 254])));
+    }
+
+    #[test]
+    fn unspecified_addresses_are_recognised_in_both_families() {
+        for ip in ["0.0.0.0", "::", "::ffff:0.0.0.0"] {
+            assert!(InetAddr::from_ip(ip.parse().unwrap()).is_unspecified(), "{ip}");
+        }
+        for ip in ["10.0.0.1", "::1", "::ffff:10.0.0.1", "fd00::"] {
+            assert!(!InetAddr::from_ip(ip.parse().unwrap()).is_unspecified(), "{ip}");
+        }
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! `cgroup/connect4` and `cgroup/connect6`: send TCP connects to an intercepted endpoint to the agent,
-//! recording the caller under the socket cookie. Every other connect passes untouched.
+//! recording the caller under the socket cookie, and refuse TCP connects straight to the agent's
+//! address. Every other connect passes untouched.
 //!
 //! Security beats the usual fail-open of BPF hooks here: when the record cannot be stored, the
 //! connection is still redirected, and the agent refuses what it cannot attribute. Nothing aimed at an
-//! intercepted endpoint reaches it from a non-exempt cgroup.
+//! intercepted endpoint reaches it from a non-exempt cgroup, and nothing in a workload reaches the agent
+//! but through the redirect, so no workload can present a 4-tuple of its choosing to the agent.
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -17,22 +19,36 @@ use interceptor_common::{
 };
 
 use crate::{
-    maps::{AGENT_V4, AGENT_V6, CONNECTS_BY_COOKIE, EXEMPT_CGROUPS, INTERCEPTED, count},
+    maps::{AGENT_V4, AGENT_V6, CONNECTS_BY_COOKIE, count, is_exempt, is_intercepted, reaches_agent},
     sock_addr,
 };
 
 /// Let the syscall proceed, with whatever address the program left in the context.
 const ALLOW: i32 = 1;
+/// Fail the syscall with EPERM.
+const REFUSE: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
+
+/// What a connect becomes.
+enum Verdict {
+    Pass,
+    Redirect(Endpoint),
+    Refuse,
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    if sock_addr::protocol(&ctx) == IPPROTO_TCP
-        && let Some(target) = redirect(&ctx, sock_addr::endpoint_v4(&ctx))
-    {
-        sock_addr::set_endpoint_v4(&ctx, &target);
+    if sock_addr::protocol(&ctx) != IPPROTO_TCP {
+        return ALLOW;
     }
-    ALLOW
+    match decide(&ctx, sock_addr::endpoint_v4(&ctx)) {
+        Verdict::Pass => ALLOW,
+        Verdict::Redirect(target) => {
+            sock_addr::set_endpoint_v4(&ctx, &target);
+            ALLOW
+        }
+        Verdict::Refuse => REFUSE,
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -41,30 +57,43 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let original = sock_addr::endpoint_v6(&ctx);
-    if let Some(target) = redirect(&ctx, original) {
-        if !original.addr.is_ipv4_mapped() && target.addr.is_ipv4_mapped() {
-            count(Counter::MappedFallback);
+    match decide(&ctx, original) {
+        Verdict::Pass => ALLOW,
+        Verdict::Redirect(target) => {
+            if !original.addr.is_ipv4_mapped() && target.addr.is_ipv4_mapped() {
+                count(Counter::MappedFallback);
+            }
+            sock_addr::set_endpoint_v6(&ctx, &target);
+            ALLOW
         }
-        sock_addr::set_endpoint_v6(&ctx, &target);
+        Verdict::Refuse => REFUSE,
     }
-    ALLOW
 }
 
-/// The decision both families share: `Some(agent endpoint)` when this connect must go to the agent,
-/// after recording the caller.
-fn redirect(ctx: &SockAddrContext, original: Endpoint) -> Option<Endpoint> {
-    // SAFETY: a lookup with a key of the map's type; only its presence is used.
-    unsafe { INTERCEPTED.get(original) }?;
+/// The decision both families share. Exempt cgroups (the agent's own) pass untouched; connects to an
+/// intercepted endpoint go to the agent, after recording the caller; connects straight to the agent
+/// are refused.
+fn decide(ctx: &SockAddrContext, original: Endpoint) -> Verdict {
+    let intercepted = is_intercepted(&original);
+    let direct = !intercepted && reaches_agent(&original);
+    if !intercepted && !direct {
+        return Verdict::Pass;
+    }
     // SAFETY: a helper without preconditions, allowed in cgroup_sock_addr programs.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: as for INTERCEPTED above.
-    if unsafe { EXEMPT_CGROUPS.get(cgroup_id) }.is_some() {
-        count(Counter::Exempt);
-        return None;
+    if is_exempt(cgroup_id) {
+        if intercepted {
+            count(Counter::Exempt);
+        }
+        return Verdict::Pass;
+    }
+    if direct {
+        count(Counter::DirectRefused);
+        return Verdict::Refuse;
     }
     record(ctx, CgroupId(cgroup_id), original);
     count(Counter::Redirected);
-    Some(redirect_target(&original, &AGENT_V4.load(), &AGENT_V6.load()))
+    Verdict::Redirect(redirect_target(&original, &AGENT_V4.load(), &AGENT_V6.load()))
 }
 
 fn record(ctx: &SockAddrContext, cgroup_id: CgroupId, original_dst: Endpoint) {
@@ -81,6 +110,8 @@ fn record(ctx: &SockAddrContext, cgroup_id: CgroupId, original_dst: Endpoint) {
         socket_cookie: SocketCookie(socket_cookie),
         original_dst,
         pid: ctx.tgid(),
+        // SAFETY: a helper without preconditions.
+        created_ns: unsafe { bpf_ktime_get_ns() },
     };
     if CONNECTS_BY_COOKIE.insert(socket_cookie, record, 0).is_err() {
         count(Counter::RecordFailed);

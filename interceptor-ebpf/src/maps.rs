@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
-use interceptor_common::{ConnectRecord, ConnectionKey, Counter, Endpoint, sizes};
+use interceptor_common::{ConnectRecord, ConnectionKey, Counter, Endpoint, InetAddr, sizes};
 
 #[map]
 pub static CONNECTS_BY_COOKIE: LruHashMap<u64, ConnectRecord> =
@@ -17,6 +17,9 @@ pub static CONNECTS_BY_TUPLE: LruHashMap<ConnectionKey, ConnectRecord> =
 
 #[map]
 pub static INTERCEPTED: HashMap<Endpoint, u8> = HashMap::with_max_entries(sizes::INTERCEPTED, 0);
+
+#[map]
+pub static INTERCEPTED_ADDRS: HashMap<InetAddr, u8> = HashMap::with_max_entries(sizes::INTERCEPTED_ADDRS, 0);
 
 #[map]
 pub static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(sizes::EXEMPT_CGROUPS, 0);
@@ -49,4 +52,26 @@ pub fn count(counter: Counter) {
 /// Whether `peer` is where the agent listens, in either family.
 pub fn is_agent(peer: &Endpoint) -> bool {
     *peer == AGENT_V4.load() || *peer == AGENT_V6.load()
+}
+
+/// Whether a connect to `destination` would reach the agent's listener without the redirect: its
+/// address, or an unspecified address with its port (the kernel connects those to the caller's own
+/// bound address, which on the node's network is the agent's).
+pub fn reaches_agent(destination: &Endpoint) -> bool {
+    is_agent(destination) || (destination.addr.is_unspecified() && destination.port == AGENT_V4.load().port)
+}
+
+pub fn is_intercepted(endpoint: &Endpoint) -> bool {
+    // SAFETY: a lookup with a key of the map's type; only its presence is used.
+    unsafe { INTERCEPTED.get(endpoint) }.is_some()
+}
+
+pub fn is_intercepted_addr(addr: &InetAddr) -> bool {
+    // SAFETY: as above.
+    unsafe { INTERCEPTED_ADDRS.get(addr) }.is_some()
+}
+
+pub fn is_exempt(cgroup_id: u64) -> bool {
+    // SAFETY: as above.
+    unsafe { EXEMPT_CGROUPS.get(cgroup_id) }.is_some()
 }

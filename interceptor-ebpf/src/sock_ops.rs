@@ -1,9 +1,16 @@
-//! `sock_ops` at `TCP_CONNECT_CB`: once the kernel has chosen the source address and port of a
-//! redirected connection, file its connect record under the connection's 4-tuple, the one thing the
-//! agent can see of an accepted connection.
+//! `sock_ops`: once the kernel has chosen the source address and port of a redirected connection
+//! (`TCP_CONNECT_CB`), file its connect record under the connection's 4-tuple, the one thing the agent
+//! can see of an accepted connection; when that socket closes (`STATE_CB` to `TCP_CLOSE`), delete both
+//! of its records. A record lives only as long as the connection that made it, so a later connection
+//! that happens to reuse the 4-tuple can never be taken for it.
 
 use aya_ebpf::{
-    EbpfContext, bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, helpers::bpf_get_socket_cookie, macros::sock_ops,
+    EbpfContext,
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    },
+    helpers::bpf_get_socket_cookie,
+    macros::sock_ops,
     programs::SockOpsContext,
 };
 use core::ptr::read_volatile;
@@ -11,7 +18,7 @@ use core::ptr::read_volatile;
 use aya_log_ebpf::error;
 use interceptor_common::{ConnectionKey, Counter, Endpoint, InetAddr, port_from_sock_ops_remote};
 
-use crate::maps::{CONNECTS_BY_COOKIE, CONNECTS_BY_TUPLE, count};
+use crate::maps::{CONNECTS_BY_COOKIE, CONNECTS_BY_TUPLE, count, is_agent};
 
 const AF_INET: u32 = 2;
 
@@ -22,8 +29,11 @@ const SOCK_OPS_OK: u32 = 1;
 // Not named `sockops`: that is the section name, and bpf-linker refuses the clash.
 #[sock_ops]
 pub fn file_connection(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        file_by_tuple(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => file_by_tuple(&ctx),
+        // args[1] is the state the socket enters.
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => forget(&ctx),
+        _ => {}
     }
     SOCK_OPS_OK
 }
@@ -35,7 +45,15 @@ fn file_by_tuple(ctx: &SockOpsContext) {
     let Some(record) = (unsafe { CONNECTS_BY_COOKIE.get(socket_cookie) }).copied() else {
         return;
     };
+    // Ask for the state callbacks first, so the close that deletes the records is seen whatever
+    // happens next. The flag is per socket: only redirected sockets pay for it.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     let key = connection_key(ctx);
+    if !is_agent(&key.server) {
+        // A socket redirected once, now connecting elsewhere: its record says nothing of this connection.
+        let _ = CONNECTS_BY_COOKIE.remove(socket_cookie);
+        return;
+    }
     if CONNECTS_BY_TUPLE.insert(key, record, 0).is_err() {
         count(Counter::TupleFailed);
         error!(
@@ -43,6 +61,15 @@ fn file_by_tuple(ctx: &SockOpsContext) {
             "cannot file connection of cgroup {}: the agent will refuse it", record.cgroup_id.0
         );
     }
+}
+
+/// The socket is closing (or never connected): its records go. The tuple record is usually gone
+/// already, consumed by the agent's accept.
+fn forget(ctx: &SockOpsContext) {
+    // SAFETY: the helper takes the program's own context.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = CONNECTS_BY_TUPLE.remove(connection_key(ctx));
+    let _ = CONNECTS_BY_COOKIE.remove(socket_cookie);
 }
 
 /// The 4-tuple in the form the agent builds from its accepted socket. A dual-stack IPv6 socket

@@ -1,6 +1,6 @@
 //! agent: the `interceptor agent` command. Its flags (each also an `INTERCEPTOR_*` variable), and the
 //! start-up order that keeps a pod from ever reaching the node's credentials: start the health server,
-//! load the configuration, attach the programs (taking over pinned ones from a previous agent), listen,
+//! exempt the agent's own cgroup from any programs a previous agent left pinned, load the configuration, attach the programs (taking over pinned ones from a previous agent), listen,
 //! then report ready. `interceptor uninstall` removes what the agent pinned.
 
 use std::{
@@ -131,7 +131,20 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let telemetry = Arc::new(Telemetry::default());
     telemetry::spawn_server(args.metrics_addr, telemetry.clone()).await?;
 
-    // 1. Configuration: everything that can be wrong is found before anything is attached.
+    // 1. Exempt this agent from the programs a previous agent left pinned, before any network call:
+    //    a restarted agent container has a new cgroup, and its calls to the metadata service (base-ARN
+    //    discovery, region, its own credentials) would otherwise be redirected to its own port.
+    let mount = identity::cgroup2_mount()?;
+    let own_cgroup = own_cgroup_id(&mount)?;
+    let exempted_in = crate::bpf::pin::exempt_in_pinned(&args.bpffs_dir, own_cgroup.0)
+        .context("cannot exempt the agent from the pinned programs")?;
+    tracing::info!(
+        cgroup_id = own_cgroup.0,
+        pinned_layouts = exempted_in,
+        "exempted the agent's own cgroup"
+    );
+
+    // 2. Configuration: everything that can be wrong is found before anything is attached.
     let workloads_path = args
         .workloads
         .clone()
@@ -153,12 +166,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     .context("bad --metadata-proxy-allow glob")?;
     let upstream = Arc::new(MetadataService::new(&args.metadata_addr).context("bad --metadata-addr")?);
     let policy = policy(&args, upstream.as_ref()).await?;
-    let mount = identity::cgroup2_mount()?;
     let cgroup_root = match &args.cgroup_root {
         Some(root) => root.clone(),
         None => detect_kubepods(&mount)?,
     };
-    let own_cgroup = own_cgroup_id(&mount)?;
     let agent_addr = agent_addr(args.agent_addr)?;
     let cgroups = Arc::new(CgroupPaths::new(mount, CGROUP_PATH_CACHE)?);
     let sts = Arc::new(StsAssumeRole::from_env(args.region.clone(), args.sts_endpoint.clone()).await);
@@ -166,7 +177,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let creds = Arc::new(CredentialCache::new(sts, ttl, MAX_SESSIONS));
     telemetry.register(|registry| creds.metrics().register(registry));
 
-    // 2. Attach: from here on, every new connection to the metadata address comes to the agent.
+    // 3. Attach: from here on, every new connection to the metadata address comes to the agent.
     let mut redirect = RedirectConfig::new(cgroup_root.clone(), agent_addr);
     redirect.exempt_cgroups = vec![own_cgroup];
     redirect.pin_dir = Some(args.bpffs_dir.clone());
@@ -175,7 +186,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     telemetry.register(|registry| registry.register_collector(Box::new(collector)));
     telemetry.readiness.set_attached(true);
 
-    // 3. Listen.
+    // 4. Listen.
     let listener = TcpListener::bind(agent_addr)
         .await
         .with_context(|| format!("cannot listen on {agent_addr}"))?;
@@ -195,7 +206,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         metrics: metrics.clone(),
     };
 
-    // 4. Ready.
+    // 5. Ready.
     tracing::info!(agent_addr = %agent_addr, metrics_addr = %args.metrics_addr, cgroup_root = %cgroup_root.display(),
         exempt_cgroup_id = own_cgroup.0, workloads = %workloads_path.display(), "ready");
     let router = imds::router(Arc::new(state));
@@ -353,8 +364,8 @@ pub fn uninstall(args: &UninstallArgs) -> Result<()> {
     let removed = crate::bpf::pin::uninstall(&args.bpffs_dir)?;
     println!(
         "interceptor uninstall: detached {} programs, removed {} maps and {}",
-        removed.links,
-        removed.maps,
+        removed.iter().map(|layout| layout.links).sum::<usize>(),
+        removed.iter().map(|layout| layout.maps).sum::<usize>(),
         args.bpffs_dir.display()
     );
     Ok(())

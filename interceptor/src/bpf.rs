@@ -4,27 +4,31 @@
 
 pub mod metrics;
 pub mod pin;
+mod sys;
 
 use std::{
     fs::File,
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsFd,
     path::PathBuf,
-    sync::{Mutex, PoisonError},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
 };
 
 use self::pin::PinDir;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program, ProgramError, SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
 use aya_log::EbpfLogger;
 use interceptor_common::{
     CgroupId, ConnectRecord, ConnectionKey, Counter, Endpoint, InetAddr, NetnsCookie, SocketCookie, names,
+    sizes,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -42,6 +46,13 @@ pub fn object_embedded() -> bool {
 /// The programs of the object, by function name, each attached to the cgroup root.
 const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "getpeername4", "getpeername6"];
 const SOCK_OPS_PROGRAM: &str = "file_connection";
+const EGRESS_PROGRAM: &str = "drop_escaped_metadata";
+
+/// A connect record older than this at accept belongs to no connection the agent is accepting now: the
+/// programs delete a record when its socket closes, and a caller's connection is accepted within
+/// milliseconds (callers give up after a second). Refusing older ones bounds what any record that
+/// escaped deletion could ever do.
+pub const MAX_RECORD_AGE: Duration = Duration::from_secs(5);
 
 /// EC2's instance metadata endpoints, IPv4 and IPv6.
 pub const METADATA_V4: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80));
@@ -90,6 +101,12 @@ pub enum BpfError {
         #[source]
         source: io::Error,
     },
+    #[error("BPF map {name}")]
+    Syscall {
+        name: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot forward BPF logs")]
     Logger(#[source] io::Error),
     #[error("{path} is not on a bpffs mount (mount one: mount -t bpf bpf /sys/fs/bpf)")]
@@ -124,6 +141,9 @@ pub struct RedirectConfig {
     /// Where to pin the links and shared maps (a bpffs directory), so the programs outlive this
     /// process and the next agent takes over from them; `None`: they are detached on drop.
     pub pin_dir: Option<PathBuf>,
+    /// Size of each connection map (LRU; the oldest records are evicted, which leaves their
+    /// connections unattributed, never misattributed). Pinned maps keep the size they were made with.
+    pub connection_map_entries: u32,
 }
 
 impl RedirectConfig {
@@ -136,6 +156,7 @@ impl RedirectConfig {
             intercepted: vec![METADATA_V4, METADATA_V6],
             exempt_cgroups: Vec::new(),
             pin_dir: None,
+            connection_map_entries: sizes::CONNECTS_BY_TUPLE,
         }
     }
 }
@@ -176,10 +197,14 @@ enum AgentLink {
 pub struct Interceptor {
     // Declared first so the links are dropped (and the programs detached) before anything else.
     links: Vec<AgentLink>,
-    connects_by_tuple: Mutex<HashMap<MapData, ConnectionKey, ConnectRecord>>,
+    /// [`ConnectionKey`] -> [`ConnectRecord`]; taken from with one atomic syscall per accept, so no
+    /// lock stands between accepts, or between an accept and a metrics scrape.
+    connects_by_tuple: Map,
     /// Keyed by the raw socket cookie, as the programs key it.
     connects_by_cookie: HashMap<MapData, u64, ConnectRecord>,
     counters: PerCpuArray<MapData, u64>,
+    /// Set once the kernel has refused `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on hash maps (before 5.14).
+    no_lookup_and_delete: AtomicBool,
     log_forwarder: JoinHandle<()>,
     cgroup_root: PathBuf,
     _ebpf: Ebpf,
@@ -198,24 +223,8 @@ impl Interceptor {
             source,
         })?;
 
-        let agent_v4 = endpoint(SocketAddr::V4(config.agent_v4));
-        let agent_v6 = config
-            .agent_v6
-            .map(|addr| endpoint(SocketAddr::V6(addr)))
-            .unwrap_or_default();
         let pin_dir = config.pin_dir.as_deref().map(PinDir::create).transpose()?;
-        let map_pins: Vec<(&str, PathBuf)> = pin_dir
-            .iter()
-            .flat_map(|dir| pin::PINNED_MAPS.map(|name| (name, dir.map(name))))
-            .collect();
-        let mut loader = EbpfLoader::new();
-        loader
-            .override_global(names::AGENT_V4, &agent_v4, true)
-            .override_global(names::AGENT_V6, &agent_v6, true);
-        for (name, path) in &map_pins {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(EMBEDDED_OBJECT).map_err(BpfError::Load)?;
+        let mut ebpf = load(config, pin_dir.as_ref())?;
         let logger = EbpfLogger::init(&mut ebpf).map_err(|err| BpfError::Logger(io::Error::other(err)))?;
         let log_forwarder = spawn_log_forwarder(logger).map_err(BpfError::Logger)?;
 
@@ -226,12 +235,26 @@ impl Interceptor {
         )?;
         fill_set(
             &mut ebpf,
+            names::INTERCEPTED_ADDRS,
+            config.intercepted.iter().map(|addr| InetAddr::from_ip(addr.ip())),
+        )?;
+        fill_set(
+            &mut ebpf,
             names::EXEMPT_CGROUPS,
             config.exempt_cgroups.iter().map(|id| id.0),
         )?;
-        let connects_by_tuple = take_map(&mut ebpf, names::CONNECTS_BY_TUPLE)?;
+        let connects_by_tuple = ebpf
+            .take_map(names::CONNECTS_BY_TUPLE)
+            .ok_or(BpfError::MissingMap {
+                name: names::CONNECTS_BY_TUPLE,
+            })?;
         let connects_by_cookie = take_map(&mut ebpf, names::CONNECTS_BY_COOKIE)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
+        if pin_dir.is_some() {
+            // Records a previous agent never consumed describe connections nobody will accept now.
+            let flushed = flush_tuples(&connects_by_tuple)?;
+            tracing::info!(flushed, "took over the pinned connection records");
+        }
         let links = attach_all(&mut ebpf, &cgroup)?
             .into_iter()
             .map(|(program, link)| match &pin_dir {
@@ -241,14 +264,22 @@ impl Interceptor {
                 None => Ok(AgentLink::Owned { _link: link }),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(dir) = &pin_dir {
+            // Only now that this layout's programs run may an older layout's stop.
+            for removed in dir.remove_other_layouts()? {
+                tracing::info!(layout = %removed.layout, links = removed.links, maps = removed.maps,
+                    "removed the programs of an older pin layout");
+            }
+        }
         tracing::info!(cgroup_root = %config.cgroup_root.display(), programs = links.len(),
             pinned_in = config.pin_dir.as_ref().map(|dir| dir.display().to_string()), "BPF programs attached");
 
         Ok(Self {
             links,
-            connects_by_tuple: Mutex::new(connects_by_tuple),
+            connects_by_tuple,
             connects_by_cookie,
             counters,
+            no_lookup_and_delete: AtomicBool::new(false),
             log_forwarder,
             cgroup_root: config.cgroup_root.clone(),
             _ebpf: ebpf,
@@ -256,30 +287,52 @@ impl Interceptor {
     }
 
     /// The cgroup that made the accepted connection `peer -> local`, consuming the kernel's record of
-    /// it. `None` when the connection was not redirected by the programs (made straight to the agent,
-    /// say): such a caller must be refused.
+    /// it. `None` when the connection was not redirected by the programs, or its record is too old to
+    /// be this connection's: such a caller must be refused.
     pub fn attribute(&self, peer: SocketAddr, local: SocketAddr) -> Option<Attribution> {
         let key = ConnectionKey {
             client: endpoint(peer),
             server: endpoint(local),
         };
-        let mut map = self
-            .connects_by_tuple
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let record = match map.get(&key, 0) {
-            Ok(record) => record,
-            Err(MapError::KeyNotFound) => return None,
+        let record = match self.take_record(&key) {
+            Ok(record) => record?,
             Err(err) => {
                 tracing::warn!(%peer, %local, error = %err, "cannot look up connection attribution");
                 return None;
             }
         };
-        // A leftover record could attribute a later connection that reuses this 4-tuple: remove it now.
-        if let Err(err) = map.remove(&key) {
-            tracing::warn!(%peer, %local, error = %err, "cannot remove consumed connection attribution");
+        let age = Duration::from_nanos(monotonic_ns().saturating_sub(record.created_ns));
+        if age > MAX_RECORD_AGE {
+            tracing::warn!(%peer, %local, cgroup_id = record.cgroup_id.0, age_ms = age.as_millis() as u64,
+                "refusing a stale connection record");
+            return None;
         }
         Some(record.into())
+    }
+
+    /// Takes the record of `key` out of the tuple map, atomically where the kernel can.
+    fn take_record(&self, key: &ConnectionKey) -> io::Result<Option<ConnectRecord>> {
+        let fd = map_data(&self.connects_by_tuple).fd().as_fd();
+        if !self.no_lookup_and_delete.load(Ordering::Relaxed) {
+            match sys::lookup_and_delete(fd, key) {
+                Err(err) if sys::is_unsupported(&err) => {
+                    tracing::info!(
+                        "this kernel has no lookup-and-delete for hash maps; using lookup, then delete"
+                    );
+                    self.no_lookup_and_delete.store(true, Ordering::Relaxed);
+                }
+                result => return result,
+            }
+        }
+        // Lookup, then delete: only the caller whose delete succeeds owns the record.
+        let map = HashMap::<_, ConnectionKey, ConnectRecord>::try_from(&self.connects_by_tuple)
+            .map_err(io::Error::other)?;
+        let record = match map.get(key, 0) {
+            Ok(record) => record,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(err) => return Err(io::Error::other(err)),
+        };
+        Ok(sys::delete(fd, key)?.then_some(record))
     }
 
     /// The programs' counters, summed over CPUs.
@@ -300,8 +353,64 @@ impl Interceptor {
     }
 }
 
-/// How many records the connection maps hold: connects not yet turned into 4-tuple records, and
-/// 4-tuple records not yet consumed by an accept. Both are LRU maps of fixed size.
+/// Loads the object with the agent's addresses, the configured map sizes, and the pinned maps of a
+/// previous agent where there are any.
+fn load(config: &RedirectConfig, pin_dir: Option<&PinDir>) -> Result<Ebpf, BpfError> {
+    let agent_v4 = endpoint(SocketAddr::V4(config.agent_v4));
+    let agent_v6 = config
+        .agent_v6
+        .map(|addr| endpoint(SocketAddr::V6(addr)))
+        .unwrap_or_default();
+    let map_pins: Vec<(&str, PathBuf)> = pin_dir
+        .iter()
+        .flat_map(|dir| pin::PINNED_MAPS.map(|name| (name, dir.map(name))))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global(names::AGENT_V4, &agent_v4, true)
+        .override_global(names::AGENT_V6, &agent_v6, true)
+        .map_max_entries(names::CONNECTS_BY_COOKIE, config.connection_map_entries)
+        .map_max_entries(names::CONNECTS_BY_TUPLE, config.connection_map_entries);
+    for (name, path) in &map_pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.load(EMBEDDED_OBJECT).map_err(BpfError::Load)
+}
+
+/// Deletes every record of the tuple map; how many there were.
+fn flush_tuples(map: &Map) -> Result<usize, BpfError> {
+    let name = names::CONNECTS_BY_TUPLE;
+    let tuples = HashMap::<_, ConnectionKey, ConnectRecord>::try_from(map)
+        .map_err(|source| BpfError::Map { name, source })?;
+    let keys: Vec<ConnectionKey> = tuples.keys().filter_map(Result::ok).collect();
+    let fd = map_data(map).fd().as_fd();
+    for key in &keys {
+        sys::delete(fd, key).map_err(|source| BpfError::Syscall { name, source })?;
+    }
+    Ok(keys.len())
+}
+
+/// The map behind a hash map of either kind (the connection maps are LRU hash maps).
+fn map_data(map: &Map) -> &MapData {
+    match map {
+        Map::HashMap(data) | Map::LruHashMap(data) => data,
+        _ => unreachable!("the connection maps are hash maps; take_map checked their type"),
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// How many records the connection maps hold: connects of sockets still open, and 4-tuple records not
+/// yet consumed by an accept. Both are LRU maps of fixed size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Occupancy {
     pub connects_by_cookie: u64,
@@ -310,13 +419,11 @@ pub struct Occupancy {
 
 impl Interceptor {
     /// Counts the maps' entries (one key walk each; meant for a metrics scrape, not the request path).
+    /// It takes no lock: accepts go on while it walks.
     pub fn occupancy(&self) -> Occupancy {
-        let tuples = self
-            .connects_by_tuple
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .keys()
-            .count();
+        let tuples = HashMap::<_, ConnectionKey, ConnectRecord>::try_from(&self.connects_by_tuple)
+            .map(|map| map.keys().count())
+            .unwrap_or_default();
         Occupancy {
             connects_by_cookie: self.connects_by_cookie.keys().count() as u64,
             connects_by_tuple: tuples as u64,
@@ -388,6 +495,8 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &File) -> Result<Vec<(&'static str, FdLin
     }
     let sock_ops = program::<SockOps>(ebpf, SOCK_OPS_PROGRAM)?.attach_to(SOCK_OPS_PROGRAM, cgroup)?;
     links.push((SOCK_OPS_PROGRAM, sock_ops));
+    let egress = program::<CgroupSkb>(ebpf, EGRESS_PROGRAM)?.attach_to(EGRESS_PROGRAM, cgroup)?;
+    links.push((EGRESS_PROGRAM, egress));
     Ok(links)
 }
 
@@ -406,15 +515,18 @@ trait CgroupProgram {
     fn attach_to(&mut self, name: &'static str, cgroup: &File) -> Result<FdLink, BpfError>;
 }
 
+/// Each program type, with the attach arguments it takes before the mode.
 macro_rules! impl_cgroup_program {
-    ($($program:ty),+) => {$(
+    ($($program:ty => ($($attach_arg:expr),*)),+ $(,)?) => {$(
         impl CgroupProgram for $program {
             fn attach_to(&mut self, name: &'static str, cgroup: &File) -> Result<FdLink, BpfError> {
                 let program_error = |source| BpfError::Program { name, source };
                 self.load().map_err(program_error)?;
                 // Single: aya passes the mode as bpf_link_create flags, where AllowMultiple is EINVAL;
                 // cgroup links coexist with other programs on the same cgroup anyway.
-                let link_id = self.attach(cgroup, CgroupAttachMode::Single).map_err(program_error)?;
+                let link_id = self
+                    .attach(cgroup, $($attach_arg,)* CgroupAttachMode::Single)
+                    .map_err(program_error)?;
                 let link = self.take_link(link_id).map_err(program_error)?;
                 FdLink::try_from(link).map_err(|source| BpfError::Link { name, source })
             }
@@ -422,7 +534,11 @@ macro_rules! impl_cgroup_program {
     )+};
 }
 
-impl_cgroup_program!(CgroupSockAddr, SockOps);
+impl_cgroup_program!(
+    CgroupSockAddr => (),
+    SockOps => (),
+    CgroupSkb => (CgroupSkbAttachType::Egress),
+);
 
 /// Moves the logger into a task that drains its ring buffer whenever it becomes readable. The logger
 /// owns the log map: dropping it would close the map and break the next program load.

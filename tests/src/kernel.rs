@@ -5,12 +5,13 @@ use std::{fs::File, io, os::fd::AsRawFd, path::Path};
 use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd};
 
 /// The cgroup attach points the agent uses.
-pub const AGENT_ATTACH_TYPES: [bpf_attach_type; 5] = [
+pub const AGENT_ATTACH_TYPES: [bpf_attach_type; 6] = [
     bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
     bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
     bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
     bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
     bpf_attach_type::BPF_CGROUP_SOCK_OPS,
+    bpf_attach_type::BPF_CGROUP_INET_EGRESS,
 ];
 
 /// Ids of the programs attached to `cgroup` at `attach_type` (BPF_PROG_QUERY).

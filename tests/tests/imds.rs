@@ -130,16 +130,21 @@ async fn every_route_answers_with_the_status_of_the_protocol() -> anyhow::Result
         (200, StandIn::INSTANCE_ID)
     );
 
-    // A connection made straight to the agent's port, not through 169.254.169.254, is refused.
-    let direct = curl(
-        &pod_a,
-        &a,
-        &[&format!(
-            "http://{}/latest/meta-data/iam/security-credentials/",
-            t.node.agent_v4()
-        )],
-    )
-    .await?;
+    // A connection made straight to the agent's port, not through 169.254.169.254: a workload's is
+    // refused by the kernel at connect, and one from outside the workload tree gets 403.
+    let direct_url = format!(
+        "http://{}/latest/meta-data/iam/security-credentials/",
+        t.node.agent_v4()
+    );
+    let from_workload = curl(&pod_a, &a, &[&direct_url]).await;
+    assert!(
+        from_workload
+            .as_ref()
+            .is_err_and(|err| err.to_string().contains("Couldn't connect")),
+        "{from_workload:?}"
+    );
+    let outside = t.node.cgroup("system.slice/direct.service")?;
+    let direct = curl(&pod_a, &outside, &[&direct_url]).await?;
     assert_eq!(status_of(&direct), 403, "{direct}");
 
     // The stand-in heard only the agent's own token request and the one allowed fact.

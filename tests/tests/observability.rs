@@ -76,7 +76,8 @@ async fn metrics_and_request_logs_follow_a_scripted_set_of_requests() -> anyhow:
     assert_eq!(status, 200);
     let before = Samples::parse(&exposition)?;
 
-    // The script: 10 redirected connections from the pods and 1 made straight to the agent.
+    // The script: 10 redirected connections from the pods, 1 made straight to the agent from outside
+    // the workload tree, and 1 from a workload that the kernel refuses.
     let token = curl(
         &known,
         &a,
@@ -116,7 +117,12 @@ async fn metrics_and_request_logs_follow_a_scripted_set_of_requests() -> anyhow:
     );
     assert_eq!(status_of(&curl(&stranger, &b, &[ROLE_LIST]).await?), 404);
     let direct = format!("http://{}/latest/meta-data/", t.node.agent_v4());
-    assert_eq!(status_of(&curl(&known, &a, &[&direct]).await?), 403);
+    let outside = t.node.cgroup("system.slice/direct.service")?;
+    assert_eq!(status_of(&curl(&known, &outside, &[&direct]).await?), 403);
+    assert!(
+        curl(&known, &a, &[&direct]).await.is_err(),
+        "the kernel refuses a workload's connection straight to the agent"
+    );
 
     let (_, exposition) = t.health("/metrics").await?;
     let after = Samples::parse(&exposition)?;
@@ -202,6 +208,10 @@ async fn metrics_and_request_logs_follow_a_scripted_set_of_requests() -> anyhow:
         (key("metadata_connections_total", &[("attributed", "true")]), 10.0),
         (key("metadata_connections_total", &[("attributed", "false")]), 1.0),
         (key("bpf_connections_total", &[("outcome", "redirected")]), 10.0),
+        (
+            key("bpf_connections_total", &[("outcome", "direct_refused")]),
+            1.0,
+        ),
     ]
     .into_iter()
     .filter(|(_, change)| *change != 0.0)

@@ -45,14 +45,43 @@ async fn a_pod_connection_to_the_metadata_ip_reaches_the_agent_and_is_attributed
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_direct_connection_to_the_agent_is_not_attributed() -> anyhow::Result<()> {
+async fn a_direct_connection_to_the_agent_is_refused_from_a_workload_and_unattributed_from_elsewhere()
+-> anyhow::Result<()> {
     if !privileged::can_run("direct") {
         return Ok(());
     }
     let t = OnePod::start(|_, _| Ok(()))?;
-
     let direct = format!("http://{}/latest/meta-data/", t.lab.config.agent_v4);
-    assert_eq!(run(t.curl(&direct)?).await?, "agent unattributed");
+
+    // From the workload: the connect itself fails, in the pod's network and in the node's (a
+    // hostNetwork pod), and through an unspecified address bound to the node's (what reaches a
+    // listener on the node's address without naming it).
+    let refused = run(t.curl(&direct)?).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|err| err.to_string().contains("Couldn't connect")),
+        "{refused:?}"
+    );
+    let mut host_network = t.lab.node.command(&t.container, "curl")?;
+    host_network
+        .args(["--interface", "10.99.0.1"])
+        .args(curl_args("http://0.0.0.0:8181/latest/meta-data/"));
+    let refused = run(host_network).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|err| err.to_string().contains("Couldn't connect")),
+        "{refused:?}"
+    );
+    assert_eq!(t.lab.counter(Counter::DirectRefused), 2);
+    assert_eq!(t.lab.agent_accepted(), 0);
+
+    // From outside the workload tree: the agent accepts it and finds no record.
+    let outside_root = t.lab.node.cgroup("system.slice/outside.service")?;
+    let mut outside = t.pod.command(&outside_root, "curl")?;
+    outside.args(curl_args(&direct));
+    assert_eq!(run(outside).await?, "agent unattributed");
     assert!(t.lab.agent_calls()[0].attribution.is_none());
     Ok(())
 }

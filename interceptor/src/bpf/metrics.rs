@@ -1,5 +1,6 @@
-//! bpf::metrics: what the programs did, read from their maps at each scrape: connections redirected
-//! and spared, records that could not be stored, and how full the connection maps are.
+//! bpf::metrics: what the programs did, read from their maps at each scrape: connections redirected,
+//! spared and refused, records that could not be stored, packets dropped, and how full the connection
+//! maps are.
 
 use std::sync::Arc;
 
@@ -8,6 +9,8 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
+
+use interceptor_common::CounterKind;
 
 use super::Interceptor;
 
@@ -36,15 +39,25 @@ impl Collector for BpfCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         match self.interceptor.counters() {
             Ok(counters) => {
-                let mut metric = encoder.encode_descriptor(
-                    "bpf_connections",
-                    "Connections the connect programs handled, by outcome",
-                    None,
-                    MetricType::Counter,
-                )?;
-                for (counter, value) in counters {
-                    let labels = [("outcome", counter.label())];
-                    ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+                for (kind, name, help, label) in [
+                    (
+                        CounterKind::Connection,
+                        "bpf_connections",
+                        "Connections the connect programs handled, by outcome",
+                        "outcome",
+                    ),
+                    (
+                        CounterKind::PacketDrop,
+                        "bpf_packets_dropped",
+                        "Packets to an intercepted endpoint that escaped the redirect and were dropped, by reason",
+                        "reason",
+                    ),
+                ] {
+                    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                    for (counter, value) in counters.iter().filter(|(counter, _)| counter.kind() == kind) {
+                        let labels = [(label, counter.label())];
+                        ConstCounter::new(*value).encode(metric.encode_family(&labels)?)?;
+                    }
                 }
             }
             Err(err) => tracing::warn!(error = %err, "cannot read the BPF counters"),

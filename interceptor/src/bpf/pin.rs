@@ -5,6 +5,9 @@
 //!
 //! Layout: `<bpffs dir>/<layout>/maps/<MAP>` and `<bpffs dir>/<layout>/links/<program>`, where the layout
 //! version changes whenever a pinned map's key or value does, so no agent reuses maps it cannot read.
+//! An agent removes the other layouts' programs once its own are attached. Every layout keeps
+//! `EXEMPT_CGROUPS` as cgroup id (u64) -> u8, so a starting agent can exempt itself from whichever
+//! programs are running before it makes any network call.
 
 use std::{
     ffi::CString,
@@ -13,25 +16,33 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::links::{FdLink, PinnedLink},
+};
 use interceptor_common::names;
 
 use super::BpfError;
 
 /// The layout of the pinned maps; bump it with any change to their keys or values.
-const LAYOUT: &str = "v1";
+/// v2: connect records carry their creation time; the intercepted addresses have a set of their own.
+const LAYOUT: &str = "v2";
 
-/// The maps a new agent takes over from the one before: the connection records (so connections made
-/// during the handover are attributed) and the sets the old programs read until they are replaced.
-pub const PINNED_MAPS: [&str; 4] = [
+/// The maps a new agent takes over from the one before: the connection records (the cookie records
+/// serve getpeername for connections still open) and the sets the old programs read until they are
+/// replaced.
+pub const PINNED_MAPS: [&str; 5] = [
     names::CONNECTS_BY_COOKIE,
     names::CONNECTS_BY_TUPLE,
     names::INTERCEPTED,
+    names::INTERCEPTED_ADDRS,
     names::EXEMPT_CGROUPS,
 ];
 
 /// `statfs(2)` magic of bpffs.
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
+/// Where bpffs is mounted on a node; the agent mounts it there when it is missing.
+const BPFFS_MOUNT_POINT: &str = "/sys/fs/bpf";
 
 /// The agent's directory in bpffs.
 #[derive(Clone, Debug)]
@@ -40,8 +51,10 @@ pub struct PinDir {
 }
 
 impl PinDir {
-    /// `dir` must be on a bpffs mount; the layout's directories are created.
+    /// `dir` must be on a bpffs mount (mounted at /sys/fs/bpf when it is missing there); the layout's
+    /// directories are created.
     pub fn create(dir: &Path) -> Result<Self, BpfError> {
+        ensure_bpffs(dir)?;
         let pin_dir = Self::at(dir);
         for sub in [pin_dir.maps_dir(), pin_dir.links_dir()] {
             fs::create_dir_all(&sub).map_err(|source| BpfError::PinDir {
@@ -53,6 +66,18 @@ impl PinDir {
             return Err(BpfError::NotBpffs { path: dir.to_owned() });
         }
         Ok(pin_dir)
+    }
+
+    /// Detaches the programs and removes the maps of every other layout under the same directory.
+    pub fn remove_other_layouts(&self) -> Result<Vec<Removed>, BpfError> {
+        let parent = self.root.parent().expect("a layout directory has a parent");
+        let mut removed = Vec::new();
+        for layout in entries(parent)? {
+            if layout != self.root {
+                removed.push(remove_layout(&PinDir { root: layout })?);
+            }
+        }
+        Ok(removed)
     }
 
     fn at(dir: &Path) -> Self {
@@ -94,10 +119,57 @@ impl PinDir {
     }
 }
 
-fn is_bpffs(path: &Path) -> Result<bool, BpfError> {
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| BpfError::NotBpffs {
+/// Mounts bpffs at /sys/fs/bpf when `dir` belongs there and nothing is mounted (as on hosts whose init
+/// does not mount it); any other directory outside bpffs is an error that names the fix.
+fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
+    let existing = dir
+        .ancestors()
+        .find(|ancestor| ancestor.exists())
+        .unwrap_or(Path::new("/"));
+    if is_bpffs(existing)? {
+        return Ok(());
+    }
+    let mount_point = Path::new(BPFFS_MOUNT_POINT);
+    if !dir.starts_with(mount_point) || !mount_point.is_dir() || is_bpffs(mount_point)? {
+        return Err(BpfError::NotBpffs { path: dir.to_owned() });
+    }
+    mount_bpffs(mount_point)?;
+    tracing::warn!(
+        mount_point = BPFFS_MOUNT_POINT,
+        "bpffs was not mounted: mounted it, so the programs can be pinned (mount it at boot, or give the agent's pod a hostPath /sys/fs/bpf with Bidirectional propagation, so pins outlive the agent's mount namespace)"
+    );
+    Ok(())
+}
+
+fn mount_bpffs(mount_point: &Path) -> Result<(), BpfError> {
+    let target = c_path(mount_point)?;
+    // SAFETY: NUL-terminated strings that outlive the call; mode=0700 as data, as bpffs takes it.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(BpfError::PinDir {
+            path: mount_point.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+fn c_path(path: &Path) -> Result<CString, BpfError> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| BpfError::NotBpffs {
         path: path.to_owned(),
-    })?;
+    })
+}
+
+fn is_bpffs(path: &Path) -> Result<bool, BpfError> {
+    let c_path = c_path(path)?;
     // SAFETY: statfs writes into the zeroed struct we pass, for a NUL-terminated path that outlives it.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
@@ -110,50 +182,74 @@ fn is_bpffs(path: &Path) -> Result<bool, BpfError> {
     Ok(stat.f_type as u64 == BPF_FS_MAGIC)
 }
 
-/// What `uninstall` removed.
+/// What was removed of one layout.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Removed {
+    pub layout: String,
     pub links: usize,
     pub maps: usize,
 }
 
 /// Detaches every pinned program and removes the pinned maps and the directory, whatever layout version
 /// made them. Nothing there is not an error.
-pub fn uninstall(dir: &Path) -> Result<Removed, BpfError> {
-    let mut removed = Removed::default();
-    let layouts = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(removed),
-        Err(source) => {
-            return Err(BpfError::PinDir {
-                path: dir.to_owned(),
-                source,
-            });
-        }
-    };
-    for layout in layouts.flatten() {
-        let pin_dir = PinDir { root: layout.path() };
-        for link in entries(&pin_dir.links_dir())? {
-            let pinned = PinnedLink::from_pin(&link).map_err(|err| BpfError::PinLink {
-                path: link.clone(),
-                source: io::Error::other(err),
-            })?;
-            drop(
-                pinned
-                    .unpin()
-                    .map_err(|source| BpfError::PinLink { path: link, source })?,
-            );
-            removed.links += 1;
-        }
-        for map in entries(&pin_dir.maps_dir())? {
-            fs::remove_file(&map).map_err(|source| BpfError::PinDir { path: map, source })?;
-            removed.maps += 1;
-        }
-        for sub in [pin_dir.links_dir(), pin_dir.maps_dir(), pin_dir.root] {
-            remove_dir_if_present(&sub)?;
-        }
-    }
+pub fn uninstall(dir: &Path) -> Result<Vec<Removed>, BpfError> {
+    let removed = entries(dir)?
+        .into_iter()
+        .map(|layout| remove_layout(&PinDir { root: layout }))
+        .collect::<Result<Vec<_>, _>>()?;
     remove_dir_if_present(dir)?;
+    Ok(removed)
+}
+
+/// Exempts `cgroup_id` in the exempt set of every layout pinned under `dir`: the programs a previous
+/// agent left running then let this agent reach the node's metadata service before its own programs
+/// are attached. How many sets it was written to (0 on a node with nothing pinned yet).
+pub fn exempt_in_pinned(dir: &Path, cgroup_id: u64) -> Result<usize, BpfError> {
+    let name = names::EXEMPT_CGROUPS;
+    let mut written = 0;
+    for layout in entries(dir)? {
+        let path = PinDir { root: layout }.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let map = MapData::from_pin(&path).map_err(|source| BpfError::Map { name, source })?;
+        let mut set = HashMap::<_, u64, u8>::try_from(Map::HashMap(map))
+            .map_err(|source| BpfError::Map { name, source })?;
+        set.insert(cgroup_id, 1, 0)
+            .map_err(|source| BpfError::Map { name, source })?;
+        written += 1;
+    }
+    Ok(written)
+}
+
+fn remove_layout(pin_dir: &PinDir) -> Result<Removed, BpfError> {
+    let mut removed = Removed {
+        layout: pin_dir
+            .root
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        ..Removed::default()
+    };
+    for link in entries(&pin_dir.links_dir())? {
+        let pinned = PinnedLink::from_pin(&link).map_err(|err| BpfError::PinLink {
+            path: link.clone(),
+            source: io::Error::other(err),
+        })?;
+        drop(
+            pinned
+                .unpin()
+                .map_err(|source| BpfError::PinLink { path: link, source })?,
+        );
+        removed.links += 1;
+    }
+    for map in entries(&pin_dir.maps_dir())? {
+        fs::remove_file(&map).map_err(|source| BpfError::PinDir { path: map, source })?;
+        removed.maps += 1;
+    }
+    for sub in [pin_dir.links_dir(), pin_dir.maps_dir(), pin_dir.root.clone()] {
+        remove_dir_if_present(&sub)?;
+    }
     Ok(removed)
 }
 
@@ -195,6 +291,7 @@ mod tests {
     #[test]
     fn uninstalling_nothing_is_fine() {
         let dir = std::env::temp_dir().join(format!("interceptor-nothing-pinned-{}", std::process::id()));
-        assert_eq!(uninstall(&dir).unwrap(), Removed::default());
+        assert_eq!(uninstall(&dir).unwrap(), Vec::new());
+        assert_eq!(exempt_in_pinned(&dir, 42).unwrap(), 0);
     }
 }
