@@ -1,21 +1,27 @@
 //! creds: temporary credentials for each session ([`SessionKey`]), from STS AssumeRole signed with the
-//! agent's own credentials. The cache makes one STS call per key however many callers wait, refreshes
-//! sessions in the background well before they expire, and never serves a set with less than 20
-//! minutes left when a fresh one can be had.
+//! agent's own credentials. The cache makes one STS call per key at a time however many callers wait,
+//! gives every call [`STS_CALL_TIMEOUT`], and refreshes sessions in the background well before they
+//! expire, many at once so that one hung call stalls no other session. A set with less than 20 minutes
+//! left is served only while a fresh one is being fetched: a request waits for STS only when its
+//! session has no usable set at all.
 
 use std::{
     collections::HashMap,
     fmt,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, SystemTime},
 };
 
 pub mod metrics;
 
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::{
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
 
 pub use self::metrics::CacheMetrics;
+use self::metrics::{LookupResult, StsResult};
 use crate::policy::SessionKey;
 
 /// A secret string whose `Debug` and `Display` never show it.
@@ -56,6 +62,17 @@ impl Credentials {
     fn lifetime(&self) -> Duration {
         self.expiration.duration_since(self.issued).unwrap_or_default()
     }
+
+    /// What the set must have left to be fit to serve: [`MIN_REMAINING`], or two thirds of its lifetime
+    /// for sessions too short to ever have 20 minutes.
+    fn min_remaining(&self) -> Duration {
+        MIN_REMAINING.min(self.lifetime() / 3 * 2)
+    }
+
+    /// How long after it is issued the set stays fit to serve.
+    fn fit_for(&self) -> Duration {
+        self.lifetime() - self.min_remaining()
+    }
 }
 
 /// botocore refreshes credentials with less than 15 minutes left (10 mandatory); serving fewer than 20
@@ -65,26 +82,42 @@ pub const MIN_REMAINING: Duration = Duration::from_secs(20 * 60);
 /// Whether a set is fit to serve: at least [`MIN_REMAINING`] left, or two thirds of its lifetime for
 /// sessions too short to ever have 20 minutes.
 pub fn fit_to_serve(creds: &Credentials, now: SystemTime) -> bool {
-    creds.remaining(now) >= MIN_REMAINING.min(creds.lifetime() * 2 / 3)
+    creds.remaining(now) >= creds.min_remaining()
 }
 
-/// When the background task replaces a set: halfway through its life, and never later than five
-/// minutes before it stops being fit to serve.
+/// How long before a set turns unfit to serve the background task replaces it, when the set is fit
+/// for long enough: time for several more checks and calls if the first refresh fails.
+const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+
+/// When the background task replaces a set: halfway through its life or [`REFRESH_MARGIN`] before it
+/// turns unfit, whichever comes first, but never before halfway through the time it is fit. The floor
+/// is for short sessions: a 15-minute one (kube2iam's default) is fit for 5 minutes, so it is refreshed
+/// once, 2.5 minutes in, with 2.5 minutes to spare, instead of on every check.
 pub fn refresh_at(creds: &Credentials) -> SystemTime {
-    let lifetime = creds.lifetime();
-    let unfit_at = creds.expiration - MIN_REMAINING.min(lifetime * 2 / 3);
-    let halfway = creds.issued + lifetime / 2;
-    halfway.min(
-        unfit_at
-            .checked_sub(Duration::from_secs(5 * 60))
-            .unwrap_or(creds.issued),
-    )
+    let fit_for = creds.fit_for();
+    let before_unfit = fit_for.saturating_sub(REFRESH_MARGIN);
+    creds.issued + before_unfit.min(creds.lifetime() / 2).max(fit_for / 2)
 }
 
-/// A set too close to expiry to serve normally may still be served when STS fails, if it has this much
-/// left: it is the caller's own session, and better than an error.
+/// A set no longer fit to serve is still served, at once, while a fresh one is fetched, if it has this
+/// much left: it is the caller's own session, and better than a wait on STS or an error.
 const LAST_RESORT_REMAINING: Duration = Duration::from_secs(5 * 60);
 
+/// How long one AssumeRole call may take before the agent gives up on it. STS answers in well under a
+/// second when healthy, so a slower call is a call in trouble. Only a request whose session has no
+/// usable set waits for a call, and never longer than this: a 503 with Retry-After at 2 s still leaves
+/// aws-sdk-rust (1 s per attempt, 4 attempts) and aws-sdk-go-v2 (5 s per operation) attempts to retry
+/// with. botocore's 1 s is shorter than any call to STS can be promised, but the call outlives the
+/// request that started it, so botocore's next attempt finds the set in the cache.
+pub const STS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How many background refreshes call STS at once: enough that a few hung calls hold up no other
+/// session, few enough that a node with thousands of sessions does not flood STS when they come due
+/// together (after an outage, say).
+pub const MAX_CONCURRENT_REFRESHES: usize = 16;
+
+/// Why AssumeRole gave no credentials: STS refused, could not be reached, or gave no answer within the
+/// call's timeout; `message` says which.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("STS AssumeRole of {role} failed: {message}")]
 pub struct StsError {
@@ -170,24 +203,103 @@ impl AssumeRole for StsAssumeRole {
     }
 }
 
-/// One session's slot: the current set, and the lock that lets one fetch run at a time.
+/// What one STS call gives: a set, or why not. Everyone waiting for the call gets a copy.
+type Fetched = Result<Arc<Credentials>, StsError>;
+
+/// The STS call in flight for one session: every caller that needs its answer waits on this one
+/// instead of making another.
+#[derive(Clone)]
+struct Flight(watch::Receiver<Option<Fetched>>);
+
+impl Flight {
+    /// A flight whose task ended without landing (it panicked, or the runtime is shutting down) never
+    /// will; the next caller starts another.
+    fn is_alive(&self) -> bool {
+        !self.0.is_closed()
+    }
+
+    /// Waits for the call's answer; no longer than the call's own timeout.
+    async fn landed(mut self, session: &SessionKey) -> Fetched {
+        let answer = self
+            .0
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|answer| answer.clone());
+        answer.unwrap_or_else(|| {
+            Err(StsError {
+                role: session.role.to_string(),
+                message: "the call ended without an answer".to_owned(),
+            })
+        })
+    }
+}
+
+/// One session's slot. The current set and the call in flight change together, under one lock, so a
+/// caller never misses a set that just landed and starts a second call.
 #[derive(Default)]
 struct Slot {
-    current: Mutex<Option<Arc<Credentials>>>,
-    fetch: AsyncMutex<()>,
+    state: Mutex<SlotState>,
     last_used: Mutex<Option<SystemTime>>,
 }
 
+#[derive(Default)]
+struct SlotState {
+    current: Option<Arc<Credentials>>,
+    in_flight: Option<Flight>,
+}
+
+impl SlotState {
+    fn flight(&self) -> Option<Flight> {
+        self.in_flight.clone().filter(Flight::is_alive)
+    }
+}
+
 impl Slot {
+    fn state(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn current(&self) -> Option<Arc<Credentials>> {
-        self.current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.state().current.clone()
     }
 
     fn touch(&self, now: SystemTime) {
         *self.last_used.lock().unwrap_or_else(PoisonError::into_inner) = Some(now);
+    }
+
+    fn last_used(&self) -> Option<SystemTime> {
+        *self.last_used.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps what a call brought and ends its flight: from here on callers see the new set, or start
+    /// another call.
+    fn land(&self, fetched: &Fetched) {
+        let mut state = self.state();
+        if let Ok(creds) = fetched {
+            state.current = Some(creds.clone());
+        }
+        state.in_flight = None;
+    }
+}
+
+/// What a request finds in its session's slot.
+enum Lookup {
+    /// A set fit to serve.
+    Hit(Arc<Credentials>),
+    /// A set no longer fit but with minutes left, served while a call fetches the next one.
+    Stale(Arc<Credentials>),
+    /// No usable set: the request waits for the call.
+    Miss(Flight),
+}
+
+impl Lookup {
+    fn result(&self) -> LookupResult {
+        match self {
+            Self::Hit(_) => LookupResult::Hit,
+            Self::Stale(_) => LookupResult::Stale,
+            Self::Miss(_) => LookupResult::Miss,
+        }
     }
 }
 
@@ -195,55 +307,66 @@ impl Slot {
 pub struct CredentialCache {
     sts: Arc<dyn AssumeRole>,
     session_duration: Duration,
+    sts_timeout: Duration,
     max_sessions: usize,
     slots: Mutex<HashMap<SessionKey, Arc<Slot>>>,
     metrics: CacheMetrics,
 }
 
 impl CredentialCache {
+    /// A cache whose STS calls time out after [`STS_CALL_TIMEOUT`].
     pub fn new(sts: Arc<dyn AssumeRole>, session_duration: Duration, max_sessions: usize) -> Self {
         Self {
             sts,
             session_duration,
+            sts_timeout: STS_CALL_TIMEOUT,
             max_sessions,
             slots: Mutex::new(HashMap::new()),
             metrics: CacheMetrics::default(),
         }
     }
 
+    /// Gives every STS call `timeout` instead of [`STS_CALL_TIMEOUT`].
+    pub fn with_sts_timeout(mut self, timeout: Duration) -> Self {
+        self.sts_timeout = timeout;
+        self
+    }
+
     pub fn metrics(&self) -> &CacheMetrics {
         &self.metrics
     }
 
-    /// Credentials for `session`: the cached set when it is fit to serve, else a fresh one (one STS call
-    /// however many callers ask at once). On STS failure a cached set of the same session with a few
-    /// minutes left is served rather than nothing; never anything else.
-    pub async fn get(&self, session: &SessionKey) -> Result<Arc<Credentials>, StsError> {
+    /// Credentials for `session`: the cached set when it is fit to serve; else, at once, a cached set of
+    /// the same session with a few minutes left while a fresh one is fetched behind it; else a fresh one,
+    /// waiting at most the STS timeout. One STS call at a time however many callers ask; the call runs
+    /// on its own, so a caller that gives up does not cancel it.
+    pub async fn get(self: &Arc<Self>, session: &SessionKey) -> Result<Arc<Credentials>, StsError> {
         let slot = self.slot(session);
         let now = SystemTime::now();
         slot.touch(now);
-        if let Some(creds) = slot.current().filter(|creds| fit_to_serve(creds, now)) {
-            self.metrics.lookup(true);
-            return Ok(creds);
+        let lookup = self.lookup(session, &slot, now);
+        self.metrics.lookup(lookup.result());
+        match lookup {
+            Lookup::Hit(creds) | Lookup::Stale(creds) => Ok(creds),
+            Lookup::Miss(flight) => flight.landed(session).await,
         }
-        self.metrics.lookup(false);
-        let _fetching = slot.fetch.lock().await;
-        // Whoever held the lock before us may have fetched a fresh set.
-        if let Some(creds) = slot
-            .current()
-            .filter(|creds| fit_to_serve(creds, SystemTime::now()))
-        {
-            return Ok(creds);
+    }
+
+    /// What `slot` holds for a request at `now`; starts a call unless the set is fit or a call is in
+    /// flight.
+    fn lookup(self: &Arc<Self>, session: &SessionKey, slot: &Arc<Slot>, now: SystemTime) -> Lookup {
+        let mut state = slot.state();
+        let current = state.current.clone();
+        if let Some(creds) = current.as_ref().filter(|creds| fit_to_serve(creds, now)) {
+            return Lookup::Hit(creds.clone());
         }
-        match self.fetch(session, &slot).await {
-            Ok(creds) => Ok(creds),
-            Err(err) => match slot.current() {
-                Some(creds) if creds.remaining(SystemTime::now()) >= LAST_RESORT_REMAINING => {
-                    tracing::warn!(role = %session.role, error = %err, "STS failed; serving this session's cached credentials");
-                    Ok(creds)
-                }
-                _ => Err(err),
-            },
+        let flight = match state.flight() {
+            Some(flight) => flight,
+            None => self.start_flight(session, slot, &mut state),
+        };
+        match current {
+            Some(creds) if creds.remaining(now) >= LAST_RESORT_REMAINING => Lookup::Stale(creds),
+            _ => Lookup::Miss(flight),
         }
     }
 
@@ -256,35 +379,32 @@ impl CredentialCache {
         self.lock().is_empty()
     }
 
-    /// Refreshes every session due for it and drops those nobody asked for in two session lifetimes.
-    pub async fn refresh_due(&self) {
+    /// Refreshes every session due for it, up to [`MAX_CONCURRENT_REFRESHES`] at a time, and drops those
+    /// nobody asked for in two session lifetimes. Returns once every refresh it started has landed, each
+    /// within the STS timeout.
+    pub async fn refresh_due(self: &Arc<Self>) {
         let now = SystemTime::now();
-        let idle_limit = self.session_duration * 2;
-        let slots: Vec<(SessionKey, Arc<Slot>)> = {
-            let mut slots = self.lock();
-            slots.retain(|_, slot| {
-                let last_used = *slot.last_used.lock().unwrap_or_else(PoisonError::into_inner);
-                last_used.is_some_and(|used| now.duration_since(used).unwrap_or_default() < idle_limit)
-            });
-            slots
-                .iter()
-                .map(|(key, slot)| (key.clone(), slot.clone()))
-                .collect()
-        };
-        for (session, slot) in slots {
+        let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REFRESHES));
+        let mut refreshes = JoinSet::new();
+        for (session, slot) in self.drop_idle(now) {
             let due = slot.current().is_none_or(|creds| now >= refresh_at(&creds));
             if !due {
                 continue;
             }
-            let Ok(_fetching) = slot.fetch.try_lock() else {
-                continue; // a request is fetching this session right now
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break; // only a closed semaphore refuses, and nothing closes this one
             };
-            let result = self.fetch(&session, &slot).await;
-            self.metrics.refresh(result.is_ok());
-            if let Err(err) = result {
-                tracing::warn!(role = %session.role, error = %err, "background credential refresh failed");
-            }
+            let Some(flight) = self.start_refresh(&session, &slot) else {
+                continue; // a request's call for this session is in flight
+            };
+            let metrics = self.metrics.clone();
+            refreshes.spawn(async move {
+                let fetched = flight.landed(&session).await;
+                drop(permit);
+                metrics.refresh(fetched.is_ok());
+            });
         }
+        while refreshes.join_next().await.is_some() {}
     }
 
     /// Runs [`Self::refresh_due`] every `interval` while the cache lives.
@@ -292,15 +412,78 @@ impl CredentialCache {
         crate::periodic::every(interval, self, |cache| async move { cache.refresh_due().await })
     }
 
-    async fn fetch(&self, session: &SessionKey, slot: &Slot) -> Result<Arc<Credentials>, StsError> {
-        let started = std::time::Instant::now();
-        let result = self.sts.assume_role(session, self.session_duration).await;
+    /// Drops the sessions nobody asked for in two session lifetimes, and returns those kept.
+    fn drop_idle(&self, now: SystemTime) -> Vec<(SessionKey, Arc<Slot>)> {
+        let idle_limit = self.session_duration * 2;
+        let mut slots = self.lock();
+        slots.retain(|_, slot| {
+            slot.last_used()
+                .is_some_and(|used| now.duration_since(used).unwrap_or_default() < idle_limit)
+        });
+        self.metrics.sessions(slots.len());
+        slots
+            .iter()
+            .map(|(key, slot)| (key.clone(), slot.clone()))
+            .collect()
+    }
+
+    /// Starts a call for `session` unless one is in flight.
+    fn start_refresh(self: &Arc<Self>, session: &SessionKey, slot: &Arc<Slot>) -> Option<Flight> {
+        let mut state = slot.state();
+        if state.flight().is_some() {
+            return None;
+        }
+        Some(self.start_flight(session, slot, &mut state))
+    }
+
+    /// Starts a call for `session` as a task of its own, which lands its answer in `slot` whoever is
+    /// still waiting for it.
+    fn start_flight(
+        self: &Arc<Self>,
+        session: &SessionKey,
+        slot: &Arc<Slot>,
+        state: &mut SlotState,
+    ) -> Flight {
+        let (land, landed) = watch::channel(None);
+        let flight = Flight(landed);
+        state.in_flight = Some(flight.clone());
+        let (cache, session, slot) = (self.clone(), session.clone(), slot.clone());
+        tokio::spawn(async move {
+            let fetched = cache.assume_role(&session).await;
+            slot.land(&fetched);
+            land.send_replace(Some(fetched));
+        });
+        flight
+    }
+
+    /// One AssumeRole call, bounded by the STS timeout, counted and logged.
+    async fn assume_role(&self, session: &SessionKey) -> Fetched {
+        let started = tokio::time::Instant::now();
+        let call = self.sts.assume_role(session, self.session_duration);
+        let (result, fetched) = match tokio::time::timeout(self.sts_timeout, call).await {
+            Ok(Ok(creds)) => (StsResult::Success, Ok(Arc::new(creds))),
+            Ok(Err(err)) => (StsResult::Error, Err(err)),
+            Err(_) => (StsResult::Timeout, Err(self.timed_out(session))),
+        };
         self.metrics
-            .sts_call(session.role.as_str(), result.is_ok(), started.elapsed());
-        let creds = Arc::new(result?);
-        tracing::info!(role = %session.role, session_name = session.session_name.as_str(), "assumed role");
-        *slot.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(creds.clone());
-        Ok(creds)
+            .sts_call(session.role.as_str(), result, started.elapsed());
+        match &fetched {
+            Ok(_) => {
+                tracing::info!(role = %session.role, session_name = session.session_name.as_str(), "assumed role");
+            }
+            Err(err) => tracing::warn!(role = %session.role, error = %err, "STS AssumeRole failed"),
+        }
+        fetched
+    }
+
+    fn timed_out(&self, session: &SessionKey) -> StsError {
+        StsError {
+            role: session.role.to_string(),
+            message: format!(
+                "no answer within {}",
+                humantime::format_duration(self.sts_timeout)
+            ),
+        }
     }
 
     fn slot(&self, session: &SessionKey) -> Arc<Slot> {
@@ -316,7 +499,7 @@ impl CredentialCache {
         slot
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, Arc<Slot>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<SessionKey, Arc<Slot>>> {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -324,7 +507,7 @@ impl CredentialCache {
 fn evict_least_recently_used(slots: &mut HashMap<SessionKey, Arc<Slot>>) {
     let oldest = slots
         .iter()
-        .min_by_key(|(_, slot)| *slot.last_used.lock().unwrap_or_else(PoisonError::into_inner))
+        .min_by_key(|(_, slot)| slot.last_used())
         .map(|(key, _)| key.clone());
     if let Some(key) = oldest {
         slots.remove(&key);
@@ -333,13 +516,22 @@ fn evict_least_recently_used(slots: &mut HashMap<SessionKey, Arc<Slot>>) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::{
+        collections::HashSet,
+        sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    };
+
+    use prometheus_client::registry::Registry;
+    use tokio::time::Instant;
 
     use super::*;
     use crate::policy::{RoleArn, SessionName};
 
     const HOUR: Duration = Duration::from_secs(3600);
     const MINUTE: Duration = Duration::from_secs(60);
+    const SECOND: Duration = Duration::from_secs(1);
+    /// The STS timeout of the tests that wait for one. Real time: the crate's tokio has no paused clock.
+    const TIMEOUT: Duration = Duration::from_millis(300);
 
     fn creds(issued: SystemTime, lifetime: Duration) -> Credentials {
         Credentials {
@@ -359,29 +551,80 @@ mod tests {
         }
     }
 
-    /// Counts calls; answers with sets of the given lifetime, or fails.
+    /// Counts calls; answers with sets of the given lifetime named after the call (`ASIA0`, `ASIA1`...),
+    /// fails while `fail` is set, and never answers for the roles in `hung`.
     struct FakeSts {
-        calls: AtomicUsize,
+        calls: watch::Sender<usize>,
         lifetime: Duration,
-        fail: std::sync::atomic::AtomicBool,
+        fail: AtomicBool,
+        hung: Mutex<HashSet<String>>,
+        running: AtomicUsize,
+        most_running: AtomicUsize,
     }
 
     impl FakeSts {
         fn new(lifetime: Duration) -> Arc<Self> {
             Arc::new(Self {
-                calls: AtomicUsize::new(0),
+                calls: watch::Sender::new(0),
                 lifetime,
                 fail: false.into(),
+                hung: Mutex::default(),
+                running: AtomicUsize::new(0),
+                most_running: AtomicUsize::new(0),
             })
+        }
+
+        /// From now on, calls for `role` never answer.
+        fn hang(&self, role: &str) {
+            self.hung.lock().unwrap().insert(role.to_owned());
+        }
+
+        fn calls(&self) -> usize {
+            *self.calls.borrow()
+        }
+
+        /// Waits until `count` calls have started; fails, rather than hangs, when they never do.
+        async fn started(&self, count: usize) {
+            let mut calls = self.calls.subscribe();
+            let started = calls.wait_for(|calls| *calls >= count);
+            tokio::time::timeout(5 * SECOND, started)
+                .await
+                .expect("the calls never started")
+                .unwrap();
+        }
+    }
+
+    /// Counts a call as running until it ends, answered or dropped by its timeout.
+    struct Running<'a>(&'a AtomicUsize);
+
+    impl<'a> Running<'a> {
+        fn start(sts: &'a FakeSts) -> Self {
+            let now = sts.running.fetch_add(1, Ordering::SeqCst) + 1;
+            sts.most_running.fetch_max(now, Ordering::SeqCst);
+            Self(&sts.running)
+        }
+    }
+
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
     #[async_trait::async_trait]
     impl AssumeRole for FakeSts {
         async fn assume_role(&self, session: &SessionKey, _: Duration) -> Result<Credentials, StsError> {
-            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let mut n = 0;
+            self.calls.send_modify(|calls| {
+                n = *calls;
+                *calls += 1;
+            });
+            let _running = Running::start(self);
             // Long enough that every concurrent caller is waiting when the call returns.
             tokio::task::yield_now().await;
+            if self.hung.lock().unwrap().contains(session.role.name()) {
+                std::future::pending::<()>().await;
+            }
             if self.fail.load(Ordering::SeqCst) {
                 return Err(StsError {
                     role: session.role.to_string(),
@@ -392,6 +635,42 @@ mod tests {
             set.access_key_id = format!("ASIA{n}");
             Ok(set)
         }
+    }
+
+    fn cache(sts: &Arc<FakeSts>) -> Arc<CredentialCache> {
+        Arc::new(CredentialCache::new(sts.clone(), sts.lifetime, 100).with_sts_timeout(TIMEOUT))
+    }
+
+    /// Puts `set` in `session`'s slot as if a call had brought it, and marks the session used now.
+    fn put(cache: &CredentialCache, session: &SessionKey, set: Credentials) {
+        let slot = cache.slot(session);
+        slot.touch(SystemTime::now());
+        slot.state().current = Some(Arc::new(set));
+    }
+
+    fn key_of(cache: &CredentialCache, session: &SessionKey) -> Option<String> {
+        let set = cache.slot(session).current()?;
+        Some(set.access_key_id.clone())
+    }
+
+    /// The answer of the call in flight for `session`.
+    async fn landed(cache: &CredentialCache, session: &SessionKey) -> Fetched {
+        let flight = cache.slot(session).state().flight().expect("a call in flight");
+        flight.landed(session).await
+    }
+
+    /// The value of one counter or gauge sample, as Prometheus would scrape it.
+    fn metric(cache: &CredentialCache, sample: &str) -> Option<f64> {
+        let mut registry = Registry::default();
+        cache.metrics().register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    fn sts_calls(role: &str, result: &str) -> String {
+        format!("sts_assume_role_total{{role=\"arn:aws:iam::123456789012:role/{role}\",result=\"{result}\"}}")
     }
 
     #[test]
@@ -408,18 +687,60 @@ mod tests {
     #[test]
     fn refresh_comes_halfway_and_before_the_set_turns_unfit() {
         let issued = SystemTime::UNIX_EPOCH;
+        // One hour: unfit at 40 minutes; halfway comes first.
         assert_eq!(refresh_at(&creds(issued, HOUR)), issued + 30 * MINUTE);
         // 12 hours: unfit at 11h40m, so refresh at 11h35m would be later than halfway (6h).
         assert_eq!(refresh_at(&creds(issued, 12 * HOUR)), issued + 6 * HOUR);
         // 30 minutes: unfit at 10 minutes (two thirds remain = 20), refresh at 5 minutes.
         assert_eq!(refresh_at(&creds(issued, 30 * MINUTE)), issued + 5 * MINUTE);
-        assert!(refresh_at(&creds(issued, 15 * MINUTE)) >= issued);
+    }
+
+    #[test]
+    fn a_fifteen_minute_set_is_refreshed_halfway_through_the_five_minutes_it_is_fit() {
+        let issued = SystemTime::UNIX_EPOCH;
+        let set = creds(issued, 15 * MINUTE);
+        assert_eq!(refresh_at(&set), issued + 2 * MINUTE + 30 * SECOND);
+        // Fit until 5 minutes in: 2.5 minutes for the refresh to land, many 15-second checks.
+        assert!(fit_to_serve(&set, refresh_at(&set)));
+        assert!(fit_to_serve(&set, refresh_at(&set) + 2 * MINUTE + 30 * SECOND));
+        assert!(!fit_to_serve(&set, refresh_at(&set) + 2 * MINUTE + 31 * SECOND));
+    }
+
+    #[tokio::test]
+    async fn a_fifteen_minute_session_is_refreshed_once_and_served_fit_until_then() {
+        let sts = FakeSts::new(15 * MINUTE);
+        let cache = cache(&sts);
+        let key = session("short");
+        put(
+            &cache,
+            &key,
+            creds(SystemTime::now() - 2 * MINUTE - 29 * SECOND, 15 * MINUTE),
+        );
+        cache.refresh_due().await;
+        assert_eq!(sts.calls(), 0, "refreshed before its time");
+
+        put(
+            &cache,
+            &key,
+            creds(SystemTime::now() - 2 * MINUTE - 30 * SECOND, 15 * MINUTE),
+        );
+        assert_eq!(cache.get(&key).await.unwrap().access_key_id, "ASIATEST");
+        assert_eq!(
+            metric(&cache, "credential_cache_lookups_total{result=\"hit\"}"),
+            Some(1.0)
+        );
+        cache.refresh_due().await;
+        assert_eq!(sts.calls(), 1);
+        assert_eq!(cache.get(&key).await.unwrap().access_key_id, "ASIA0");
+        cache.refresh_due().await;
+        cache.refresh_due().await;
+        assert_eq!(sts.calls(), 1, "the fresh set was refreshed again at once");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_first_requests_make_one_sts_call() {
         let sts = FakeSts::new(HOUR);
-        let cache = Arc::new(CredentialCache::new(sts.clone(), HOUR, 100));
+        let cache = cache(&sts);
         let tasks: Vec<_> = (0..100)
             .map(|_| {
                 let cache = cache.clone();
@@ -429,63 +750,226 @@ mod tests {
         for task in tasks {
             assert_eq!(task.await.unwrap(), "ASIA0");
         }
-        assert_eq!(sts.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(sts.calls(), 1);
         cache.get(&session("other")).await.unwrap();
-        assert_eq!(
-            sts.calls.load(Ordering::SeqCst),
-            2,
-            "another role is another session"
-        );
+        assert_eq!(sts.calls(), 2, "another role is another session");
     }
 
     #[tokio::test]
     async fn sts_failure_without_a_usable_set_is_an_error_and_is_not_cached() {
         let sts = FakeSts::new(HOUR);
         sts.fail.store(true, Ordering::SeqCst);
-        let cache = CredentialCache::new(sts.clone(), HOUR, 100);
+        let cache = cache(&sts);
         let err = cache.get(&session("app")).await.unwrap_err();
-        assert!(err.to_string().contains("down"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "STS AssumeRole of arn:aws:iam::123456789012:role/app failed: down"
+        );
+        assert_eq!(metric(&cache, &sts_calls("app", "error")), Some(1.0));
         sts.fail.store(false, Ordering::SeqCst);
         assert_eq!(cache.get(&session("app")).await.unwrap().access_key_id, "ASIA1");
     }
 
     #[tokio::test]
-    async fn sts_failure_serves_the_sessions_own_set_while_it_has_minutes_left() {
+    async fn a_set_past_fit_is_served_at_once_while_it_has_five_minutes_left() {
         let sts = FakeSts::new(HOUR);
-        let cache = CredentialCache::new(sts.clone(), HOUR, 100);
-        let key = session("app");
-        cache.get(&key).await.unwrap();
-        // Age the cached set so it is no longer fit to serve but still has 10 minutes.
-        let slot = cache.slot(&key);
-        *slot.current.lock().unwrap() = Some(Arc::new(creds(SystemTime::now() - 50 * MINUTE, HOUR)));
         sts.fail.store(true, Ordering::SeqCst);
+        let cache = cache(&sts);
+        let key = session("app");
+        // Not fit to serve, but 10 minutes left: served, and a call started behind it.
+        put(&cache, &key, creds(SystemTime::now() - 50 * MINUTE, HOUR));
         assert_eq!(cache.get(&key).await.unwrap().access_key_id, "ASIATEST");
-        assert_eq!(sts.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            metric(&cache, "credential_cache_lookups_total{result=\"stale\"}"),
+            Some(1.0)
+        );
+        assert!(landed(&cache, &key).await.is_err());
+        assert_eq!(sts.calls(), 1);
+        // 4 minutes left: the request waits for STS, and STS's error is the answer.
+        put(&cache, &key, creds(SystemTime::now() - 56 * MINUTE, HOUR));
+        assert!(cache.get(&key).await.is_err());
+        assert_eq!(
+            metric(&cache, "credential_cache_lookups_total{result=\"miss\"}"),
+            Some(1.0)
+        );
+        assert_eq!(sts.calls(), 2);
+        // Once STS answers again, the set it brought replaces the stale one.
+        sts.fail.store(false, Ordering::SeqCst);
+        put(&cache, &key, creds(SystemTime::now() - 50 * MINUTE, HOUR));
+        assert_eq!(cache.get(&key).await.unwrap().access_key_id, "ASIATEST");
+        assert_eq!(landed(&cache, &key).await.unwrap().access_key_id, "ASIA2");
+        assert_eq!(cache.get(&key).await.unwrap().access_key_id, "ASIA2");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_gives_up_leaves_its_call_to_land_in_the_cache() {
+        let sts = FakeSts::new(HOUR);
+        let cache = cache(&sts);
+        let key = session("app");
+        // The caller's own timeout (botocore's 1 s, say) ends first: it drops the request once the
+        // request has started the call.
+        let gave_up = tokio::select! {
+            biased;
+            _ = cache.get(&key) => false,
+            () = std::future::ready(()) => true,
+        };
+        assert!(gave_up);
+        assert_eq!(landed(&cache, &key).await.unwrap().access_key_id, "ASIA0");
+        assert_eq!(cache.get(&key).await.unwrap().access_key_id, "ASIA0");
+        assert_eq!(sts.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn while_sts_hangs_a_cached_set_is_served_at_once_and_a_new_session_times_out() {
+        let sts = FakeSts::new(HOUR);
+        let cache = cache(&sts);
+        let (cached, new) = (session("cached"), session("new"));
+        put(&cache, &cached, creds(SystemTime::now() - 50 * MINUTE, HOUR));
+        sts.hang("cached");
+        sts.hang("new");
+
+        // The cached set, past fit, is served without waiting for the call it starts.
+        let started = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(cache.get(&cached).await.unwrap().access_key_id, "ASIATEST");
+        }
+        assert!(started.elapsed() < TIMEOUT, "waited {:?}", started.elapsed());
+        sts.started(1).await;
+        assert_eq!(sts.calls(), 1, "one call in flight for the session");
+        assert_eq!(
+            metric(&cache, "credential_cache_lookups_total{result=\"stale\"}"),
+            Some(10.0)
+        );
+
+        // A session with no set waits for its call, and hears the timeout when it comes.
+        let started = Instant::now();
+        let err = cache.get(&new).await.unwrap_err();
+        let waited = started.elapsed();
+        assert!(waited >= TIMEOUT && waited < SECOND, "waited {waited:?}");
+        assert_eq!(
+            err.to_string(),
+            "STS AssumeRole of arn:aws:iam::123456789012:role/new failed: no answer within 300ms"
+        );
+        assert_eq!(metric(&cache, &sts_calls("new", "timeout")), Some(1.0));
+        assert_eq!(metric(&cache, &sts_calls("new", "error")), None);
+        assert_eq!(metric(&cache, &sts_calls("cached", "timeout")), Some(1.0));
+        assert_eq!(
+            sts.running.load(Ordering::SeqCst),
+            0,
+            "a timed-out call still runs"
+        );
+
+        // Its set still has minutes left, so the cached session is served as before.
+        let started = Instant::now();
+        assert_eq!(cache.get(&cached).await.unwrap().access_key_id, "ASIATEST");
+        assert!(started.elapsed() < TIMEOUT, "waited {:?}", started.elapsed());
     }
 
     #[tokio::test]
     async fn background_refresh_replaces_due_sets_and_drops_idle_sessions() {
         let sts = FakeSts::new(HOUR);
-        let cache = CredentialCache::new(sts.clone(), HOUR, 100);
+        let cache = cache(&sts);
         let (due, idle) = (session("due"), session("idle"));
         cache.get(&due).await.unwrap();
         cache.get(&idle).await.unwrap();
-        *cache.slot(&due).current.lock().unwrap() =
-            Some(Arc::new(creds(SystemTime::now() - 31 * MINUTE, HOUR)));
+        put(&cache, &due, creds(SystemTime::now() - 31 * MINUTE, HOUR));
         *cache.slot(&idle).last_used.lock().unwrap() = Some(SystemTime::now() - 3 * HOUR);
         cache.refresh_due().await;
         assert_eq!(cache.len(), 1);
+        assert_eq!(metric(&cache, "credential_sessions"), Some(1.0));
+        assert_eq!(sts.calls(), 3, "only the due session was refreshed");
         assert_eq!(
-            sts.calls.load(Ordering::SeqCst),
-            3,
-            "only the due session was refreshed"
+            metric(&cache, "credential_refreshes_total{result=\"success\"}"),
+            Some(1.0)
         );
         assert_eq!(cache.get(&due).await.unwrap().access_key_id, "ASIA2");
     }
 
     #[tokio::test]
+    async fn hung_refreshes_stall_no_other_session() {
+        let sts = FakeSts::new(HOUR);
+        let cache = cache(&sts);
+        let hung = ["hung1", "hung2", "hung3", "hung4"];
+        let answered = session("answered");
+        for role in hung {
+            sts.hang(role);
+            put(
+                &cache,
+                &session(role),
+                creds(SystemTime::now() - 31 * MINUTE, HOUR),
+            );
+        }
+        put(&cache, &answered, creds(SystemTime::now() - 31 * MINUTE, HOUR));
+
+        let started = Instant::now();
+        let refresh = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.refresh_due().await }
+        });
+        sts.started(5).await;
+        // The answered session's set lands while the other four calls hang.
+        assert!(landed(&cache, &answered).await.is_ok());
+        assert_ne!(key_of(&cache, &answered).unwrap(), "ASIATEST");
+        assert_eq!(sts.running.load(Ordering::SeqCst), 4);
+        refresh.await.unwrap();
+        // One after another, four hung calls would take four timeouts.
+        let took = started.elapsed();
+        assert!(took >= TIMEOUT && took < SECOND, "took {took:?}");
+        for role in hung {
+            assert_eq!(metric(&cache, &sts_calls(role, "timeout")), Some(1.0));
+            assert_eq!(key_of(&cache, &session(role)).unwrap(), "ASIATEST");
+        }
+        assert_eq!(
+            metric(&cache, "credential_refreshes_total{result=\"success\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric(&cache, "credential_refreshes_total{result=\"error\"}"),
+            Some(4.0)
+        );
+    }
+
+    #[tokio::test]
+    async fn background_refreshes_call_sts_a_bounded_number_at_a_time() {
+        let sts = FakeSts::new(HOUR);
+        let cache = cache(&sts);
+        for n in 0..=MAX_CONCURRENT_REFRESHES {
+            let role = format!("hung{n}");
+            sts.hang(&role);
+            put(
+                &cache,
+                &session(&role),
+                creds(SystemTime::now() - 31 * MINUTE, HOUR),
+            );
+        }
+        let started = Instant::now();
+        cache.refresh_due().await;
+        assert_eq!(sts.calls(), MAX_CONCURRENT_REFRESHES + 1);
+        assert_eq!(sts.most_running.load(Ordering::SeqCst), MAX_CONCURRENT_REFRESHES);
+        assert!(started.elapsed() >= 2 * TIMEOUT, "took {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_refresh_joins_no_call_already_in_flight() {
+        let sts = FakeSts::new(HOUR);
+        let cache = cache(&sts);
+        let key = session("app");
+        sts.hang("app");
+        put(&cache, &key, creds(SystemTime::now() - 50 * MINUTE, HOUR));
+        cache.get(&key).await.unwrap();
+        sts.started(1).await;
+        // Were it to start a call, it would wait for it to time out.
+        cache.refresh_due().await;
+        assert_eq!(sts.calls(), 1, "a second call for one session");
+        assert_eq!(
+            metric(&cache, "credential_refreshes_total{result=\"error\"}"),
+            None
+        );
+    }
+
+    #[tokio::test]
     async fn the_cache_is_bounded() {
-        let cache = CredentialCache::new(FakeSts::new(HOUR), HOUR, 2);
+        let cache = Arc::new(CredentialCache::new(FakeSts::new(HOUR), HOUR, 2));
         for role in ["a", "b", "c"] {
             cache.get(&session(role)).await.unwrap();
         }

@@ -1,5 +1,5 @@
-//! creds::metrics: STS AssumeRole calls, errors and latency by role; cache hits, misses, background
-//! refreshes and the number of sessions held.
+//! creds::metrics: STS AssumeRole calls by role and result (success, error, timeout) and their latency;
+//! cache lookups (hit, stale, miss), background refreshes and the number of sessions held.
 
 use std::time::Duration;
 
@@ -25,6 +25,47 @@ struct StsLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RoleLabels {
     role: String,
+}
+
+/// How one AssumeRole call ended.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum StsResult {
+    Success,
+    /// STS refused, or could not be reached.
+    Error,
+    /// No answer within the call's timeout.
+    Timeout,
+}
+
+impl StsResult {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Success => ResultLabels::outcome(true).result,
+            Self::Error => ResultLabels::outcome(false).result,
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+/// What a request found in the cache.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum LookupResult {
+    /// A set fit to serve.
+    Hit,
+    /// A set no longer fit to serve, served while a fresh one is fetched: STS is slow or failing.
+    Stale,
+    /// No usable set: the request waited for STS.
+    Miss,
+}
+
+impl LookupResult {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Stale => "stale",
+            Self::Miss => "miss",
+        }
+    }
 }
 
 /// 1 ms to about 16 s.
@@ -57,18 +98,18 @@ impl CacheMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "sts_assume_role",
-            "STS AssumeRole calls by role ARN and result",
+            "STS AssumeRole calls by role ARN and result (success, error, or timeout: no answer in time)",
             self.sts_calls.clone(),
         );
         registry.register_with_unit(
             "sts_assume_role_duration",
-            "Time STS took to answer AssumeRole, by role ARN",
+            "Time AssumeRole calls took, by role ARN (a call that timed out counts its timeout)",
             Unit::Seconds,
             self.sts_latency.clone(),
         );
         registry.register(
             "credential_cache_lookups",
-            "Credential cache lookups: hit (a cached set fit to serve) or miss",
+            "Credential cache lookups: hit (a set fit to serve), stale (a set past fit, served while STS is called), miss (waited for STS)",
             self.lookups.clone(),
         );
         registry.register(
@@ -83,7 +124,7 @@ impl CacheMetrics {
         );
     }
 
-    pub(super) fn sts_call(&self, role: &str, ok: bool, took: Duration) {
+    pub(super) fn sts_call(&self, role: &str, result: StsResult, took: Duration) {
         let role = role.to_owned();
         self.sts_latency
             .get_or_create(&RoleLabels { role: role.clone() })
@@ -91,14 +132,17 @@ impl CacheMetrics {
         self.sts_calls
             .get_or_create(&StsLabels {
                 role,
-                result: ResultLabels::outcome(ok).result,
+                result: result.label(),
             })
             .inc();
     }
 
-    pub(super) fn lookup(&self, hit: bool) {
-        let result = if hit { "hit" } else { "miss" };
-        self.lookups.get_or_create(&ResultLabels { result }).inc();
+    pub(super) fn lookup(&self, result: LookupResult) {
+        self.lookups
+            .get_or_create(&ResultLabels {
+                result: result.label(),
+            })
+            .inc();
     }
 
     pub(super) fn refresh(&self, ok: bool) {
