@@ -64,7 +64,8 @@ pub enum StaticFileError {
     EmptyRole { path: PathBuf, index: usize },
 }
 
-/// The static file: `[[workload]]` entries, matched in file order.
+/// The static file: `[[workload]]` entries, matched outermost cgroup first, then in file order
+/// ([`Table::lookup`]).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StaticFile {
@@ -143,19 +144,38 @@ impl Table {
         Ok((matcher, Arc::new(workload)))
     }
 
-    /// The first entry whose glob matches the cgroup or one of its ancestors: an entry for a service
-    /// covers the cgroups the service creates below its own.
+    /// The workload of `cgroup`: an entry for a cgroup covers the cgroups below it, so the entry may
+    /// match the cgroup itself or any ancestor. Ancestors are tried from the outermost inward, and the
+    /// first (outermost) ancestor that any entry matches decides; among the entries that match it, the
+    /// first in file order wins. Deeper cgroups are never looked at once an ancestor matched.
+    ///
+    /// Why outermost first: a process that may create cgroups (a service with `Delegate=yes`, a
+    /// container runtime) names everything below its own cgroup. Were the innermost cgroup tried first,
+    /// `system.slice/a.service` could create `system.slice/a.service/x/b.service` and take the role of an
+    /// entry for `**/b.service`; outermost first, the entry for `system.slice/a.service` has already
+    /// matched above it. What a caller names below its own cgroup can only matter when nothing above
+    /// matched. The flip side: an entry that matches an ancestor shadows every entry for the cgroups
+    /// below it (a catch-all `**` matches `system.slice` itself, so everything gets its role); a
+    /// fallback goes last in the file at the depth it covers (`system.slice/*.service`).
     fn lookup(&self, cgroup: &CgroupPath) -> Option<Arc<Workload>> {
-        let path = cgroup.as_str();
-        let candidates: Vec<&str> =
-            std::iter::successors(Some(path), |p| p.rsplit_once('/').map(|(parent, _)| parent))
-                .filter(|p| !p.is_empty())
-                .collect();
+        outermost_first(cgroup.as_str()).find_map(|ancestor| self.first_entry_matching(ancestor))
+    }
+
+    fn first_entry_matching(&self, cgroup: &str) -> Option<Arc<Workload>> {
         self.entries
             .iter()
-            .find(|(matcher, _)| candidates.iter().any(|candidate| matcher.is_match(candidate)))
+            .find(|(matcher, _)| matcher.is_match(cgroup))
             .map(|(_, workload)| workload.clone())
     }
+}
+
+/// A cgroup path and its ancestors, outermost first: `a/b/c` -> `a`, `a/b`, `a/b/c` (nothing for the
+/// root, which no entry names).
+fn outermost_first(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/')
+        .map(|(end, _)| &path[..end])
+        .chain(std::iter::once(path))
+        .filter(|ancestor| !ancestor.is_empty())
 }
 
 /// The workload source's state: how many workloads it knows and how its reloads went.
@@ -338,6 +358,79 @@ role = "pods"
         assert_eq!(lookup("system.slice/other.service"), None);
         assert_eq!(lookup("system.slice"), None);
         assert_eq!(lookup(""), None);
+    }
+
+    fn role_of(table: &Table, path: &str) -> Option<String> {
+        table
+            .lookup(&CgroupPath::new(path))
+            .and_then(|workload| workload.request.role.clone())
+    }
+
+    /// The attack outermost-first matching stops: `a.service` creates a child cgroup named like
+    /// another entry's service, and that entry comes first in the file.
+    #[test]
+    fn a_child_cgroup_cannot_name_itself_into_another_entry() {
+        let file = r#"
+[[workload]]
+cgroup = "**/b.service"
+role = "b"
+
+[[workload]]
+cgroup = "system.slice/a.service"
+role = "a"
+"#;
+        let table = Table::parse(Path::new("w.toml"), file).unwrap();
+        let role_of = |path: &str| role_of(&table, path);
+        assert_eq!(
+            role_of("system.slice/a.service/x/b.service").as_deref(),
+            Some("a")
+        );
+        assert_eq!(role_of("system.slice/a.service/b.service").as_deref(), Some("a"));
+        assert_eq!(role_of("system.slice/b.service").as_deref(), Some("b"));
+        assert_eq!(role_of("system.slice/b.service/a.service").as_deref(), Some("b"));
+        assert_eq!(role_of("other.slice/c.service/b.service").as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn the_outermost_match_decides_and_file_order_breaks_ties() {
+        let file = r#"
+[[workload]]
+cgroup = "system.slice/billing.service/worker"
+role = "worker"
+
+[[workload]]
+cgroup = "system.slice/billing.service"
+role = "billing"
+
+[[workload]]
+cgroup = "system.slice/*.service"
+role = "fallback"
+"#;
+        let table = Table::parse(Path::new("w.toml"), file).unwrap();
+        let role_of = |path: &str| role_of(&table, path);
+        assert_eq!(
+            role_of("system.slice/billing.service/worker").as_deref(),
+            Some("billing"),
+            "an entry below a matched ancestor is shadowed"
+        );
+        assert_eq!(
+            role_of("system.slice/billing.service").as_deref(),
+            Some("billing")
+        );
+        assert_eq!(
+            role_of("system.slice/cron.service/job").as_deref(),
+            Some("fallback")
+        );
+    }
+
+    #[test]
+    fn ancestors_come_outermost_first() {
+        assert_eq!(
+            outermost_first("a/b/c").collect::<Vec<_>>(),
+            ["a", "a/b", "a/b/c"]
+        );
+        assert_eq!(outermost_first("a").collect::<Vec<_>>(), ["a"]);
+        assert_eq!(outermost_first("").count(), 0);
     }
 
     #[test]
