@@ -118,10 +118,13 @@ impl std::fmt::Display for CgroupPath {
 
 /// Turns cgroup ids into paths. The kernel hands out cgroup ids (kernfs inode numbers) once and never
 /// reuses them, so an id's path is cached until evicted; a miss costs one `open_by_handle_at`, never a
-/// walk of the cgroup tree.
+/// walk of the cgroup tree. A cgroup can still be removed or renamed after its path was cached, so a
+/// hit is served only while that path is still the same cgroup (one `stat`).
 pub struct CgroupPaths {
     mount: PathBuf,
     mount_dir: File,
+    /// The cgroup2 filesystem's device: a cached path is checked against its inode on this device.
+    mount_dev: u64,
     cache: Mutex<LruCache<CgroupId, CgroupPath>>,
 }
 
@@ -138,13 +141,16 @@ struct KernfsFileHandle {
 
 impl CgroupPaths {
     pub fn new(mount: PathBuf, capacity: NonZeroUsize) -> Result<Self, CgroupError> {
-        let mount_dir = File::open(&mount).map_err(|source| CgroupError::Read {
+        let read_error = |source| CgroupError::Read {
             path: mount.clone(),
             source,
-        })?;
+        };
+        let mount_dir = File::open(&mount).map_err(read_error)?;
+        let mount_dev = mount_dir.metadata().map_err(read_error)?.dev();
         Ok(Self {
             mount,
             mount_dir,
+            mount_dev,
             cache: Mutex::new(LruCache::new(capacity)),
         })
     }
@@ -155,12 +161,30 @@ impl CgroupPaths {
 
     /// The path of the cgroup with id `cgroup_id`, relative to the mount.
     pub fn path_of(&self, cgroup_id: CgroupId) -> Result<CgroupPath, CgroupError> {
-        if let Some(path) = self.lock().get(&cgroup_id) {
-            return Ok(path.clone());
+        if let Some(path) = self.cached(cgroup_id) {
+            return Ok(path);
         }
         let path = self.resolve(cgroup_id)?;
         self.lock().put(cgroup_id, path.clone());
         Ok(path)
+    }
+
+    /// The cached path of `cgroup_id`, if that path still is that cgroup; a stale entry is dropped,
+    /// so a removed cgroup never resolves and a renamed one is resolved afresh. The check runs outside
+    /// the lock; should another thread re-cache the id meanwhile, the drop costs it one more resolve.
+    fn cached(&self, cgroup_id: CgroupId) -> Option<CgroupPath> {
+        let path = self.lock().get(&cgroup_id).cloned()?;
+        if self.still_names(&path, cgroup_id) {
+            return Some(path);
+        }
+        self.lock().pop(&cgroup_id);
+        None
+    }
+
+    /// Whether the directory at `path` is the cgroup `cgroup_id`: same inode on the cgroup2 filesystem.
+    fn still_names(&self, path: &CgroupPath, cgroup_id: CgroupId) -> bool {
+        fs::symlink_metadata(self.mount.join(path.as_str()))
+            .is_ok_and(|meta| meta.ino() == cgroup_id.0 && meta.dev() == self.mount_dev)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<CgroupId, CgroupPath>> {
@@ -392,6 +416,67 @@ mod tests {
         assert!(PodUid::parse("9ac48755-3968-48e4-b9dc-6d4b69f3bb4g").is_none());
         assert!(ContainerId::parse(&CID[1..]).is_none());
         assert!(ContainerId::parse(&format!("{}z", &CID[1..])).is_none());
+    }
+
+    /// A scratch directory standing in for the cgroup2 mount: the ids are its directories' inodes.
+    fn scratch_mount(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("interceptor-{test}-{}", std::process::id()));
+        fs::create_dir_all(dir.join("svc")).unwrap();
+        fs::create_dir_all(dir.join("other")).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_cached_path_is_served_only_while_it_is_still_its_cgroup() {
+        let mount = scratch_mount("cached-path");
+        let paths = CgroupPaths::new(mount.clone(), NonZeroUsize::MIN).unwrap();
+        let svc = cgroup_id(&mount.join("svc")).unwrap();
+        let other = cgroup_id(&mount.join("other")).unwrap();
+        // As if both had been resolved, `other` to a path that now holds another directory.
+        paths.lock().put(svc, CgroupPath::new("svc"));
+        assert_eq!(paths.path_of(svc).unwrap().as_str(), "svc");
+        paths.lock().put(other, CgroupPath::new("svc"));
+        assert!(
+            paths.path_of(other).is_err(),
+            "the path names another directory now"
+        );
+        assert!(paths.lock().peek(&other).is_none(), "the stale entry is dropped");
+
+        paths.lock().put(svc, CgroupPath::new("svc"));
+        fs::remove_dir(mount.join("svc")).unwrap();
+        assert!(paths.path_of(svc).is_err(), "the directory is gone");
+        assert!(paths.lock().peek(&svc).is_none(), "the stale entry is dropped");
+        fs::remove_dir_all(&mount).unwrap();
+    }
+
+    struct RemoveDirOnDrop(PathBuf);
+
+    impl Drop for RemoveDirOnDrop {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir(&self.0);
+        }
+    }
+
+    /// Needs a cgroup2 mount where this process may create a cgroup (root); skipped elsewhere.
+    #[test]
+    fn a_removed_cgroup_stops_resolving_although_it_was_cached() {
+        let Ok(mount) = cgroup2_mount() else {
+            eprintln!("skipped: no cgroup2 mount");
+            return;
+        };
+        let name = format!("interceptor-unit-{}", std::process::id());
+        let dir = mount.join(&name);
+        if let Err(err) = fs::create_dir(&dir) {
+            eprintln!("skipped: cannot create cgroup {}: {err}", dir.display());
+            return;
+        }
+        // Removes the cgroup should an assertion fail before the test removes it itself.
+        let _cleanup = RemoveDirOnDrop(dir.clone());
+        let paths = CgroupPaths::new(mount, NonZeroUsize::MIN).unwrap();
+        let id = cgroup_id(&dir).unwrap();
+        assert_eq!(paths.path_of(id).unwrap().as_str(), name);
+        fs::remove_dir(&dir).unwrap();
+        assert!(matches!(paths.path_of(id), Err(CgroupError::UnknownId(gone)) if gone == id.0));
     }
 
     const HYBRID: &str = "\
