@@ -18,6 +18,7 @@ pub mod privileged;
 pub mod python;
 pub mod responder;
 pub mod sim;
+pub mod sts_proxy;
 
 /// A name unique to this process and call, short enough for interface names.
 pub fn unique_name(prefix: &str) -> String {
