@@ -21,6 +21,7 @@ use crate::{
     identity::{self, CgroupPaths},
     imds::{
         self, ImdsMetrics, ImdsState,
+        limits::ConnectionLimits,
         route::{AllowList, DEFAULT_ALLOWED},
         token::TokenKey,
         upstream::{MetadataService, Upstream},
@@ -127,6 +128,7 @@ const NODE_CREDENTIALS_CHECK: Duration = Duration::from_secs(30);
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(args: AgentArgs) -> Result<()> {
+    raise_open_files_limit();
     // 0. Health first, so a probe sees "alive, not ready" for the whole start-up.
     let telemetry = Arc::new(Telemetry::default());
     telemetry::spawn_server(args.metrics_addr, telemetry.clone()).await?;
@@ -210,11 +212,33 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     tracing::info!(agent_addr = %agent_addr, metrics_addr = %args.metrics_addr, cgroup_root = %cgroup_root.display(),
         exempt_cgroup_id = own_cgroup.0, workloads = %workloads_path.display(), "ready");
     let router = imds::router(Arc::new(state));
-    imds::serve(listener, router, interceptor, metrics, shutdown_signal()).await;
+    let limits = Arc::new(ConnectionLimits::default());
+    imds::serve(listener, router, interceptor, limits, metrics, shutdown_signal()).await;
     // The pinned programs stay: until the next agent takes over, pods' metadata connections are refused.
     telemetry.readiness.set_attached(false);
     tracing::info!(bpffs_dir = %args.bpffs_dir.display(), "shutting down; programs stay attached (interceptor uninstall removes them)");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: the connection limits, not the default soft
+/// limit of 1024, should decide when the agent stops accepting.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct we pass, which outlives both calls.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(open_files = limit.rlim_cur, "raised the open files limit");
+    } else {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open files limit");
+    }
 }
 
 /// A workload file mounted from a ConfigMap may appear after the agent starts: wait for it, not ready.

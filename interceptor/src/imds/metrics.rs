@@ -1,5 +1,6 @@
 //! imds::metrics: what the metadata API did: requests by route and status, their latency, refusals by
-//! reason, credentials served by role, and connections by whether the kernel attributed them. Label
+//! reason, credentials served by role, connections by whether the kernel attributed them, and
+//! connections closed at accept by the limit they were over. Label
 //! values are fixed strings, status codes and role ARNs (bounded by the workload source's policy).
 
 use prometheus_client::{
@@ -50,6 +51,7 @@ pub struct ImdsMetrics {
     refusals: Family<ReasonLabels, Counter>,
     credentials_served: Family<RoleLabels, Counter>,
     connections: Family<ConnectionLabels, Counter>,
+    connections_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Default for ImdsMetrics {
@@ -60,6 +62,7 @@ impl Default for ImdsMetrics {
             refusals: Family::default(),
             credentials_served: Family::default(),
             connections: Family::default(),
+            connections_refused: Family::default(),
         }
     }
 }
@@ -92,6 +95,11 @@ impl ImdsMetrics {
             "Connections accepted by the metadata API, by whether the kernel attributed them",
             self.connections.clone(),
         );
+        registry.register(
+            "metadata_connections_refused",
+            "Connections closed at accept because too many were open, by which limit",
+            self.connections_refused.clone(),
+        );
     }
 
     pub(super) fn request(
@@ -117,6 +125,12 @@ impl ImdsMetrics {
             .get_or_create(&RoleLabels {
                 role: role.to_owned(),
             })
+            .inc();
+    }
+
+    pub(super) fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 

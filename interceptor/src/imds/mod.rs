@@ -6,6 +6,7 @@
 //! with what the kernel recorded about its caller.
 
 mod error;
+pub mod limits;
 pub mod metrics;
 pub mod route;
 mod serve;

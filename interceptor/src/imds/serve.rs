@@ -1,5 +1,6 @@
 //! imds::serve: the accept loop. Each accepted connection is looked up in the kernel's record of
 //! redirected connections once, at accept, and every request on it carries the answer as a [`Caller`].
+//! A connection over the [`ConnectionLimits`] is closed at once.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -12,7 +13,7 @@ use hyper_util::{
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use super::ImdsMetrics;
+use super::{ImdsMetrics, limits::ConnectionLimits};
 use crate::bpf::{Attribution, Interceptor};
 
 /// Who is on the other end of a connection, as far as the agent knows.
@@ -44,6 +45,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     attribute: Arc<dyn Attribute>,
+    limits: Arc<ConnectionLimits>,
     metrics: ImdsMetrics,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -66,6 +68,16 @@ pub async fn serve(
             .ok()
             .and_then(|local| attribute.attribute(peer, local));
         metrics.connection(attribution.is_some());
+        let open = match limits.admit(attribution.map(|found| found.cgroup_id)) {
+            Ok(open) => open,
+            Err(over) => {
+                // Closed unread. Debug level: a flood must not flood the log too; the metric counts it.
+                tracing::debug!(%peer, cgroup_id = attribution.map(|found| found.cgroup_id.0), limit = over.label(),
+                    "metadata connection over its limit, closed");
+                metrics.connection_refused(over.label());
+                continue;
+            }
+        };
         let caller = Caller { peer, attribution };
         let service = router.clone().map_request(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(caller);
@@ -82,6 +94,7 @@ pub async fn serve(
             if let Err(err) = connection.await {
                 tracing::debug!(peer = %caller.peer, error = %err, "metadata connection ended with an error");
             }
+            drop(open);
         });
     }
 }
