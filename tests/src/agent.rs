@@ -48,8 +48,13 @@ impl Agent {
     /// The agent's own credentials and region come from the environment, as they would from a node's
     /// instance profile; nothing from the host's AWS configuration leaks in.
     pub fn command(node: &SimNode) -> Result<Command> {
-        let cgroup = node.cgroup("system.slice/interceptor.service")?;
-        let mut command = node.command(&cgroup, Agent::binary()?)?;
+        Self::command_in(node, &node.cgroup("system.slice/interceptor.service")?)
+    }
+
+    /// [`Agent::command`], with the agent in `cgroup` (a container cgroup of the agent's own pod, as a
+    /// DaemonSet runs it).
+    pub fn command_in(node: &SimNode, cgroup: &Path) -> Result<Command> {
+        let mut command = node.command(cgroup, Agent::binary()?)?;
         command
             .arg("agent")
             .arg("--bpffs-dir")

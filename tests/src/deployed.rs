@@ -2,7 +2,12 @@
 //! as STS, and the stand-in metadata service on 169.254.169.254 behind it. Pods are created on the node
 //! before the agent starts, so the workload file can name their cgroups.
 
-use std::{ffi::OsString, path::Path, process::Command, time::Duration};
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::Result;
 
@@ -25,6 +30,8 @@ pub enum Sts {
 pub struct DeployedNode {
     pub agent: Agent,
     agent_args: Vec<OsString>,
+    /// The cgroup the agent runs in.
+    agent_cgroup: PathBuf,
     pub moto: Option<Moto>,
     pub workloads: WorkloadFile,
     pub stand_in: StandIn,
@@ -35,6 +42,18 @@ impl DeployedNode {
     /// Starts the stand-in, moto (unless STS is down) and the agent with `workloads` as its static file
     /// and `extra_args` added to its flags.
     pub fn start(node: SimNode, workloads: &[(&Path, &str)], sts: Sts, extra_args: &[&str]) -> Result<Self> {
+        let agent_cgroup = node.cgroup("system.slice/interceptor.service")?;
+        Self::start_in(node, agent_cgroup, workloads, sts, extra_args)
+    }
+
+    /// [`DeployedNode::start`] with the agent in `agent_cgroup`.
+    pub fn start_in(
+        node: SimNode,
+        agent_cgroup: PathBuf,
+        workloads: &[(&Path, &str)],
+        sts: Sts,
+        extra_args: &[&str],
+    ) -> Result<Self> {
         let stand_in = StandIn::start(&node)?;
         let moto = match sts {
             Sts::Moto => Some(Moto::start(&node)?),
@@ -57,12 +76,13 @@ impl DeployedNode {
             workload_file.path().into(),
         ];
         agent_args.extend(extra_args.iter().map(OsString::from));
-        let mut command = Agent::command(&node)?;
+        let mut command = Agent::command_in(&node, &agent_cgroup)?;
         command.args(&agent_args);
         let agent = Agent::start(command)?;
         Ok(Self {
             agent,
             agent_args,
+            agent_cgroup,
             moto,
             workloads: workload_file,
             stand_in,
@@ -72,9 +92,15 @@ impl DeployedNode {
 
     /// Starts the agent again with the same flags, after [`Agent::kill`], and waits until it is ready.
     pub fn restart_agent(&mut self) -> Result<()> {
-        let mut command = Agent::command(&self.node)?;
+        self.restart_agent_in(self.agent_cgroup.clone())
+    }
+
+    /// [`DeployedNode::restart_agent`] in another cgroup: a restarted container gets a new one.
+    pub fn restart_agent_in(&mut self, cgroup: PathBuf) -> Result<()> {
+        let mut command = Agent::command_in(&self.node, &cgroup)?;
         command.args(&self.agent_args);
         self.agent = Agent::start(command)?;
+        self.agent_cgroup = cgroup;
         Ok(())
     }
 

@@ -10,6 +10,7 @@ use std::{
     collections::hash_map::RandomState,
     hash::{BuildHasher, Hasher},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream, UdpSocket},
+    os::fd::{FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::Command,
     sync::Arc,
@@ -96,6 +97,23 @@ impl SimNode {
             .with_context(|| format!("bind {addr}"))
     }
 
+    /// A raw TCP socket in the node's namespace: it receives a copy of every IPv4 TCP segment that
+    /// arrives for the node, whether a listener takes it or not.
+    pub fn tcp_capture(&self) -> Result<TcpCapture> {
+        let fd = self.netns.run(|| {
+            // SAFETY: plain socket(2); the fd is owned right away.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: fd is a new socket nobody else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        })?;
+        Ok(TcpCapture {
+            socket: std::net::UdpSocket::from(fd),
+        })
+    }
+
     pub fn bind_udp(&self, addr: SocketAddr) -> Result<UdpSocket> {
         self.netns
             .run(move || UdpSocket::bind(addr))
@@ -147,6 +165,39 @@ impl SimNode {
     /// A command in the node's network namespace and the given cgroup.
     pub fn command(&self, cgroup_dir: &Path, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
         self.netns.command(cgroup_dir, program)
+    }
+}
+
+/// What [`SimNode::tcp_capture`] returns.
+pub struct TcpCapture {
+    // A raw socket read through UdpSocket's datagram calls (recv and its timeout), which are the same.
+    socket: std::net::UdpSocket,
+}
+
+impl TcpCapture {
+    /// Reads segments until one from source port `until_port` arrives (bounded), and returns how many
+    /// from source port `counted_port` came before it. Segments of one path arrive in the order they
+    /// were sent, so a marker sent after a packet proves the packet had its chance to arrive.
+    pub fn count_before(&self, counted_port: u16, until_port: u16) -> Result<usize> {
+        self.socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut counted = 0;
+        let mut packet = [0u8; 2048];
+        while Instant::now() < deadline {
+            let Ok(len) = self.socket.recv(&mut packet) else {
+                continue;
+            };
+            let header_len = usize::from(packet[0] & 0x0f) * 4;
+            if len < header_len + 4 {
+                continue;
+            }
+            let source_port = u16::from_be_bytes([packet[header_len], packet[header_len + 1]]);
+            if source_port == until_port {
+                return Ok(counted);
+            }
+            counted += usize::from(source_port == counted_port);
+        }
+        anyhow::bail!("no segment from port {until_port} reached the node")
     }
 }
 

@@ -1,12 +1,14 @@
 //! A client the tests run inside simulated pods, for what curl cannot show: many connections in one
-//! process, many at once, the peer address a socket reports, UDP, and aws-sdk-rust's default
+//! process, many at once, held open or timed, the peer address a socket reports, UDP, a hand-made TCP
+//! segment from a raw socket, a connection made before the programs attach, and aws-sdk-rust's default
 //! credential chain.
 
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd},
     process::ExitCode,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, ensure};
@@ -51,6 +53,36 @@ enum Command {
         #[arg(long)]
         count: usize,
     },
+    /// Opens `count` connections and sends nothing; prints `opened=<n> failed=<n>`, then holds them until
+    /// standard input closes.
+    Hold {
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    /// `count` sequential GETs of `path`, each on a new connection; prints
+    /// `ok=<n> failed=<n> p50_us=<n> p99_us=<n>` (a failure: an error or a status other than 200).
+    Timed {
+        addr: SocketAddr,
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        count: usize,
+    },
+    /// Sends one hand-made TCP SYN from a raw socket, source port `src_port`, to `dst`.
+    RawSyn {
+        src: std::net::Ipv4Addr,
+        dst: std::net::SocketAddrV4,
+        #[arg(long)]
+        src_port: u16,
+    },
+    /// Connects and prints `connected`; after a line on standard input, sends a GET of `path` and prints
+    /// `response=<status line>`, or `no response` when none comes within 3 s.
+    ConnectThenGet {
+        addr: SocketAddr,
+        #[arg(long)]
+        path: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +93,10 @@ fn main() -> ExitCode {
         Command::ConcurrentGet { addr, path, count } => concurrent_get(addr, &path, count),
         Command::CallerIdentity { endpoint } => caller_identity(&endpoint),
         Command::ConnectLoop { count } => connect_loop(count),
+        Command::Hold { addr, count } => hold(addr, count),
+        Command::Timed { addr, path, count } => timed(addr, &path, count),
+        Command::RawSyn { src, dst, src_port } => raw_syn(src, dst, src_port),
+        Command::ConnectThenGet { addr, path } => connect_then_get(addr, &path),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -88,7 +124,10 @@ fn get(stream: &mut TcpStream, path: &str) -> Result<String> {
     let (head, body) = response
         .split_once("\r\n\r\n")
         .context("response without a head")?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "unexpected response: {head}");
+    ensure!(
+        head.split_whitespace().nth(1) == Some("200"),
+        "unexpected response: {head}"
+    );
     Ok(body.to_owned())
 }
 
@@ -174,5 +213,117 @@ fn connect_loop(count: usize) -> Result<()> {
     nanos.sort_unstable();
     let mean = nanos.iter().sum::<u128>() / nanos.len() as u128;
     println!("median_ns={} mean_ns={mean}", nanos[nanos.len() / 2]);
+    Ok(())
+}
+
+fn hold(addr: SocketAddr, count: usize) -> Result<()> {
+    let results: Vec<_> = (0..count)
+        .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+        .collect();
+    let opened = results.iter().filter(|result| result.is_ok()).count();
+    println!("opened={opened} failed={}", count - opened);
+    std::io::stdout().flush()?;
+    // Held until the test closes our standard input.
+    std::io::stdin().read_to_end(&mut Vec::new())?;
+    drop(results);
+    Ok(())
+}
+
+fn timed(addr: SocketAddr, path: &str, count: usize) -> Result<()> {
+    ensure!(count > 0, "--count must be positive");
+    let mut micros = Vec::with_capacity(count);
+    let mut failed = 0;
+    for _ in 0..count {
+        let start = Instant::now();
+        let ok = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(anyhow::Error::from)
+            .and_then(|mut stream| {
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                get(&mut stream, path)
+            })
+            .is_ok();
+        micros.push(start.elapsed().as_micros());
+        failed += usize::from(!ok);
+    }
+    micros.sort_unstable();
+    let percentile = |p: usize| micros[(micros.len() * p / 100).min(micros.len() - 1)];
+    println!(
+        "ok={} failed={failed} p50_us={} p99_us={}",
+        count - failed,
+        percentile(50),
+        percentile(99)
+    );
+    Ok(())
+}
+
+fn raw_syn(src: std::net::Ipv4Addr, dst: std::net::SocketAddrV4, src_port: u16) -> Result<()> {
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+    ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a new socket nobody else owns.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let segment = syn_segment(src, dst, src_port);
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: the buffer and address outlive the call, with their true lengths.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            segment.as_ptr().cast(),
+            segment.len(),
+            0,
+            std::ptr::from_ref(&to).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    // A packet dropped on its way out may fail the send (EPERM); the test checks who received it.
+    println!("sent={}", sent == segment.len() as isize);
+    Ok(())
+}
+
+/// A 20-byte TCP header with SYN set and a correct checksum over the IPv4 pseudo-header.
+fn syn_segment(src: std::net::Ipv4Addr, dst: std::net::SocketAddrV4, src_port: u16) -> [u8; 20] {
+    let mut segment = [0u8; 20];
+    segment[0..2].copy_from_slice(&src_port.to_be_bytes());
+    segment[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    segment[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    segment[12] = 5 << 4; // data offset: 5 words
+    segment[13] = 0x02; // SYN
+    segment[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&segment);
+    let sum = pseudo
+        .chunks_exact(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], pair[1]])))
+        .sum::<u32>();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let checksum = !(((folded & 0xffff) + (folded >> 16)) as u16);
+    segment[16..18].copy_from_slice(&checksum.to_be_bytes());
+    segment
+}
+
+fn connect_then_get(addr: SocketAddr, path: &str) -> Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connect {addr}"))?;
+    println!("connected");
+    std::io::stdout().flush()?;
+    std::io::stdin().read_line(&mut String::new())?;
+    // The request may be dropped on its way out; a failed send is the same as no response.
+    let _ = write!(stream, "GET {path} HTTP/1.0\r\nHost: sim\r\n\r\n");
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut response = String::new();
+    match stream.read_to_string(&mut response) {
+        Ok(_) if !response.is_empty() => println!("response={}", response.lines().next().unwrap_or_default()),
+        _ => println!("no response"),
+    }
     Ok(())
 }
