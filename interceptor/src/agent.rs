@@ -87,6 +87,10 @@ pub struct AgentArgs {
     #[arg(long, env = "INTERCEPTOR_IAM_ROLE_SESSION_TTL", value_name = "DURATION", default_value = "1h",
           value_parser = humantime::parse_duration)]
     pub iam_role_session_ttl: Duration,
+    /// Bound on one STS AssumeRole call: a caller with no usable set gets 503 with Retry-After after it.
+    #[arg(long, env = "INTERCEPTOR_STS_TIMEOUT", value_name = "DURATION", default_value = "2s",
+          value_parser = humantime::parse_duration)]
+    pub sts_timeout: Duration,
     /// Refuse metadata requests that carry no IMDSv2 token.
     #[arg(long, env = "INTERCEPTOR_REQUIRE_IMDSV2")]
     pub require_imdsv2: bool,
@@ -176,7 +180,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let cgroups = Arc::new(CgroupPaths::new(mount, CGROUP_PATH_CACHE)?);
     let sts = Arc::new(StsAssumeRole::from_env(args.region.clone(), args.sts_endpoint.clone()).await);
     let _node_credentials_check = watch_node_credentials(&sts, &telemetry).await;
-    let creds = Arc::new(CredentialCache::new(sts, ttl, MAX_SESSIONS));
+    ensure!(
+        !args.sts_timeout.is_zero(),
+        "--sts-timeout must be more than zero"
+    );
+    let creds = Arc::new(CredentialCache::new(sts, ttl, MAX_SESSIONS).with_sts_timeout(args.sts_timeout));
     telemetry.register(|registry| creds.metrics().register(registry));
 
     // 3. Attach: from here on, every new connection to the metadata address comes to the agent.

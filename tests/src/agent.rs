@@ -54,7 +54,20 @@ impl Agent {
     /// [`Agent::command`], with the agent in `cgroup` (a container cgroup of the agent's own pod, as a
     /// DaemonSet runs it).
     pub fn command_in(node: &SimNode, cgroup: &Path) -> Result<Command> {
-        let mut command = node.command(cgroup, Agent::binary()?)?;
+        Self::command_through(node, cgroup, &[])
+    }
+
+    /// [`Agent::command_in`], started through `wrapper` (a program and its arguments, which must exec
+    /// the arguments that follow them), e.g. `unshare` for a mount namespace of its own.
+    pub fn command_through(node: &SimNode, cgroup: &Path, wrapper: &[&str]) -> Result<Command> {
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = node.command(cgroup, program)?;
+                command.args(args).arg(Agent::binary()?);
+                command
+            }
+            None => node.command(cgroup, Agent::binary()?)?,
+        };
         command
             .arg("agent")
             .arg("--bpffs-dir")

@@ -4,7 +4,7 @@
 
 use interceptor::bpf::Interceptor;
 use interceptor_tests::{
-    agent::Agent,
+    agent::{Agent, BASE_ROLE_ARN, WorkloadFile},
     deployed::{DeployedNode, ROLE_LIST, Sts, body_of, curl, status_of},
     kernel,
     lab::{StandIn, run},
@@ -109,5 +109,54 @@ async fn a_restarting_agent_leaves_no_window_and_uninstall_removes_everything() 
         1,
         "the node's metadata service answered the pod"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_mounts_bpffs_where_a_node_has_none() -> anyhow::Result<()> {
+    if !privileged::can_run("bpffs mount") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let pod = node.pod()?;
+    let container = pod.container()?;
+    let _stand_in = StandIn::start(&node)?;
+    let workloads = WorkloadFile::new(&[(pod.slice(), "alpha")])?;
+    // A mount namespace of the agent's own, where /sys/fs/bpf is not bpffs (a tmpfs stands there, so
+    // the test does not depend on what the host mounted); the namespace, and whatever the agent pins
+    // in it, go when the agent exits.
+    let cgroup = node.cgroup("system.slice/interceptor.service")?;
+    let no_bpffs = "mount -t tmpfs tmpfs /sys/fs/bpf && exec \"$0\" \"$@\"";
+    let mut command = Agent::command_through(
+        &node,
+        &cgroup,
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            no_bpffs,
+        ],
+    )?;
+    command
+        .args(["--agent-addr", &node.agent_v4().to_string()])
+        .arg("--cgroup-root")
+        .arg(node.kubepods())
+        .args([
+            "--sts-endpoint",
+            "http://10.99.0.1:5999",
+            "--base-role-arn",
+            BASE_ROLE_ARN,
+        ])
+        .arg("--workloads")
+        .arg(workloads.path())
+        .args(["--bpffs-dir", "/sys/fs/bpf/interceptor"]);
+    let agent = Agent::start(command)?;
+    agent.wait_for_log("bpffs was not mounted: mounted it")?;
+    let listed = curl(&pod, &container, &[ROLE_LIST]).await?;
+    assert_eq!((status_of(&listed), body_of(&listed)), (200, "alpha"));
     Ok(())
 }

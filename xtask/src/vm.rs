@@ -162,7 +162,7 @@ fn version_key(package: &str) -> Vec<u64> {
 /// attribution, cgroup ids and paths, the agent on top of them). The tests with moto and the AWS
 /// clients exercise user space only and would take minutes to start Python under emulation: they run
 /// on the host.
-const KERNEL_TESTS: [&str; 4] = ["redirect", "attribution", "lifecycle", "imds"];
+const KERNEL_TESTS: [&str; 5] = ["redirect", "attribution", "lifecycle", "imds", "integrity"];
 
 /// Builds the agent and the privileged tests and returns the kernel tests' executables.
 fn build_test_binaries() -> Result<Vec<PathBuf>> {
