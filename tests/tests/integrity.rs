@@ -3,11 +3,11 @@
 //! Each test asserts that no workload ever gets another's identity, and that the node's metadata
 //! service hears nothing from a workload.
 
-use std::{net::SocketAddrV4, path::Path, process::Stdio};
+use std::{net::SocketAddrV4, path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
-use interceptor::bpf::Interceptor;
+use interceptor::bpf::{Interceptor, MAX_RECORD_AGE};
 use interceptor_common::{CgroupId, Counter};
 use interceptor_tests::{
     agent::{Agent, BASE_ROLE_ARN, WorkloadFile},
@@ -258,6 +258,44 @@ async fn a_connection_opened_before_the_programs_attach_gets_no_byte_through_aft
         .find(|(counter, _)| *counter == Counter::DroppedPacket)
         .map_or(0, |(_, value)| value);
     assert!(dropped >= 1, "no packet was counted as dropped");
+    client.wait().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_older_than_its_limit_attributes_nothing() -> Result<()> {
+    if !privileged::can_run("stale age") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let pod = node.pod()?;
+    let container = pod.container()?;
+    let config = node.redirect_config();
+    let lab = Lab::start(node, &config)?;
+    // The lab's agent looks the record up when the request arrives: one sent long after the connect
+    // finds a record older than any connection being accepted now could have.
+    let mut command = tokio::process::Command::from(pod.command(&container, SIM_CLIENT)?);
+    command
+        .args(["connect-then-get", "169.254.169.254:80", "--path", "/late"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true);
+    let mut client = command.spawn()?;
+    let mut lines = BufReader::new(client.stdout.take().context("stdout")?).lines();
+    assert_eq!(lines.next_line().await?.as_deref(), Some("connected"));
+    tokio::time::sleep(MAX_RECORD_AGE + Duration::from_millis(500)).await;
+    client.stdin.take().context("stdin")?.write_all(b"go\n").await?;
+    assert_eq!(
+        lines.next_line().await?.as_deref(),
+        Some("response=HTTP/1.1 200 OK")
+    );
+    let calls = lab.agent_calls();
+    assert_eq!(calls.len(), 1);
+    assert!(
+        calls[0].attribution.is_none(),
+        "a stale record attributed {:?}",
+        calls[0].attribution
+    );
     client.wait().await?;
     Ok(())
 }
