@@ -83,14 +83,17 @@ async fn a_stale_connection_record_never_lends_its_identity() -> Result<()> {
     assert!(lost.is_err(), "a lost SYN was answered: {lost:?}");
     run(neighbour(&["del"])?).await?;
 
-    // Whoever presents those 4-tuples now gets nothing of the victim's: the hostNetwork-like workload
-    // cannot connect straight to the agent at all, and a process outside the workload tree is refused.
+    // Whoever presents those 4-tuples now gets nothing of the victim's: no workload (the
+    // hostNetwork-like one, or the victim's own container) can connect straight to the agent at all,
+    // and a process outside the workload tree is refused.
     for (flag, port) in [(&flag, &port), (&flag2, &port2)] {
-        let from_workload = curl(&attacker, &attacker_container, &[flag, port, &direct]).await;
-        assert!(
-            from_workload.is_err(),
-            "a workload reached the agent directly: {from_workload:?}"
-        );
+        for (pod, container) in [(&attacker, &attacker_container), (&victim, &victim_container)] {
+            let from_workload = curl(pod, container, &[flag, port, &direct]).await;
+            assert!(
+                from_workload.is_err(),
+                "a workload reached the agent directly: {from_workload:?}"
+            );
+        }
         let from_outside = curl(&victim, &outside_root, &[flag, port, &direct]).await?;
         assert_eq!(status_of(&from_outside), 403, "{from_outside}");
         assert!(!from_outside.contains("app-b"), "{from_outside}");
