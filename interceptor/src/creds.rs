@@ -116,13 +116,15 @@ pub const STS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// together (after an outage, say).
 pub const MAX_CONCURRENT_REFRESHES: usize = 16;
 
-/// Why AssumeRole gave no credentials: STS refused, could not be reached, or gave no answer within the
-/// call's timeout; `message` says which.
+/// Why AssumeRole gave no credentials. A timeout is told apart: it is STS in trouble, not a refusal.
 #[derive(Clone, Debug, thiserror::Error)]
-#[error("STS AssumeRole of {role} failed: {message}")]
-pub struct StsError {
-    pub role: String,
-    pub message: String,
+pub enum StsError {
+    /// STS refused or could not be reached, or the call brought no usable set; `message` says which.
+    #[error("STS AssumeRole of {role} failed: {message}")]
+    Failed { role: String, message: String },
+    /// STS gave no answer within the call's timeout.
+    #[error("STS AssumeRole of {role} timed out: no answer within {}", humantime::format_duration(*after))]
+    TimedOut { role: String, after: Duration },
 }
 
 /// The STS call, behind a trait so the cache is tested without AWS.
@@ -173,7 +175,7 @@ impl StsAssumeRole {
 #[async_trait::async_trait]
 impl AssumeRole for StsAssumeRole {
     async fn assume_role(&self, session: &SessionKey, duration: Duration) -> Result<Credentials, StsError> {
-        let failed = |message: String| StsError {
+        let failed = |message: String| StsError::Failed {
             role: session.role.to_string(),
             message,
         };
@@ -227,7 +229,7 @@ impl Flight {
             .ok()
             .and_then(|answer| answer.clone());
         answer.unwrap_or_else(|| {
-            Err(StsError {
+            Err(StsError::Failed {
                 role: session.role.to_string(),
                 message: "the call ended without an answer".to_owned(),
             })
@@ -460,13 +462,15 @@ impl CredentialCache {
     async fn assume_role(&self, session: &SessionKey) -> Fetched {
         let started = tokio::time::Instant::now();
         let call = self.sts.assume_role(session, self.session_duration);
-        let (result, fetched) = match tokio::time::timeout(self.sts_timeout, call).await {
-            Ok(Ok(creds)) => (StsResult::Success, Ok(Arc::new(creds))),
-            Ok(Err(err)) => (StsResult::Error, Err(err)),
-            Err(_) => (StsResult::Timeout, Err(self.timed_out(session))),
+        let fetched = match tokio::time::timeout(self.sts_timeout, call).await {
+            Ok(answer) => answer.map(Arc::new),
+            Err(_) => Err(StsError::TimedOut {
+                role: session.role.to_string(),
+                after: self.sts_timeout,
+            }),
         };
         self.metrics
-            .sts_call(session.role.as_str(), result, started.elapsed());
+            .sts_call(session.role.as_str(), StsResult::of(&fetched), started.elapsed());
         match &fetched {
             Ok(_) => {
                 tracing::info!(role = %session.role, session_name = session.session_name.as_str(), "assumed role");
@@ -474,16 +478,6 @@ impl CredentialCache {
             Err(err) => tracing::warn!(role = %session.role, error = %err, "STS AssumeRole failed"),
         }
         fetched
-    }
-
-    fn timed_out(&self, session: &SessionKey) -> StsError {
-        StsError {
-            role: session.role.to_string(),
-            message: format!(
-                "no answer within {}",
-                humantime::format_duration(self.sts_timeout)
-            ),
-        }
     }
 
     fn slot(&self, session: &SessionKey) -> Arc<Slot> {
@@ -530,8 +524,6 @@ mod tests {
     const HOUR: Duration = Duration::from_secs(3600);
     const MINUTE: Duration = Duration::from_secs(60);
     const SECOND: Duration = Duration::from_secs(1);
-    /// The STS timeout of the tests that wait for one. Real time: the crate's tokio has no paused clock.
-    const TIMEOUT: Duration = Duration::from_millis(300);
 
     fn creds(issued: SystemTime, lifetime: Duration) -> Credentials {
         Credentials {
@@ -552,10 +544,11 @@ mod tests {
     }
 
     /// Counts calls; answers with sets of the given lifetime named after the call (`ASIA0`, `ASIA1`...),
-    /// fails while `fail` is set, and never answers for the roles in `hung`.
+    /// after `delay` when one is set, fails while `fail` is set, and never answers for the roles in `hung`.
     struct FakeSts {
         calls: watch::Sender<usize>,
         lifetime: Duration,
+        delay: Mutex<Option<Duration>>,
         fail: AtomicBool,
         hung: Mutex<HashSet<String>>,
         running: AtomicUsize,
@@ -567,6 +560,7 @@ mod tests {
             Arc::new(Self {
                 calls: watch::Sender::new(0),
                 lifetime,
+                delay: Mutex::default(),
                 fail: false.into(),
                 hung: Mutex::default(),
                 running: AtomicUsize::new(0),
@@ -574,7 +568,13 @@ mod tests {
             })
         }
 
-        /// From now on, calls for `role` never answer.
+        /// From now on, calls answer only after `delay`.
+        fn answer_after(&self, delay: Duration) {
+            *self.delay.lock().unwrap() = Some(delay);
+        }
+
+        /// From now on, calls for `role` never answer: a pending future, so that a paused clock moves
+        /// on to the call's timeout.
         fn hang(&self, role: &str) {
             self.hung.lock().unwrap().insert(role.to_owned());
         }
@@ -622,11 +622,15 @@ mod tests {
             let _running = Running::start(self);
             // Long enough that every concurrent caller is waiting when the call returns.
             tokio::task::yield_now().await;
+            let delay = *self.delay.lock().unwrap();
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
             if self.hung.lock().unwrap().contains(session.role.name()) {
                 std::future::pending::<()>().await;
             }
             if self.fail.load(Ordering::SeqCst) {
-                return Err(StsError {
+                return Err(StsError::Failed {
                     role: session.role.to_string(),
                     message: "down".to_owned(),
                 });
@@ -637,8 +641,9 @@ mod tests {
         }
     }
 
+    /// A cache with the agent's own STS timeout: the tests that wait for it run on a paused clock.
     fn cache(sts: &Arc<FakeSts>) -> Arc<CredentialCache> {
-        Arc::new(CredentialCache::new(sts.clone(), sts.lifetime, 100).with_sts_timeout(TIMEOUT))
+        Arc::new(CredentialCache::new(sts.clone(), sts.lifetime, 100))
     }
 
     /// Puts `set` in `session`'s slot as if a call had brought it, and marks the session used now.
@@ -801,25 +806,29 @@ mod tests {
         assert_eq!(cache.get(&key).await.unwrap().access_key_id, "ASIA2");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_request_that_gives_up_leaves_its_call_to_land_in_the_cache() {
+        const BOTOCORE_TIMEOUT: Duration = SECOND;
+        let slow = BOTOCORE_TIMEOUT + Duration::from_millis(500);
+        assert!(slow < STS_CALL_TIMEOUT);
         let sts = FakeSts::new(HOUR);
+        sts.answer_after(slow);
         let cache = cache(&sts);
         let key = session("app");
-        // The caller's own timeout (botocore's 1 s, say) ends first: it drops the request once the
-        // request has started the call.
-        let gave_up = tokio::select! {
-            biased;
-            _ = cache.get(&key) => false,
-            () = std::future::ready(()) => true,
-        };
-        assert!(gave_up);
+        // The caller's own timeout ends first and drops the request, not the call it started.
+        let started = Instant::now();
+        let gave_up = tokio::time::timeout(BOTOCORE_TIMEOUT, cache.get(&key)).await;
+        assert!(gave_up.is_err());
+        assert_eq!(started.elapsed(), BOTOCORE_TIMEOUT);
         assert_eq!(landed(&cache, &key).await.unwrap().access_key_id, "ASIA0");
+        assert_eq!(started.elapsed(), slow);
+        // The caller's retry finds the set in the cache.
         assert_eq!(cache.get(&key).await.unwrap().access_key_id, "ASIA0");
+        assert_eq!(started.elapsed(), slow);
         assert_eq!(sts.calls(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn while_sts_hangs_a_cached_set_is_served_at_once_and_a_new_session_times_out() {
         let sts = FakeSts::new(HOUR);
         let cache = cache(&sts);
@@ -833,7 +842,7 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(cache.get(&cached).await.unwrap().access_key_id, "ASIATEST");
         }
-        assert!(started.elapsed() < TIMEOUT, "waited {:?}", started.elapsed());
+        assert_eq!(started.elapsed(), Duration::ZERO);
         sts.started(1).await;
         assert_eq!(sts.calls(), 1, "one call in flight for the session");
         assert_eq!(
@@ -842,15 +851,25 @@ mod tests {
         );
 
         // A session with no set waits for its call, and hears the timeout when it comes.
-        let started = Instant::now();
         let err = cache.get(&new).await.unwrap_err();
-        let waited = started.elapsed();
-        assert!(waited >= TIMEOUT && waited < SECOND, "waited {waited:?}");
+        assert_eq!(started.elapsed(), STS_CALL_TIMEOUT);
+        assert!(
+            matches!(err, StsError::TimedOut { after, .. } if after == STS_CALL_TIMEOUT),
+            "{err:?}"
+        );
         assert_eq!(
             err.to_string(),
-            "STS AssumeRole of arn:aws:iam::123456789012:role/new failed: no answer within 300ms"
+            "STS AssumeRole of arn:aws:iam::123456789012:role/new timed out: no answer within 2s"
         );
         assert_eq!(metric(&cache, &sts_calls("new", "timeout")), Some(1.0));
+        assert_eq!(
+            metric(
+                &cache,
+                "sts_assume_role_duration_seconds_sum{role=\"arn:aws:iam::123456789012:role/new\"}"
+            ),
+            Some(STS_CALL_TIMEOUT.as_secs_f64()),
+            "a timed-out call counts its timeout"
+        );
         assert_eq!(metric(&cache, &sts_calls("new", "error")), None);
         assert_eq!(metric(&cache, &sts_calls("cached", "timeout")), Some(1.0));
         assert_eq!(
@@ -859,10 +878,10 @@ mod tests {
             "a timed-out call still runs"
         );
 
-        // Its set still has minutes left, so the cached session is served as before.
+        // Its set still has minutes left, so the cached session is served as before: at once.
         let started = Instant::now();
         assert_eq!(cache.get(&cached).await.unwrap().access_key_id, "ASIATEST");
-        assert!(started.elapsed() < TIMEOUT, "waited {:?}", started.elapsed());
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test]
@@ -885,7 +904,7 @@ mod tests {
         assert_eq!(cache.get(&due).await.unwrap().access_key_id, "ASIA2");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn hung_refreshes_stall_no_other_session() {
         let sts = FakeSts::new(HOUR);
         let cache = cache(&sts);
@@ -909,12 +928,12 @@ mod tests {
         sts.started(5).await;
         // The answered session's set lands while the other four calls hang.
         assert!(landed(&cache, &answered).await.is_ok());
+        assert_eq!(started.elapsed(), Duration::ZERO);
         assert_ne!(key_of(&cache, &answered).unwrap(), "ASIATEST");
         assert_eq!(sts.running.load(Ordering::SeqCst), 4);
         refresh.await.unwrap();
         // One after another, four hung calls would take four timeouts.
-        let took = started.elapsed();
-        assert!(took >= TIMEOUT && took < SECOND, "took {took:?}");
+        assert_eq!(started.elapsed(), STS_CALL_TIMEOUT);
         for role in hung {
             assert_eq!(metric(&cache, &sts_calls(role, "timeout")), Some(1.0));
             assert_eq!(key_of(&cache, &session(role)).unwrap(), "ASIATEST");
@@ -929,11 +948,12 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn background_refreshes_call_sts_a_bounded_number_at_a_time() {
         let sts = FakeSts::new(HOUR);
         let cache = cache(&sts);
-        for n in 0..=MAX_CONCURRENT_REFRESHES {
+        let due = 2 * MAX_CONCURRENT_REFRESHES;
+        for n in 0..due {
             let role = format!("hung{n}");
             sts.hang(&role);
             put(
@@ -944,12 +964,13 @@ mod tests {
         }
         let started = Instant::now();
         cache.refresh_due().await;
-        assert_eq!(sts.calls(), MAX_CONCURRENT_REFRESHES + 1);
+        assert_eq!(sts.calls(), due);
         assert_eq!(sts.most_running.load(Ordering::SeqCst), MAX_CONCURRENT_REFRESHES);
-        assert!(started.elapsed() >= 2 * TIMEOUT, "took {:?}", started.elapsed());
+        // Two rounds of hung calls: all at once would take one timeout, fewer at a time more than two.
+        assert_eq!(started.elapsed(), 2 * STS_CALL_TIMEOUT);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_refresh_joins_no_call_already_in_flight() {
         let sts = FakeSts::new(HOUR);
         let cache = cache(&sts);
@@ -958,8 +979,10 @@ mod tests {
         put(&cache, &key, creds(SystemTime::now() - 50 * MINUTE, HOUR));
         cache.get(&key).await.unwrap();
         sts.started(1).await;
-        // Were it to start a call, it would wait for it to time out.
+        // Were it to start a call, or wait on the one in flight, it would return at the timeout.
+        let started = Instant::now();
         cache.refresh_due().await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
         assert_eq!(sts.calls(), 1, "a second call for one session");
         assert_eq!(
             metric(&cache, "credential_refreshes_total{result=\"error\"}"),

@@ -14,6 +14,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+use super::StsError;
 use crate::telemetry::ResultLabels;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,6 +39,15 @@ pub(super) enum StsResult {
 }
 
 impl StsResult {
+    /// How the call that gave `fetched` ended: the error's variant tells a timeout from a failure.
+    pub(super) fn of<T>(fetched: &Result<T, StsError>) -> Self {
+        match fetched {
+            Ok(_) => Self::Success,
+            Err(StsError::Failed { .. }) => Self::Error,
+            Err(StsError::TimedOut { .. }) => Self::Timeout,
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Self::Success => ResultLabels::outcome(true).result,

@@ -80,7 +80,8 @@ impl ImdsError {
             Self::Policy(PolicyError::NoRole) => "no_role",
             Self::Policy(_) => "role_not_allowed",
             Self::OtherRole { .. } => "other_role",
-            Self::Sts(_) => "sts_error",
+            Self::Sts(StsError::Failed { .. }) => "sts_error",
+            Self::Sts(StsError::TimedOut { .. }) => "sts_timeout",
             Self::Upstream(_) => "upstream_error",
             Self::Timeout => "timeout",
         }
@@ -106,5 +107,32 @@ impl IntoResponse for ImdsError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(STS_RETRY_AFTER_SECONDS));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_timed_out_sts_call_has_its_own_reason_and_the_same_answer_as_a_failure() {
+        let role = "arn:aws:iam::123456789012:role/app".to_owned();
+        let failed = ImdsError::Sts(StsError::Failed {
+            role: role.clone(),
+            message: "down".to_owned(),
+        });
+        let timed_out = ImdsError::Sts(StsError::TimedOut {
+            role,
+            after: Duration::from_secs(2),
+        });
+        assert_eq!(failed.reason(), "sts_error");
+        assert_eq!(timed_out.reason(), "sts_timeout");
+        for err in [failed, timed_out] {
+            let response = err.into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+        }
     }
 }

@@ -78,7 +78,7 @@ struct Sts {
 impl AssumeRole for Sts {
     async fn assume_role(&self, session: &SessionKey, duration: Duration) -> Result<Credentials, StsError> {
         if self.down.load(Ordering::SeqCst) {
-            return Err(StsError {
+            return Err(StsError::Failed {
                 role: session.role.to_string(),
                 message: "connection refused".to_owned(),
             });
