@@ -243,11 +243,7 @@ impl Interceptor {
             names::EXEMPT_CGROUPS,
             config.exempt_cgroups.iter().map(|id| id.0),
         )?;
-        let connects_by_tuple = ebpf
-            .take_map(names::CONNECTS_BY_TUPLE)
-            .ok_or(BpfError::MissingMap {
-                name: names::CONNECTS_BY_TUPLE,
-            })?;
+        let connects_by_tuple = take_tuple_map(&mut ebpf)?;
         let connects_by_cookie = take_map(&mut ebpf, names::CONNECTS_BY_COOKIE)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
         if pin_dir.is_some() {
@@ -390,11 +386,20 @@ fn flush_tuples(map: &Map) -> Result<usize, BpfError> {
     Ok(keys.len())
 }
 
-/// The map behind a hash map of either kind (the connection maps are LRU hash maps).
+/// The tuple map, checked to be a hash map with the key and value sizes of ours.
+fn take_tuple_map(ebpf: &mut Ebpf) -> Result<Map, BpfError> {
+    let name = names::CONNECTS_BY_TUPLE;
+    let map = ebpf.take_map(name).ok_or(BpfError::MissingMap { name })?;
+    HashMap::<_, ConnectionKey, ConnectRecord>::try_from(&map)
+        .map_err(|source| BpfError::Map { name, source })?;
+    Ok(map)
+}
+
+/// The map behind a hash map of either kind.
 fn map_data(map: &Map) -> &MapData {
     match map {
         Map::HashMap(data) | Map::LruHashMap(data) => data,
-        _ => unreachable!("the connection maps are hash maps; take_map checked their type"),
+        _ => unreachable!("take_tuple_map checked that the tuple map is a hash map"),
     }
 }
 
