@@ -72,11 +72,15 @@ async fn demo() -> Result<()> {
         "http://{}/latest/meta-data/iam/security-credentials/",
         t.node.agent_v4()
     );
-    let refused = curl(&reader, &reader_container, &[&direct]).await?;
-    println!(
-        "a connection straight to the agent ({direct}): HTTP {}",
-        status_of(&refused)
-    );
+    let refused = match curl(&reader, &reader_container, &[&direct]).await {
+        Ok(response) => format!("HTTP {}", status_of(&response)),
+        Err(err) => format!("{:#}", err)
+            .rsplit(": ")
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    println!("a connection straight to the agent from a pod ({direct}): {refused}");
     let user_data = curl(
         &reader,
         &reader_container,
