@@ -110,7 +110,8 @@ impl Agent {
             }
         });
         let mut agent = Self { child, logs };
-        match ready_rx.recv_timeout(Duration::from_secs(30)) {
+        // Generous: under emulation (the kernel matrix's VMs) a debug agent takes tens of seconds.
+        match ready_rx.recv_timeout(Duration::from_secs(120)) {
             Ok(()) => Ok(agent),
             Err(_) => {
                 let status = agent.child.try_wait().ok().flatten();
