@@ -16,6 +16,8 @@ use crate::sim::SimNode;
 /// The role ARN prefix the tests' agents join role names to (moto's default account).
 pub const BASE_ROLE_ARN: &str = "arn:aws:iam::123456789012:role/";
 pub const ACCOUNT_ID: &str = "123456789012";
+/// An STS endpoint on the node where nothing listens: every AssumeRole fails.
+pub const NO_STS: &str = "http://10.99.0.1:5999";
 
 /// A running agent; killed on drop.
 pub struct Agent {
@@ -82,6 +84,19 @@ impl Agent {
             .env("AWS_CONFIG_FILE", "/nonexistent")
             .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent");
         Ok(command)
+    }
+
+    /// Adds the flags of an agent on `node` that no test here varies: listen on the node's agent
+    /// address, attach at its kubepods, the static workload file `workloads`, and an STS endpoint where
+    /// nothing listens (tests that need STS run moto, see `deployed`).
+    pub fn node_flags<'c>(command: &'c mut Command, node: &SimNode, workloads: &Path) -> &'c mut Command {
+        command
+            .args(["--agent-addr", &node.agent_v4().to_string()])
+            .arg("--cgroup-root")
+            .arg(node.kubepods())
+            .args(["--sts-endpoint", NO_STS])
+            .arg("--workloads")
+            .arg(workloads)
     }
 
     /// Starts `command` (from [`Agent::command`], with the test's flags added) and waits until the agent

@@ -12,7 +12,7 @@ use std::{
 use anyhow::Result;
 
 use crate::{
-    agent::{Agent, BASE_ROLE_ARN, WorkloadFile},
+    agent::{Agent, BASE_ROLE_ARN, NO_STS, WorkloadFile},
     lab::{StandIn, run},
     moto::Moto,
     python,
@@ -59,9 +59,7 @@ impl DeployedNode {
             Sts::Moto => Some(Moto::start(&node)?),
             Sts::Down => None,
         };
-        let sts_url = moto
-            .as_ref()
-            .map_or_else(|| format!("http://{NODE_IP}:5999"), Moto::url);
+        let sts_url = moto.as_ref().map_or_else(|| NO_STS.to_owned(), Moto::url);
         let workload_file = WorkloadFile::new(workloads)?;
         let mut agent_args: Vec<OsString> = vec![
             "--agent-addr".into(),

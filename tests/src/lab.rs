@@ -231,3 +231,56 @@ pub async fn run(command: Command) -> Result<String> {
 pub fn curl_args(url: &str) -> [&str; 6] {
     ["-sS", "--noproxy", "*", "--max-time", "10", url]
 }
+
+/// A client process the test talks to line by line: it prints a line when it is ready for the next
+/// step and waits for one on its standard input to take it (`sim-client hold`, `connect-then-get`).
+pub struct Interactive {
+    child: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Interactive {
+    /// Starts a prepared command with piped standard input and output; killed if dropped early.
+    pub fn spawn(command: Command) -> Result<Self> {
+        use tokio::io::AsyncBufReadExt;
+        let mut command = tokio::process::Command::from(command);
+        command
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().context("cannot start the client")?;
+        let stdout = child.stdout.take().context("stdout is piped")?;
+        Ok(Self {
+            stdin: child.stdin.take(),
+            lines: tokio::io::BufReader::new(stdout).lines(),
+            child,
+        })
+    }
+
+    /// The next line the client prints (bounded); fails when it exits first.
+    pub async fn line(&mut self) -> Result<String> {
+        tokio::time::timeout(Duration::from_secs(60), self.lines.next_line())
+            .await
+            .context("the client printed nothing for 60 s")??
+            .context("the client exited")
+    }
+
+    /// Tells the client to take its next step.
+    pub async fn go(&mut self) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self.stdin.as_mut().context("the client's input is closed")?;
+        stdin.write_all(b"go\n").await?;
+        Ok(())
+    }
+
+    /// Closes the client's input (a holding client then lets go) and waits for it to exit.
+    pub async fn finish(mut self) -> Result<()> {
+        drop(self.stdin.take());
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .context("the client did not exit within 60 s")??;
+        ensure!(status.success(), "the client failed: {status}");
+        Ok(())
+    }
+}

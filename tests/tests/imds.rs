@@ -267,14 +267,8 @@ async fn auto_discovery_takes_the_base_arn_and_the_default_role_from_the_node() 
         "[[workload]]\nname = \"plain\"\ncgroup = \"{relative}\"\n"
     ))?;
     let mut command = Agent::command(&node)?;
-    command
-        .args(["--agent-addr", &node.agent_v4().to_string()])
-        .arg("--cgroup-root")
-        .arg(node.kubepods())
-        .args(["--sts-endpoint", "http://10.99.0.1:5999"])
-        .args(["--auto-discover-base-arn", "--auto-discover-default-role"])
-        .arg("--workloads")
-        .arg(workloads.path());
+    Agent::node_flags(&mut command, &node, &workloads.path())
+        .args(["--auto-discover-base-arn", "--auto-discover-default-role"]);
     let _agent = Agent::start(command)?;
 
     let listed = curl(&pod, &container, &[ROLE_LIST]).await?;

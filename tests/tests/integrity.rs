@@ -3,7 +3,7 @@
 //! Each test asserts that no workload ever gets another's identity, and that the node's metadata
 //! service hears nothing from a workload.
 
-use std::{net::SocketAddrV4, path::Path, process::Stdio, time::Duration};
+use std::{net::SocketAddrV4, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
@@ -13,14 +13,18 @@ use interceptor_tests::{
     agent::{Agent, BASE_ROLE_ARN, WorkloadFile},
     cgroup::id_of,
     deployed::{DeployedNode, ROLE_LIST, Sts, body_of, curl, eventually, status_of},
-    lab::{Lab, StandIn, run},
+    lab::{Interactive, Lab, StandIn, run},
     privileged,
     sim::{METADATA_IP, Pod, SimNode},
 };
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const SIM_CLIENT: &str = env!("CARGO_BIN_EXE_sim-client");
-const ROLE_LIST_PATH: &str = "/latest/meta-data/iam/security-credentials/";
+/// The test client as a command in a pod's network and the given cgroup.
+fn sim_client(pod: &Pod, cgroup: &Path, args: &[&str]) -> Result<std::process::Command> {
+    let mut command = pod.command(cgroup, SIM_CLIENT)?;
+    command.args(args);
+    Ok(command)
+}
 
 /// A pod's credentials endpoint, straight at the agent's address.
 fn direct_role_list(node: &SimNode) -> String {
@@ -140,12 +144,7 @@ async fn restart_three_times_in_new_container_cgroups(discover: bool) -> Result<
     let workloads = WorkloadFile::new(&[(app.slice(), "alpha")])?;
     let start_in = |cgroup: &Path| -> Result<Agent> {
         let mut command = Agent::command_in(&node, cgroup)?;
-        command
-            .args(["--agent-addr", &node.agent_v4().to_string()])
-            .arg("--cgroup-root")
-            .arg(node.kubepods())
-            .args(["--sts-endpoint", "http://10.99.0.1:5999", "--workloads"])
-            .arg(workloads.path());
+        Agent::node_flags(&mut command, &node, &workloads.path());
         if discover {
             command.args(["--auto-discover-base-arn", "--auto-discover-default-role"]);
         } else {
@@ -201,13 +200,16 @@ async fn a_raw_syn_from_a_workload_never_reaches_the_metadata_service() -> Resul
     let capture = node.tcp_capture()?;
     let config = node.redirect_config();
     let lab = Lab::start(node, &config)?;
-    let raw_syn = |cgroup: &Path, src_port: u16| -> Result<std::process::Command> {
-        let mut command = pod.command(cgroup, SIM_CLIENT)?;
-        command
-            .args(["raw-syn", &pod.network().ip.to_string()])
-            .arg(SocketAddrV4::new(METADATA_IP, 80).to_string())
-            .args(["--src-port", &src_port.to_string()]);
-        Ok(command)
+    let (src, dst) = (
+        pod.network().ip.to_string(),
+        SocketAddrV4::new(METADATA_IP, 80).to_string(),
+    );
+    let raw_syn = |cgroup: &Path, src_port: u16| {
+        sim_client(
+            &pod,
+            cgroup,
+            &["raw-syn", &src, &dst, "--src-port", &src_port.to_string()],
+        )
     };
 
     // The workload's hand-made SYN first, then the same from outside the workload tree as a marker:
@@ -233,24 +235,21 @@ async fn a_connection_opened_before_the_programs_attach_gets_no_byte_through_aft
     let pod = node.pod()?;
     let container = pod.container()?;
     let stand_in = StandIn::start(&node)?;
-    let mut command = tokio::process::Command::from(pod.command(&container, SIM_CLIENT)?);
-    command
-        .args([
+    let mut client = Interactive::spawn(sim_client(
+        &pod,
+        &container,
+        &[
             "connect-then-get",
             "169.254.169.254:80",
             "--path",
             "/latest/user-data",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true);
-    let mut client = command.spawn()?;
-    let mut lines = BufReader::new(client.stdout.take().context("stdout")?).lines();
-    assert_eq!(lines.next_line().await?.as_deref(), Some("connected"));
+        ],
+    )?)?;
+    assert_eq!(client.line().await?, "connected");
 
     let interceptor = Interceptor::attach(&node.redirect_config())?;
-    client.stdin.take().context("stdin")?.write_all(b"go\n").await?;
-    assert_eq!(lines.next_line().await?.as_deref(), Some("no response"));
+    client.go().await?;
+    assert_eq!(client.line().await?, "no response");
     assert!(
         stand_in.metadata_paths().is_empty(),
         "the request reached the metadata service"
@@ -261,7 +260,7 @@ async fn a_connection_opened_before_the_programs_attach_gets_no_byte_through_aft
         .find(|(counter, _)| *counter == Counter::DroppedPacket)
         .map_or(0, |(_, value)| value);
     assert!(dropped >= 1, "no packet was counted as dropped");
-    client.wait().await?;
+    client.finish().await?;
     Ok(())
 }
 
@@ -277,21 +276,15 @@ async fn a_record_older_than_its_limit_attributes_nothing() -> Result<()> {
     let lab = Lab::start(node, &config)?;
     // The lab's agent looks the record up when the request arrives: one sent long after the connect
     // finds a record older than any connection being accepted now could have.
-    let mut command = tokio::process::Command::from(pod.command(&container, SIM_CLIENT)?);
-    command
-        .args(["connect-then-get", "169.254.169.254:80", "--path", "/late"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true);
-    let mut client = command.spawn()?;
-    let mut lines = BufReader::new(client.stdout.take().context("stdout")?).lines();
-    assert_eq!(lines.next_line().await?.as_deref(), Some("connected"));
+    let mut client = Interactive::spawn(sim_client(
+        &pod,
+        &container,
+        &["connect-then-get", "169.254.169.254:80", "--path", "/late"],
+    )?)?;
+    assert_eq!(client.line().await?, "connected");
     tokio::time::sleep(MAX_RECORD_AGE + Duration::from_millis(500)).await;
-    client.stdin.take().context("stdin")?.write_all(b"go\n").await?;
-    assert_eq!(
-        lines.next_line().await?.as_deref(),
-        Some("response=HTTP/1.1 200 OK")
-    );
+    client.go().await?;
+    assert_eq!(client.line().await?, "response=HTTP/1.1 200 OK");
     let calls = lab.agent_calls();
     assert_eq!(calls.len(), 1);
     assert!(
@@ -299,7 +292,7 @@ async fn a_record_older_than_its_limit_attributes_nothing() -> Result<()> {
         "a stale record attributed {:?}",
         calls[0].attribution
     );
-    client.wait().await?;
+    client.finish().await?;
     Ok(())
 }
 
@@ -316,19 +309,20 @@ async fn full_connection_maps_never_attribute_a_connection_to_another_cgroup() -
     let lab = Lab::start(node, &config)?;
 
     // One workload fills both maps several times over with connections that never send a request.
-    let mut hold = tokio::process::Command::from(pod.command(&holder, SIM_CLIENT)?);
-    hold.args(["hold", "169.254.169.254:80", "--count", "300"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true);
-    let mut held = hold.spawn()?;
-    let mut lines = BufReader::new(held.stdout.take().context("stdout")?).lines();
-    assert_eq!(lines.next_line().await?.as_deref(), Some("opened=300 failed=0"));
+    let mut held = Interactive::spawn(sim_client(
+        &pod,
+        &holder,
+        &["hold", "169.254.169.254:80", "--count", "300"],
+    )?)?;
+    assert_eq!(held.line().await?, "opened=300 failed=0");
 
     // Another workload's requests: each attributed to it, or refused; never to the holder.
-    let mut ask = pod.command(&asker, SIM_CLIENT)?;
-    ask.args(["http", "169.254.169.254:80", "--count", "100"]);
-    run(ask).await?;
+    run(sim_client(
+        &pod,
+        &asker,
+        &["http", "169.254.169.254:80", "--count", "100"],
+    )?)
+    .await?;
     let (holder_id, asker_id) = (id_of(&holder), id_of(&asker));
     let calls = lab.agent_calls();
     assert_eq!(calls.len(), 100, "only the asker sent requests");
@@ -346,8 +340,7 @@ async fn full_connection_maps_never_attribute_a_connection_to_another_cgroup() -
         !attributed.is_empty(),
         "the asker's own connections are attributed"
     );
-    drop(held.stdin.take());
-    held.wait().await?;
+    held.finish().await?;
     Ok(())
 }
 
@@ -370,25 +363,19 @@ async fn a_connection_flood_from_one_pod_does_not_starve_another() -> Result<()>
 
     // The flooder holds 2,000 connections open (over its share: the rest are closed at accept), then
     // keeps opening new ones while the victim asks for its role list 300 times, a new connection each.
-    let mut hold = tokio::process::Command::from(flooder.command(&flooding, SIM_CLIENT)?);
-    hold.args(["hold", "169.254.169.254:80", "--count", "2000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true);
-    let mut holder = hold.spawn()?;
-    let mut lines = BufReader::new(holder.stdout.take().context("stdout")?).lines();
-    let opened = lines.next_line().await?.unwrap_or_default();
-    let timed = |pod: &Pod, container: &Path, count: &str| -> Result<std::process::Command> {
-        let mut command = pod.command(container, SIM_CLIENT)?;
-        command.args([
-            "timed",
-            "169.254.169.254:80",
-            "--path",
-            ROLE_LIST_PATH,
-            "--count",
-            count,
-        ]);
-        Ok(command)
+    let mut holder = Interactive::spawn(sim_client(
+        &flooder,
+        &flooding,
+        &["hold", "169.254.169.254:80", "--count", "2000"],
+    )?)?;
+    let opened = holder.line().await?;
+    let timed = |pod: &Pod, container: &Path, count: &str| {
+        let path = "/latest/meta-data/iam/security-credentials/";
+        sim_client(
+            pod,
+            container,
+            &["timed", "169.254.169.254:80", "--path", path, "--count", count],
+        )
     };
     let (churn, during) = tokio::join!(
         run(timed(&flooder, &flooding, "3000")?),
@@ -408,7 +395,6 @@ async fn a_connection_flood_from_one_pod_does_not_starve_another() -> Result<()>
         metrics.contains("interceptor_metadata_connections_refused_total{reason=\"caller_limit\"}"),
         "the flood was not limited"
     );
-    drop(holder.stdin.take());
-    holder.wait().await?;
+    holder.finish().await?;
     Ok(())
 }

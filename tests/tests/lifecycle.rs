@@ -141,18 +141,8 @@ async fn the_agent_mounts_bpffs_where_a_node_has_none() -> anyhow::Result<()> {
             no_bpffs,
         ],
     )?;
-    command
-        .args(["--agent-addr", &node.agent_v4().to_string()])
-        .arg("--cgroup-root")
-        .arg(node.kubepods())
-        .args([
-            "--sts-endpoint",
-            "http://10.99.0.1:5999",
-            "--base-role-arn",
-            BASE_ROLE_ARN,
-        ])
-        .arg("--workloads")
-        .arg(workloads.path())
+    Agent::node_flags(&mut command, &node, &workloads.path())
+        .args(["--base-role-arn", BASE_ROLE_ARN])
         .args(["--bpffs-dir", "/sys/fs/bpf/interceptor"]);
     let agent = Agent::start(command)?;
     agent.wait_for_log("bpffs was not mounted: mounted it")?;

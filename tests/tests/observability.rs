@@ -26,18 +26,7 @@ async fn readyz_is_not_ready_until_the_workloads_are_synced_and_the_programs_att
     let workloads = WorkloadFile::new(&[])?;
     let pending = workloads.path().with_file_name("not-yet.toml");
     let mut command = Agent::command(&node)?;
-    command
-        .args(["--agent-addr", &node.agent_v4().to_string()])
-        .arg("--cgroup-root")
-        .arg(node.kubepods())
-        .args([
-            "--sts-endpoint",
-            "http://10.99.0.1:5999",
-            "--base-role-arn",
-            BASE_ROLE_ARN,
-        ])
-        .arg("--workloads")
-        .arg(&pending);
+    Agent::node_flags(&mut command, &node, &pending).args(["--base-role-arn", BASE_ROLE_ARN]);
     let agent = Agent::start_until(command, "waiting for the workload file to appear")?;
 
     assert_eq!(health(&node, "/healthz").await?.0, 200);
