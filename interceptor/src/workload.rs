@@ -86,14 +86,15 @@ struct StaticEntry {
     session_name: Option<String>,
 }
 
-/// The parsed file: each glob with the workload it names.
+/// The parsed file: each glob with the workload it names. Public for the fuzz target of the parser.
 #[derive(Debug, Default)]
-struct Table {
+pub struct Table {
     entries: Vec<(GlobMatcher, Arc<Workload>)>,
 }
 
 impl Table {
-    fn parse(path: &Path, text: &str) -> Result<Self, StaticFileError> {
+    /// Parses the text of the file at `path` (which only names it in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, StaticFileError> {
         let file: StaticFile = toml::from_str(text).map_err(|source| StaticFileError::Parse {
             path: path.to_owned(),
             source,
@@ -157,7 +158,7 @@ impl Table {
     /// matched. The flip side: an entry that matches an ancestor shadows every entry for the cgroups
     /// below it (a catch-all `**` matches `system.slice` itself, so everything gets its role); a
     /// fallback goes last in the file at the depth it covers (`system.slice/*.service`).
-    fn lookup(&self, cgroup: &CgroupPath) -> Option<Arc<Workload>> {
+    pub fn lookup(&self, cgroup: &CgroupPath) -> Option<Arc<Workload>> {
         outermost_first(cgroup.as_str()).find_map(|ancestor| self.first_entry_matching(ancestor))
     }
 

@@ -1,0 +1,89 @@
+//! Role ARNs, base ARNs, role names, external ids and session names (`policy`): any text is accepted
+//! or refused without a panic, and what is accepted keeps the rules STS and IAM set.
+//! Input: the text, tried as each of them.
+
+#![no_main]
+
+use std::sync::LazyLock;
+
+use interceptor::policy::{BaseArn, ExternalId, Policy, RoleArn, RoleRequest, SessionName};
+use libfuzzer_sys::fuzz_target;
+
+static POLICY: LazyLock<Policy> = LazyLock::new(|| Policy {
+    base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/teams").expect("a valid base ARN")),
+    default_role: Some("fallback".to_owned()),
+});
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(arn) = RoleArn::parse(text) {
+        check_role_arn(&arn);
+    }
+    if let Ok(arn) = POLICY.role_arn(text) {
+        check_role_arn(&arn);
+        assert_eq!(
+            RoleArn::parse(arn.as_str()).as_ref(),
+            Ok(&arn),
+            "a joined ARN parses again"
+        );
+    }
+    if let Ok(base) = BaseArn::parse(text) {
+        check_base_arn(&base);
+    }
+    if let Ok(base) = BaseArn::from_instance_profile(text) {
+        check_base_arn(&base);
+    }
+    let _ = ExternalId::parse(text);
+    check_session_name(&SessionName::sanitize(text));
+    let request = RoleRequest {
+        role: Some(text.to_owned()),
+        external_id: Some(text.to_owned()),
+        session_name: Some(text.to_owned()),
+    };
+    let _ = POLICY.session(&request, text);
+});
+
+/// What a valid role ARN promises its users: a 12-digit account, an `aws` partition, a name of 1-64
+/// allowed characters and a path without empty or dot segments.
+fn check_role_arn(arn: &RoleArn) {
+    assert!(arn.account_id().len() == 12 && arn.account_id().bytes().all(|b| b.is_ascii_digit()));
+    assert!(arn.partition().starts_with("aws"), "{arn}");
+    let name = arn.name();
+    assert!((1..=64).contains(&name.len()) && !name.contains('/'), "{arn}");
+    let (_, path_and_name) = arn
+        .as_str()
+        .split_once(":role/")
+        .expect("a role ARN has `:role/`");
+    for segment in path_and_name.split('/') {
+        assert!(!matches!(segment, "" | "." | ".."), "{arn}");
+    }
+}
+
+fn check_base_arn(base: &BaseArn) {
+    assert!(base.as_str().ends_with('/'), "{base:?}");
+    assert_eq!(
+        BaseArn::parse(base.as_str()).as_ref(),
+        Ok(base),
+        "parsing is idempotent"
+    );
+    let policy = Policy {
+        base_arn: Some(base.clone()),
+        default_role: None,
+    };
+    assert!(
+        policy.role_arn("app").is_ok(),
+        "every base ARN takes a plain name: {base:?}"
+    );
+}
+
+fn check_session_name(name: &SessionName) {
+    let text = name.as_str();
+    assert!((2..=64).contains(&text.len()), "{text:?}");
+    assert!(
+        text.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b)),
+        "{text:?}"
+    );
+}
