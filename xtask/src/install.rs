@@ -125,6 +125,28 @@ fn cargo_home() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cargo"))
 }
 
+/// The cargo-fuzz release the fuzz targets are built with.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, which builds and runs the libFuzzer targets of `fuzz/`.
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_some() {
+        return Ok(());
+    }
+    println!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+    run_checked(
+        Command::new("cargo")
+            .args([
+                "install",
+                "cargo-fuzz",
+                "--locked",
+                "--version",
+                CARGO_FUZZ_VERSION,
+            ])
+            .env_remove("RUSTUP_TOOLCHAIN"),
+    )
+}
+
 /// Debian packages whose commands the tests run, installed with apt when a command is missing.
 pub fn ensure_commands(commands_and_packages: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = commands_and_packages

@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask build-ebpf`, `test`, `demo` and `bench`.
+//! Project tasks: `cargo xtask build-ebpf`, `test`, `demo`, `bench` and `fuzz`.
 
 mod bench;
 mod build_ebpf;
 mod demo;
+mod fuzz;
 mod install;
 mod python;
 mod test;
@@ -29,6 +30,8 @@ enum Command {
     Demo,
     /// Run the benchmarks (as root), each reporting ratios against a baseline from the same run.
     Bench,
+    /// Run every fuzz target (cargo-fuzz, nightly) for a while and print how many inputs each ran.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         Command::Test(options) => test::run(&options),
         Command::Demo => demo::run(),
         Command::Bench => bench::run(),
+        Command::Fuzz(options) => fuzz::run(&options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
