@@ -44,6 +44,7 @@ pub fn run(options: &Options) -> Result<()> {
                 .args(["--", "-D", "warnings"]),
         )?;
     }
+    crate::fuzz::smoke()?;
     build_ebpf::build_agent()?;
     run_checked(workspace_cargo().args(["test", "--all-targets"]))?;
     if options.no_vm {
