@@ -151,10 +151,11 @@ impl Table {
     /// first in file order wins. Deeper cgroups are never looked at once an ancestor matched.
     ///
     /// Why outermost first: a process that may create cgroups (a service with `Delegate=yes`, a
-    /// container runtime) names everything below its own cgroup. Were the innermost cgroup tried first,
-    /// `system.slice/a.service` could create `system.slice/a.service/x/b.service` and take the role of an
-    /// entry for `**/b.service`; outermost first, the entry for `system.slice/a.service` has already
-    /// matched above it. What a caller names below its own cgroup can only matter when nothing above
+    /// container runtime) names everything below its own cgroup. Tried any other way (the innermost
+    /// cgroup first, or each entry in file order against every ancestor), `system.slice/a.service`
+    /// could create `system.slice/a.service/x/b.service` and take the role of an entry for
+    /// `**/b.service` listed before its own; outermost first, the entry for `system.slice/a.service`
+    /// has already matched above it. What a caller names below its own cgroup can only matter when nothing above
     /// matched. The flip side: an entry that matches an ancestor shadows every entry for the cgroups
     /// below it (a catch-all `**` matches `system.slice` itself, so everything gets its role); a
     /// fallback goes last in the file at the depth it covers (`system.slice/*.service`).
