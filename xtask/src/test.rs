@@ -1,6 +1,7 @@
 //! `cargo xtask test`, the README's test command and CI's: installs what is missing (commands, the
-//! Python venv with moto, the AWS CLI and boto3), builds the BPF object, checks formatting and lints, runs every test in the workspace, then the privileged tests on
-//! each kernel of the matrix in a VM. The privileged tests run for real when this runs as root; with
+//! Python venv with moto, the AWS CLI and boto3), builds the BPF object, checks formatting and lints,
+//! runs a short smoke of every fuzz target, runs every test in the workspace, then the privileged tests
+//! on each kernel of the matrix in a VM. The privileged tests run for real when this runs as root; with
 //! `CI` set they fail loudly if they cannot.
 
 use anyhow::Result;
