@@ -1,7 +1,8 @@
 //! agent: the `interceptor agent` command. Its flags (each also an `INTERCEPTOR_*` variable), and the
 //! start-up order that keeps a pod from ever reaching the node's credentials: start the health server,
-//! exempt the agent's own cgroup from any programs a previous agent left pinned, load the configuration, attach the programs (taking over pinned ones from a previous agent), listen,
-//! then report ready. `interceptor uninstall` removes what the agent pinned.
+//! exempt the agent's own cgroup from any programs a previous agent left pinned, load the
+//! configuration, attach the programs (taking over pinned ones from a previous agent), listen, then
+//! report ready. `interceptor uninstall` removes what the agent pinned.
 
 use std::{
     net::{IpAddr, SocketAddr, SocketAddrV4},

@@ -10,7 +10,7 @@ use std::{
     fs::File,
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::AsFd,
+    os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -101,6 +101,8 @@ pub enum BpfError {
         #[source]
         source: io::Error,
     },
+    #[error("BPF map {name} is not a hash map")]
+    NotHashMap { name: &'static str },
     #[error("BPF map {name}")]
     Syscall {
         name: &'static str,
@@ -197,14 +199,10 @@ enum AgentLink {
 pub struct Interceptor {
     // Declared first so the links are dropped (and the programs detached) before anything else.
     links: Vec<AgentLink>,
-    /// [`ConnectionKey`] -> [`ConnectRecord`]; taken from with one atomic syscall per accept, so no
-    /// lock stands between accepts, or between an accept and a metrics scrape.
-    connects_by_tuple: Map,
+    connects_by_tuple: TupleMap,
     /// Keyed by the raw socket cookie, as the programs key it.
     connects_by_cookie: HashMap<MapData, u64, ConnectRecord>,
     counters: PerCpuArray<MapData, u64>,
-    /// Set once the kernel has refused `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on hash maps (before 5.14).
-    no_lookup_and_delete: AtomicBool,
     log_forwarder: JoinHandle<()>,
     cgroup_root: PathBuf,
     _ebpf: Ebpf,
@@ -243,12 +241,12 @@ impl Interceptor {
             names::EXEMPT_CGROUPS,
             config.exempt_cgroups.iter().map(|id| id.0),
         )?;
-        let connects_by_tuple = take_tuple_map(&mut ebpf)?;
+        let connects_by_tuple = TupleMap::take(&mut ebpf)?;
         let connects_by_cookie = take_map(&mut ebpf, names::CONNECTS_BY_COOKIE)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
         if pin_dir.is_some() {
             // Records a previous agent never consumed describe connections nobody will accept now.
-            let flushed = flush_tuples(&connects_by_tuple)?;
+            let flushed = connects_by_tuple.flush()?;
             tracing::info!(flushed, "took over the pinned connection records");
         }
         let links = attach_all(&mut ebpf, &cgroup)?
@@ -275,7 +273,6 @@ impl Interceptor {
             connects_by_tuple,
             connects_by_cookie,
             counters,
-            no_lookup_and_delete: AtomicBool::new(false),
             log_forwarder,
             cgroup_root: config.cgroup_root.clone(),
             _ebpf: ebpf,
@@ -290,7 +287,7 @@ impl Interceptor {
             client: endpoint(peer),
             server: endpoint(local),
         };
-        let record = match self.take_record(&key) {
+        let record = match self.connects_by_tuple.take_record(&key) {
             Ok(record) => record?,
             Err(err) => {
                 tracing::warn!(%peer, %local, error = %err, "cannot look up connection attribution");
@@ -306,46 +303,24 @@ impl Interceptor {
         Some(record.into())
     }
 
-    /// Takes the record of `key` out of the tuple map, atomically where the kernel can.
-    fn take_record(&self, key: &ConnectionKey) -> io::Result<Option<ConnectRecord>> {
-        let fd = map_data(&self.connects_by_tuple).fd().as_fd();
-        if !self.no_lookup_and_delete.load(Ordering::Relaxed) {
-            match sys::lookup_and_delete(fd, key) {
-                Err(err) if sys::is_unsupported(&err) => {
-                    tracing::info!(
-                        "this kernel has no lookup-and-delete for hash maps; using lookup, then delete"
-                    );
-                    self.no_lookup_and_delete.store(true, Ordering::Relaxed);
-                }
-                result => return result,
-            }
-        }
-        // Lookup, then delete: only the caller whose delete succeeds owns the record.
-        let map = HashMap::<_, ConnectionKey, ConnectRecord>::try_from(&self.connects_by_tuple)
-            .map_err(io::Error::other)?;
-        let record = match map.get(key, 0) {
-            Ok(record) => record,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(err) => return Err(io::Error::other(err)),
-        };
-        Ok(sys::delete(fd, key)?.then_some(record))
-    }
-
     /// The programs' counters, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, BpfError> {
         Counter::ALL
             .iter()
-            .map(|&counter| {
-                let per_cpu = self
-                    .counters
-                    .get(&(counter as u32), 0)
-                    .map_err(|source| BpfError::Map {
-                        name: names::COUNTERS,
-                        source,
-                    })?;
-                Ok((counter, per_cpu.iter().sum()))
-            })
+            .map(|&counter| Ok((counter, self.counter(counter)?)))
             .collect()
+    }
+
+    /// One of the programs' counters, summed over CPUs.
+    pub fn counter(&self, counter: Counter) -> Result<u64, BpfError> {
+        let per_cpu = self
+            .counters
+            .get(&(counter as u32), 0)
+            .map_err(|source| BpfError::Map {
+                name: names::COUNTERS,
+                source,
+            })?;
+        Ok(per_cpu.iter().sum())
     }
 }
 
@@ -373,33 +348,68 @@ fn load(config: &RedirectConfig, pin_dir: Option<&PinDir>) -> Result<Ebpf, BpfEr
     loader.load(EMBEDDED_OBJECT).map_err(BpfError::Load)
 }
 
-/// Deletes every record of the tuple map; how many there were.
-fn flush_tuples(map: &Map) -> Result<usize, BpfError> {
-    let name = names::CONNECTS_BY_TUPLE;
-    let tuples = HashMap::<_, ConnectionKey, ConnectRecord>::try_from(map)
-        .map_err(|source| BpfError::Map { name, source })?;
-    let keys: Vec<ConnectionKey> = tuples.keys().filter_map(Result::ok).collect();
-    let fd = map_data(map).fd().as_fd();
-    for key in &keys {
-        sys::delete(fd, key).map_err(|source| BpfError::Syscall { name, source })?;
+/// [`ConnectionKey`] -> [`ConnectRecord`]. Records are taken with one syscall per accept, so no lock
+/// stands between accepts, or between an accept and a metrics scrape.
+struct TupleMap {
+    records: HashMap<MapData, ConnectionKey, ConnectRecord>,
+    /// The same map, for the syscalls aya does not offer (see [`sys`]).
+    fd: OwnedFd,
+    /// Set once the kernel has refused `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on hash maps (before 5.14).
+    no_lookup_and_delete: AtomicBool,
+}
+
+impl TupleMap {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+        let name = names::CONNECTS_BY_TUPLE;
+        let map = ebpf.take_map(name).ok_or(BpfError::MissingMap { name })?;
+        let (Map::HashMap(data) | Map::LruHashMap(data)) = &map else {
+            return Err(BpfError::NotHashMap { name });
+        };
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| BpfError::Syscall { name, source })?;
+        let records = HashMap::try_from(map).map_err(|source| BpfError::Map { name, source })?;
+        Ok(Self {
+            records,
+            fd,
+            no_lookup_and_delete: AtomicBool::new(false),
+        })
     }
-    Ok(keys.len())
-}
 
-/// The tuple map, checked to be a hash map with the key and value sizes of ours.
-fn take_tuple_map(ebpf: &mut Ebpf) -> Result<Map, BpfError> {
-    let name = names::CONNECTS_BY_TUPLE;
-    let map = ebpf.take_map(name).ok_or(BpfError::MissingMap { name })?;
-    HashMap::<_, ConnectionKey, ConnectRecord>::try_from(&map)
-        .map_err(|source| BpfError::Map { name, source })?;
-    Ok(map)
-}
+    /// Takes the record of `key` out of the map, atomically where the kernel can.
+    fn take_record(&self, key: &ConnectionKey) -> io::Result<Option<ConnectRecord>> {
+        if !self.no_lookup_and_delete.load(Ordering::Relaxed) {
+            match sys::lookup_and_delete(self.fd.as_fd(), key) {
+                Err(err) if sys::is_unsupported(&err) => {
+                    tracing::info!(
+                        "this kernel has no lookup-and-delete for hash maps; using lookup, then delete"
+                    );
+                    self.no_lookup_and_delete.store(true, Ordering::Relaxed);
+                }
+                result => return result,
+            }
+        }
+        // Lookup, then delete: only the caller whose delete succeeds owns the record.
+        let record = match self.records.get(key, 0) {
+            Ok(record) => record,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(err) => return Err(io::Error::other(err)),
+        };
+        Ok(sys::delete(self.fd.as_fd(), key)?.then_some(record))
+    }
 
-/// The map behind a hash map of either kind.
-fn map_data(map: &Map) -> &MapData {
-    match map {
-        Map::HashMap(data) | Map::LruHashMap(data) => data,
-        _ => unreachable!("take_tuple_map checked that the tuple map is a hash map"),
+    /// Deletes every record; how many there were.
+    fn flush(&self) -> Result<usize, BpfError> {
+        let keys: Vec<ConnectionKey> = self.records.keys().filter_map(Result::ok).collect();
+        for key in &keys {
+            sys::delete(self.fd.as_fd(), key).map_err(|source| BpfError::Syscall {
+                name: names::CONNECTS_BY_TUPLE,
+                source,
+            })?;
+        }
+        Ok(keys.len())
     }
 }
 
@@ -426,12 +436,9 @@ impl Interceptor {
     /// Counts the maps' entries (one key walk each; meant for a metrics scrape, not the request path).
     /// It takes no lock: accepts go on while it walks.
     pub fn occupancy(&self) -> Occupancy {
-        let tuples = HashMap::<_, ConnectionKey, ConnectRecord>::try_from(&self.connects_by_tuple)
-            .map(|map| map.keys().count())
-            .unwrap_or_default();
         Occupancy {
             connects_by_cookie: self.connects_by_cookie.keys().count() as u64,
-            connects_by_tuple: tuples as u64,
+            connects_by_tuple: self.connects_by_tuple.records.keys().count() as u64,
         }
     }
 }

@@ -159,11 +159,9 @@ impl Lab {
 
     /// The programs' counter `wanted`, summed over CPUs.
     pub fn counter(&self, wanted: Counter) -> u64 {
-        let counters = self.interceptor.counters().expect("read the programs' counters");
-        counters
-            .into_iter()
-            .find(|(counter, _)| *counter == wanted)
-            .map_or(0, |(_, value)| value)
+        self.interceptor
+            .counter(wanted)
+            .expect("read the programs' counters")
     }
 
     /// Every connection the agent listeners accepted so far, in order.
