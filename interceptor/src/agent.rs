@@ -16,6 +16,9 @@ use anyhow::{Context, Result, bail, ensure};
 use interceptor_common::CgroupId;
 use tokio::net::TcpListener;
 
+mod kube2iam;
+
+pub use self::kube2iam::Kube2iamArgs;
 use crate::{
     bpf::{Interceptor, RedirectConfig, metrics::BpfCollector},
     creds::{CredentialCache, StsAssumeRole},
@@ -27,9 +30,12 @@ use crate::{
         token::TokenKey,
         upstream::{MetadataService, Upstream},
     },
-    policy::{BaseArn, Policy},
+    policy::{BaseArn, PatternFormat, Policy},
     telemetry::{self, LogFormat, Telemetry},
-    workload::StaticWorkloads,
+    workload::{
+        FirstMatch, StaticWorkloads, WorkloadSource,
+        kube::{KubeSettings, KubeWorkloads},
+    },
 };
 
 /// A flag given twice takes its last value, so wrappers can append overrides to a base command line.
@@ -61,28 +67,96 @@ pub struct AgentArgs {
     /// AWS region for STS (default: the SDK's region chain: AWS_REGION, profile, instance metadata).
     #[arg(long, env = "INTERCEPTOR_REGION")]
     pub region: Option<String>,
-    /// Static workload file (TOML `[[workload]]` entries) instead of Kubernetes.
+    /// Static workload file (TOML `[[workload]]` entries), matched before Kubernetes pods when both are
+    /// on.
     #[arg(long, env = "INTERCEPTOR_WORKLOADS", value_name = "FILE")]
     pub workloads: Option<PathBuf>,
+    /// Serve the node's pods from the Kubernetes API [default: true without --workloads, false with it]
+    #[arg(long, env = "INTERCEPTOR_KUBERNETES", num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub kubernetes: Option<bool>,
+    /// This node's name: only pods with this spec.nodeName are served [default: $NODE_NAME]
+    #[arg(long, env = "INTERCEPTOR_NODE", value_name = "NAME")]
+    pub node: Option<String>,
+    /// kubeconfig file for the API server [default: in-cluster config; $KUBECONFIG when set]
+    #[arg(
+        long,
+        env = "INTERCEPTOR_KUBECONFIG",
+        value_name = "FILE",
+        conflicts_with = "api_server"
+    )]
+    pub kubeconfig: Option<PathBuf>,
+    /// API server URL, instead of the in-cluster config or a kubeconfig.
+    #[arg(long, env = "INTERCEPTOR_API_SERVER", value_name = "URL")]
+    pub api_server: Option<String>,
+    /// Bearer token for the API server.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_API_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub api_token: Option<String>,
+    /// Do not verify the API server's certificate.
+    #[arg(long, env = "INTERCEPTOR_INSECURE", num_args = 0..=1, default_missing_value = "true", default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub insecure: bool,
+    /// Pod (and ServiceAccount) annotation naming the role.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_IAM_ROLE_KEY",
+        value_name = "KEY",
+        default_value = "iam.amazonaws.com/role"
+    )]
+    pub iam_role_key: String,
+    /// Pod (and ServiceAccount) annotation naming the external id (kube2iam's --iam-external-id is this key).
+    #[arg(
+        long = "iam-external-id",
+        alias = "iam-external-id-key",
+        env = "INTERCEPTOR_IAM_EXTERNAL_ID_KEY",
+        value_name = "KEY",
+        default_value = "iam.amazonaws.com/external-id"
+    )]
+    pub iam_external_id_key: String,
+    /// A pod without a role annotation takes its ServiceAccount's role annotation (same key).
+    #[arg(long, env = "INTERCEPTOR_SERVICEACCOUNT_ROLES", num_args = 0..=1, default_missing_value = "true", default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub serviceaccount_roles: bool,
+    /// A pod may only take roles its namespace's annotation (--namespace-key) allows; the default role
+    /// is not checked.
+    #[arg(long, env = "INTERCEPTOR_NAMESPACE_RESTRICTIONS", num_args = 0..=1, default_missing_value = "true", default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub namespace_restrictions: bool,
+    /// Namespace annotation of the allowed roles: a JSON array of patterns, or one bare pattern.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_NAMESPACE_KEY",
+        value_name = "KEY",
+        default_value = "iam.amazonaws.com/allowed-roles"
+    )]
+    pub namespace_key: String,
+    /// How the namespace's patterns are written (regexps are anchored).
+    #[arg(long, env = "INTERCEPTOR_NAMESPACE_RESTRICTION_FORMAT", value_enum, default_value_t = PatternFormat::Glob)]
+    pub namespace_restriction_format: PatternFormat,
+    /// How long a request from a pod the API server has not delivered yet waits for it before 503.
+    #[arg(long, env = "INTERCEPTOR_POD_WAIT", value_name = "DURATION", default_value = "500ms",
+          value_parser = humantime::parse_duration)]
+    pub pod_wait: Duration,
     /// ARN prefix role names are joined to, e.g. arn:aws:iam::123456789012:role/
     #[arg(long, env = "INTERCEPTOR_BASE_ROLE_ARN", value_name = "ARN")]
     pub base_role_arn: Option<String>,
     /// Take the base role ARN from the node's instance profile (metadata iam/info).
-    #[arg(
-        long,
-        env = "INTERCEPTOR_AUTO_DISCOVER_BASE_ARN",
-        conflicts_with = "base_role_arn"
-    )]
+    #[arg(long, env = "INTERCEPTOR_AUTO_DISCOVER_BASE_ARN", conflicts_with = "base_role_arn",
+          num_args = 0..=1, default_missing_value = "true", default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub auto_discover_base_arn: bool,
     /// Role (name or ARN) for workloads that name none; without it they get no credentials.
     #[arg(long, env = "INTERCEPTOR_DEFAULT_ROLE", value_name = "ROLE")]
     pub default_role: Option<String>,
     /// Use the node's instance role as the default role (assumed through STS like any other role).
-    #[arg(
-        long,
-        env = "INTERCEPTOR_AUTO_DISCOVER_DEFAULT_ROLE",
-        conflicts_with = "default_role"
-    )]
+    #[arg(long, env = "INTERCEPTOR_AUTO_DISCOVER_DEFAULT_ROLE", conflicts_with = "default_role",
+          num_args = 0..=1, default_missing_value = "true", default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub auto_discover_default_role: bool,
     /// Lifetime of assumed-role sessions (15m to 12h).
     #[arg(long, env = "INTERCEPTOR_IAM_ROLE_SESSION_TTL", value_name = "DURATION", default_value = "1h",
@@ -93,7 +167,8 @@ pub struct AgentArgs {
           value_parser = humantime::parse_duration)]
     pub sts_timeout: Duration,
     /// Refuse metadata requests that carry no IMDSv2 token.
-    #[arg(long, env = "INTERCEPTOR_REQUIRE_IMDSV2")]
+    #[arg(long, env = "INTERCEPTOR_REQUIRE_IMDSV2", num_args = 0..=1, default_missing_value = "true", default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub require_imdsv2: bool,
     /// Paths below the version (globs, e.g. `meta-data/placement/**`) passed to the node's metadata
     /// service; replaces the default list of instance facts. The node's credentials, identity
@@ -105,38 +180,61 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     pub metadata_proxy_allow: Vec<String>,
-    /// Address of the health server: /metrics, /healthz, /readyz.
-    #[arg(
-        long,
-        env = "INTERCEPTOR_METRICS_ADDR",
-        value_name = "IP:PORT",
-        default_value = "0.0.0.0:9181"
-    )]
-    pub metrics_addr: SocketAddr,
+    /// Address of the health server: /metrics, /healthz, /readyz [default: 0.0.0.0:9181]
+    #[arg(long, env = "INTERCEPTOR_METRICS_ADDR", value_name = "IP:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Log format.
     #[arg(long, env = "INTERCEPTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Log filter: a level or tracing directives (`info`, `interceptor=debug`).
     #[arg(long, env = "INTERCEPTOR_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    #[command(flatten)]
+    pub kube2iam: Kube2iamArgs,
+}
+
+impl AgentArgs {
+    /// The log filter: --log-level, with kube2iam's level names (`warning`, `fatal`, `panic`) read as
+    /// tracing's, and debug when kube2iam's --verbose or --debug is given.
+    pub fn log_filter(&self) -> String {
+        if self.kube2iam.wants_debug() {
+            return "debug".to_owned();
+        }
+        match self.log_level.as_str() {
+            "warning" => "warn".to_owned(),
+            "fatal" | "panic" => "error".to_owned(),
+            other => other.to_owned(),
+        }
+    }
 }
 
 const DEFAULT_AGENT_PORT: u16 = 8181;
+const DEFAULT_METRICS_PORT: u16 = 9181;
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/interceptor";
 /// Cgroup ids whose paths are remembered (one per container that asked recently).
 const CGROUP_PATH_CACHE: NonZeroUsize = NonZeroUsize::new(16_384).expect("non-zero");
 /// Sessions the credential cache holds at most.
 const MAX_SESSIONS: usize = 10_000;
 const WORKLOAD_FILE_CHECK: Duration = Duration::from_secs(1);
+/// The SDKs give up on the metadata service after 1 to 5 seconds; a longer wait only hides a problem.
+const MAX_POD_WAIT: Duration = Duration::from_secs(5);
 const CREDENTIAL_REFRESH_CHECK: Duration = Duration::from_secs(15);
 const NODE_CREDENTIALS_CHECK: Duration = Duration::from_secs(30);
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(args: AgentArgs) -> Result<()> {
     raise_open_files_limit();
+    args.kube2iam.warn_ignored();
     // 0. Health first, so a probe sees "alive, not ready" for the whole start-up.
+    let agent_addr = agent_addr(&args)?;
     let telemetry = Arc::new(Telemetry::default());
-    telemetry::spawn_server(args.metrics_addr, telemetry.clone()).await?;
+    let health_on_agent_port = match metrics_addr(&args, agent_addr) {
+        Some(metrics_addr) => {
+            telemetry::spawn_server(metrics_addr, telemetry.clone()).await?;
+            false
+        }
+        None => true,
+    };
 
     // 1. Exempt this agent from the programs a previous agent left pinned, before any network call:
     //    a restarted agent container has a new cgroup, and its calls to the metadata service (base-ARN
@@ -152,19 +250,15 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     );
 
     // 2. Configuration: everything that can be wrong is found before anything is attached.
-    let workloads_path = args
-        .workloads
-        .clone()
-        .context("the Kubernetes workload source is not available yet: pass --workloads FILE")?;
-    wait_for_file(&workloads_path).await;
-    let workloads = Arc::new(StaticWorkloads::load(&workloads_path)?);
-    telemetry.register(|registry| workloads.metrics().register(registry));
-    telemetry.readiness.set_workloads_synced(true);
     let ttl = args.iam_role_session_ttl;
     ensure!(
         (Duration::from_secs(15 * 60)..=Duration::from_secs(12 * 3600)).contains(&ttl),
         "--iam-role-session-ttl must be between 15m and 12h (STS's limits), not {}",
         humantime::format_duration(ttl)
+    );
+    ensure!(
+        !args.sts_timeout.is_zero(),
+        "--sts-timeout must be more than zero"
     );
     let allow = match args.metadata_proxy_allow.as_slice() {
         [] => AllowList::new(DEFAULT_ALLOWED),
@@ -173,18 +267,14 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     .context("bad --metadata-proxy-allow glob")?;
     let upstream = Arc::new(MetadataService::new(&args.metadata_addr).context("bad --metadata-addr")?);
     let policy = policy(&args, upstream.as_ref()).await?;
+    let sources = workload_sources(&args, &policy, &telemetry).await?;
     let cgroup_root = match &args.cgroup_root {
         Some(root) => root.clone(),
         None => detect_kubepods(&mount)?,
     };
-    let agent_addr = agent_addr(args.agent_addr)?;
     let cgroups = Arc::new(CgroupPaths::new(mount, CGROUP_PATH_CACHE)?);
     let sts = Arc::new(StsAssumeRole::from_env(args.region.clone(), args.sts_endpoint.clone()).await);
     let _node_credentials_check = watch_node_credentials(&sts, &telemetry).await;
-    ensure!(
-        !args.sts_timeout.is_zero(),
-        "--sts-timeout must be more than zero"
-    );
     let creds = Arc::new(CredentialCache::new(sts, ttl, MAX_SESSIONS).with_sts_timeout(args.sts_timeout));
     telemetry.register(|registry| creds.metrics().register(registry));
 
@@ -201,13 +291,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let listener = TcpListener::bind(agent_addr)
         .await
         .with_context(|| format!("cannot listen on {agent_addr}"))?;
-    let _workload_watch = workloads.watch(WORKLOAD_FILE_CHECK);
+    let _workload_watch = sources.file.as_ref().map(|file| file.watch(WORKLOAD_FILE_CHECK));
     let _refresher = creds.spawn_refresher(CREDENTIAL_REFRESH_CHECK);
     let metrics = ImdsMetrics::default();
     telemetry.register(|registry| metrics.register(registry));
     let state = ImdsState {
         cgroups,
-        workloads,
+        workloads: sources.combined(),
         policy,
         creds,
         upstream,
@@ -215,11 +305,24 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         tokens: TokenKey::random(),
         require_v2: args.require_imdsv2,
         metrics: metrics.clone(),
+        node_health: health_on_agent_port.then(|| telemetry::router(telemetry.clone())),
     };
 
-    // 5. Ready.
-    tracing::info!(agent_addr = %agent_addr, metrics_addr = %args.metrics_addr, cgroup_root = %cgroup_root.display(),
-        exempt_cgroup_id = own_cgroup.0, workloads = %workloads_path.display(), "ready");
+    // 5. Ready once the workload sources have synced; pods that ask before then wait for their pod.
+    let _ready = tokio::spawn({
+        let telemetry = telemetry.clone();
+        let pods = sources.pods.clone();
+        let file = args.workloads.clone();
+        let metrics_addr = metrics_addr(&args, agent_addr);
+        async move {
+            if let Some(pods) = &pods {
+                pods.synced().await;
+            }
+            telemetry.readiness.set_workloads_synced(true);
+            tracing::info!(agent_addr = %agent_addr, metrics_addr = ?metrics_addr, cgroup_root = %cgroup_root.display(),
+                exempt_cgroup_id = own_cgroup.0, workloads = ?file, kubernetes = pods.is_some(), "ready");
+        }
+    });
     let router = imds::router(Arc::new(state));
     let limits = Arc::new(ConnectionLimits::default());
     imds::serve(listener, router, interceptor, limits, metrics, shutdown_signal()).await;
@@ -227,6 +330,112 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     telemetry.readiness.set_attached(false);
     tracing::info!(bpffs_dir = %args.bpffs_dir.display(), "shutting down; programs stay attached (interceptor uninstall removes them)");
     Ok(())
+}
+
+/// The workload sources the flags turn on: the static file, the node's pods, or both.
+struct Sources {
+    file: Option<Arc<StaticWorkloads>>,
+    pods: Option<Arc<KubeWorkloads>>,
+}
+
+impl Sources {
+    /// One source for the API: the static file's entries match first.
+    fn combined(&self) -> Arc<dyn WorkloadSource> {
+        let file = self.file.clone().map(|file| file as Arc<dyn WorkloadSource>);
+        let pods = self.pods.clone().map(|pods| pods as Arc<dyn WorkloadSource>);
+        match (file, pods) {
+            (Some(file), Some(pods)) => Arc::new(FirstMatch(vec![file, pods])),
+            (Some(only), None) | (None, Some(only)) => only,
+            (None, None) => unreachable!("workload_sources turns one on"),
+        }
+    }
+}
+
+async fn workload_sources(args: &AgentArgs, policy: &Policy, telemetry: &Telemetry) -> Result<Sources> {
+    let kubernetes = args.kubernetes.unwrap_or(args.workloads.is_none());
+    ensure!(
+        kubernetes || args.workloads.is_some(),
+        "no workload source: pass --workloads FILE, or leave --kubernetes on"
+    );
+    let file = match &args.workloads {
+        Some(path) => {
+            wait_for_file(path).await;
+            let file = Arc::new(StaticWorkloads::load(path)?);
+            telemetry.register(|registry| file.metrics().register(registry));
+            Some(file)
+        }
+        None => None,
+    };
+    let pods = match kubernetes {
+        true => {
+            let client = kube_client(args).await?;
+            let pods = KubeWorkloads::start(client, kube_settings(args, policy)?);
+            telemetry.register(|registry| pods.metrics().register(registry));
+            Some(pods)
+        }
+        false => None,
+    };
+    Ok(Sources { file, pods })
+}
+
+fn kube_settings(args: &AgentArgs, policy: &Policy) -> Result<KubeSettings> {
+    let node = match &args.node {
+        Some(node) => node.clone(),
+        None => std::env::var("NODE_NAME")
+            .context("pass --node or set NODE_NAME (the DaemonSet sets it from spec.nodeName)")?,
+    };
+    ensure!(!node.is_empty(), "--node (or NODE_NAME) is empty");
+    ensure!(
+        !args.pod_wait.is_zero() && args.pod_wait <= MAX_POD_WAIT,
+        "--pod-wait must be more than zero and at most {}",
+        humantime::format_duration(MAX_POD_WAIT)
+    );
+    tracing::info!(node, pod_wait = ?args.pod_wait, serviceaccount_roles = args.serviceaccount_roles,
+        namespace_restrictions = args.namespace_restrictions, "serving the node's pods from Kubernetes");
+    Ok(KubeSettings {
+        node,
+        role_key: args.iam_role_key.as_str().into(),
+        external_id_key: args.iam_external_id_key.as_str().into(),
+        serviceaccount_roles: args.serviceaccount_roles,
+        namespace_restrictions: args.namespace_restrictions.then(|| {
+            (
+                args.namespace_key.as_str().into(),
+                args.namespace_restriction_format,
+            )
+        }),
+        pod_wait: args.pod_wait,
+        base_arn: policy.base_arn.clone(),
+    })
+}
+
+/// A client for the API server: --api-server (with --api-token), else --kubeconfig, else the
+/// environment's (in a pod, its ServiceAccount; elsewhere $KUBECONFIG or ~/.kube/config).
+async fn kube_client(args: &AgentArgs) -> Result<kube::Client> {
+    let mut config = if let Some(server) = &args.api_server {
+        kube::Config::new(
+            server
+                .parse()
+                .with_context(|| format!("--api-server {server:?} is not a URL"))?,
+        )
+    } else if let Some(path) = &args.kubeconfig {
+        let file = kube::config::Kubeconfig::read_from(path)
+            .with_context(|| format!("cannot read --kubeconfig {}", path.display()))?;
+        kube::Config::from_custom_kubeconfig(file, &Default::default())
+            .await
+            .with_context(|| format!("--kubeconfig {} is not usable", path.display()))?
+    } else {
+        kube::Config::infer()
+            .await
+            .context("no Kubernetes API configuration: run in a pod with a ServiceAccount, or pass --kubeconfig or --api-server")?
+    };
+    if let Some(token) = &args.api_token {
+        config.auth_info.token = Some(token.clone().into());
+    }
+    if args.insecure {
+        config.accept_invalid_certs = true;
+    }
+    tracing::info!(api_server = %config.cluster_url, "Kubernetes API");
+    kube::Client::try_from(config).context("cannot build the Kubernetes client")
 }
 
 /// Raises the soft limit on open files to the hard limit: the connection limits, not the default soft
@@ -354,15 +563,18 @@ fn own_cgroup_id(mount: &Path) -> Result<CgroupId> {
     )?)
 }
 
-fn agent_addr(flag: Option<SocketAddr>) -> Result<SocketAddrV4> {
-    let addr = match flag {
-        Some(addr) => addr,
-        None => {
-            let host_ip = std::env::var("HOST_IP").context("pass --agent-addr or set HOST_IP")?;
+/// --agent-addr, else the node's IP (--host-ip, else HOST_IP) and --app-port (else 8181).
+fn agent_addr(args: &AgentArgs) -> Result<SocketAddrV4> {
+    let addr = match (args.agent_addr, args.kube2iam.host_ip) {
+        (Some(addr), _) => addr,
+        (None, Some(ip)) => SocketAddr::new(ip, args.kube2iam.app_port.unwrap_or(DEFAULT_AGENT_PORT)),
+        (None, None) => {
+            let host_ip =
+                std::env::var("HOST_IP").context("pass --agent-addr or --host-ip, or set HOST_IP")?;
             let ip: IpAddr = host_ip
                 .parse()
                 .with_context(|| format!("HOST_IP {host_ip:?} is not an IP address"))?;
-            SocketAddr::new(ip, DEFAULT_AGENT_PORT)
+            SocketAddr::new(ip, args.kube2iam.app_port.unwrap_or(DEFAULT_AGENT_PORT))
         }
     };
     match addr {
@@ -373,6 +585,17 @@ fn agent_addr(flag: Option<SocketAddr>) -> Result<SocketAddrV4> {
             bail!("--agent-addr {v6}: an IPv4 address is needed (IPv6 callers reach it too)")
         }
     }
+}
+
+/// Where the health server listens: --metrics-addr, else all addresses at --metrics-port (else 9181).
+/// `None` when that is the agent's own port (kube2iam's default): the health routes are then answered
+/// on the agent's port, to callers outside the pods only.
+fn metrics_addr(args: &AgentArgs, agent_addr: SocketAddrV4) -> Option<SocketAddr> {
+    let addr = args.metrics_addr.unwrap_or_else(|| {
+        let port = args.kube2iam.metrics_port.unwrap_or(DEFAULT_METRICS_PORT);
+        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port))
+    });
+    (addr.port() != agent_addr.port()).then_some(addr)
 }
 
 async fn shutdown_signal() {

@@ -239,15 +239,18 @@ impl CgroupResolver for CgroupPaths {
     }
 }
 
-/// A pod's UID as the API server writes it: lowercase, 8-4-4-4-12 hex digits.
+/// A pod's UID as the kubelet names its cgroup: the API server's lowercase 8-4-4-4-12 hex digits, or,
+/// for a static pod (from a manifest on the node), the 32 hex digits of the kubelet's config hash, which
+/// its mirror pod carries in the `kubernetes.io/config.mirror` annotation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PodUid(String);
 
 impl PodUid {
-    /// Accepts the canonical form in either case; anything else is not a pod UID.
+    /// Accepts either form in either case; anything else is not a pod UID.
     pub fn parse(text: &str) -> Option<Self> {
         let groups: Vec<&str> = text.split('-').collect();
-        let shaped = groups.iter().map(|group| group.len()).eq([8, 4, 4, 4, 12])
+        let lengths = groups.iter().map(|group| group.len());
+        let shaped = (lengths.clone().eq([8, 4, 4, 4, 12]) || lengths.eq([32]))
             && groups
                 .iter()
                 .all(|group| group.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -256,6 +259,12 @@ impl PodUid {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl std::fmt::Display for PodUid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -393,6 +402,19 @@ mod tests {
         );
         let conmon = format!("kubepods.slice/kubepods-pod{UID_SYSTEMD}.slice/crio-conmon-{CID}.scope");
         assert_eq!(parsed(&conmon), pod_only);
+    }
+
+    #[test]
+    fn static_pods_are_named_by_their_config_hash() {
+        let hash = "6a9a5f6a0f2c2f2a0f2d0c4d0c1a1d2e";
+        let expected = Some((hash.to_owned(), Some(CID.to_owned())));
+        let systemd = format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice/cri-containerd-{CID}.scope"
+        );
+        assert_eq!(parsed(&systemd), expected);
+        assert_eq!(parsed(&format!("kubepods/burstable/pod{hash}/{CID}")), expected);
+        assert!(PodUid::parse(&hash[1..]).is_none());
+        assert!(PodUid::parse(&format!("{}g", &hash[1..])).is_none());
     }
 
     #[test]

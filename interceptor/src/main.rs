@@ -1,6 +1,6 @@
 //! The `interceptor` command.
 
-use std::process::ExitCode;
+use std::{ffi::OsString, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -28,7 +28,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
+    let result = match Cli::parse_from(with_command(std::env::args_os().collect())).command {
         Command::Agent(args) => run_agent(*args),
         Command::Uninstall(args) => agent::uninstall(&args),
     };
@@ -41,8 +41,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Flags without a command run the agent: a kube2iam DaemonSet's container args (flags only) start it
+/// unchanged when only the image changes.
+fn with_command(mut args: Vec<OsString>) -> Vec<OsString> {
+    let flags_only = args
+        .get(1)
+        .and_then(|first| first.to_str())
+        .is_some_and(|first| first.starts_with("--") && !matches!(first, "--help" | "--version"));
+    if flags_only {
+        args.insert(1, "agent".into());
+    }
+    args
+}
+
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
-    telemetry::init_tracing(args.log_format, &args.log_level)?;
+    telemetry::init_tracing(args.log_format, &args.log_filter())?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(agent::run(args)).inspect_err(|err| {
         // The log is where operators look; standard error gets the plain line too.

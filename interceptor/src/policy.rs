@@ -1,8 +1,11 @@
 //! policy: which role a workload gets. Turns what a workload asks for (a role name joined to the base
 //! ARN, or a full ARN; else the default role) into a validated [`RoleArn`], and holds the other STS
 //! inputs a workload may set: [`ExternalId`] (validated) and [`SessionName`] (sanitised to STS's rules).
+//! [`AllowedRoles`] are a namespace's restrictions on the roles its pods may name.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
+
+use globset::{GlobBuilder, GlobMatcher};
 
 /// Why a workload gets no role.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -21,6 +24,25 @@ pub enum PolicyError {
     BadBaseArn { arn: String, problem: ArnProblem },
     #[error("{0:?} is not a valid external id (2-1224 characters of [A-Za-z0-9+=,.@:/_-])")]
     BadExternalId(String),
+    /// What the workload's source says is not valid; `origin` names where it was read, so the person
+    /// who wrote it can find it.
+    #[error("{origin}: {problem}")]
+    BadRequest {
+        origin: Arc<str>,
+        problem: Box<PolicyError>,
+    },
+    #[error("role {role} is not allowed in namespace {namespace:?} (its {key} annotation)")]
+    NotAllowed {
+        role: String,
+        namespace: String,
+        key: Arc<str>,
+    },
+    #[error("namespace {namespace:?} restricts roles, but its {key} annotation is not valid: {problem}")]
+    BadRestriction {
+        namespace: String,
+        key: Arc<str>,
+        problem: String,
+    },
 }
 
 /// What is wrong with a role ARN, a base ARN or a role name (the `[path/]name` after `role/`).
@@ -293,6 +315,11 @@ pub struct RoleRequest {
     pub role: Option<String>,
     pub external_id: Option<String>,
     pub session_name: Option<String>,
+    /// Where the values above were read (`pod annotation iam.amazonaws.com/role`), named in refusals.
+    pub origin: Option<Arc<str>>,
+    /// The roles the workload may name; `None` allows any. The default role is never checked against
+    /// it (as in kube2iam): the node's operator chose it, not the workload.
+    pub allowed: Option<Arc<AllowedRoles>>,
 }
 
 /// The session a workload is given: what AssumeRole is called with, and what the credential cache is
@@ -332,29 +359,189 @@ impl Policy {
         })
     }
 
-    /// The session for `request`; `default_session_name` names it when the request does not.
+    /// The session for `request`; `default_session_name` names it when the request does not. A role
+    /// the request names but that is not valid (blank included) is refused, never replaced by the
+    /// default role.
     pub fn session(
         &self,
         request: &RoleRequest,
         default_session_name: &str,
     ) -> Result<SessionKey, PolicyError> {
-        let role = request
-            .role
-            .as_deref()
-            .filter(|role| !role.trim().is_empty())
-            .or(self.default_role.as_deref())
-            .ok_or(PolicyError::NoRole)?;
+        let in_request = |problem: PolicyError| match &request.origin {
+            Some(origin) => PolicyError::BadRequest {
+                origin: origin.clone(),
+                problem: Box::new(problem),
+            },
+            None => problem,
+        };
+        let role = match request.role.as_deref() {
+            Some(role) => {
+                let arn = self.role_arn(role.trim()).map_err(in_request)?;
+                if let Some(allowed) = &request.allowed {
+                    allowed.check(&arn)?;
+                }
+                arn
+            }
+            None => self.role_arn(self.default_role.as_deref().ok_or(PolicyError::NoRole)?)?,
+        };
         Ok(SessionKey {
-            role: self.role_arn(role.trim())?,
+            role,
             external_id: request
                 .external_id
                 .as_deref()
                 .map(ExternalId::parse)
-                .transpose()?,
+                .transpose()
+                .map_err(in_request)?,
             session_name: SessionName::sanitize(
                 request.session_name.as_deref().unwrap_or(default_session_name),
             ),
         })
+    }
+}
+
+/// How a namespace writes the patterns of the roles its pods may take (`--namespace-restriction-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PatternFormat {
+    /// `*` matches any run of characters, `/` included (kube2iam's globs).
+    #[default]
+    Glob,
+    /// Regular expressions, anchored at both ends (kube2iam's are not: `app` would match `my-app-admin`).
+    Regexp,
+}
+
+/// A namespace's restriction: the role ARNs its pods may name. Patterns that are not ARNs are joined to
+/// the base ARN first, as role names are.
+#[derive(Clone, Debug)]
+pub struct AllowedRoles {
+    namespace: String,
+    /// The annotation the patterns come from, named in refusals.
+    key: Arc<str>,
+    /// The annotation's text, which identifies the restriction.
+    text: String,
+    patterns: Vec<RolePattern>,
+    /// Why the annotation cannot be used: then no role is allowed, and refusals say why.
+    problem: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+enum RolePattern {
+    Glob(GlobMatcher),
+    Regexp(regex::Regex),
+}
+
+impl AllowedRoles {
+    /// Parses a namespace's annotation: a JSON array of patterns (kube2iam's `allowed-roles`) or one
+    /// bare pattern (kiam's `permitted`). A namespace without the annotation allows no role; one whose
+    /// annotation is not valid allows none either, and says why ([`Self::problem`]).
+    pub fn parse(
+        namespace: &str,
+        key: Arc<str>,
+        annotation: Option<&str>,
+        format: PatternFormat,
+        base_arn: Option<&BaseArn>,
+    ) -> Self {
+        let text = annotation.unwrap_or_default().trim();
+        let parsed = Self::patterns(text, format, base_arn);
+        let (patterns, problem) = match parsed {
+            Ok(patterns) => (patterns, None),
+            Err(problem) => (Vec::new(), Some(problem)),
+        };
+        Self {
+            namespace: namespace.to_owned(),
+            key,
+            text: text.to_owned(),
+            patterns,
+            problem,
+        }
+    }
+
+    fn patterns(
+        text: &str,
+        format: PatternFormat,
+        base_arn: Option<&BaseArn>,
+    ) -> Result<Vec<RolePattern>, String> {
+        let sources: Vec<String> = match text {
+            "" => Vec::new(),
+            _ if text.starts_with('[') => {
+                serde_json::from_str(text).map_err(|err| format!("not a JSON array of strings: {err}"))?
+            }
+            _ => vec![text.to_owned()],
+        };
+        sources
+            .iter()
+            .map(|source| RolePattern::compile(source, format, base_arn))
+            .collect()
+    }
+
+    /// Why the annotation cannot be used, when it cannot.
+    pub fn problem(&self) -> Option<&str> {
+        self.problem.as_deref()
+    }
+
+    pub fn permits(&self, role: &RoleArn) -> bool {
+        self.patterns.iter().any(|pattern| pattern.matches(role.as_str()))
+    }
+
+    fn check(&self, role: &RoleArn) -> Result<(), PolicyError> {
+        if let Some(problem) = &self.problem {
+            return Err(PolicyError::BadRestriction {
+                namespace: self.namespace.clone(),
+                key: self.key.clone(),
+                problem: problem.clone(),
+            });
+        }
+        if self.permits(role) {
+            return Ok(());
+        }
+        Err(PolicyError::NotAllowed {
+            role: role.to_string(),
+            namespace: self.namespace.clone(),
+            key: self.key.clone(),
+        })
+    }
+
+    /// The annotation's text these were parsed from.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl PartialEq for AllowedRoles {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.namespace, &self.key, &self.text) == (&other.namespace, &other.key, &other.text)
+    }
+}
+
+impl Eq for AllowedRoles {}
+
+impl RolePattern {
+    fn compile(source: &str, format: PatternFormat, base_arn: Option<&BaseArn>) -> Result<Self, String> {
+        let source = source.trim();
+        if source.is_empty() {
+            return Err("an empty pattern".to_owned());
+        }
+        // A pattern that is not an ARN reads as role names do: relative to the base ARN.
+        let base = match base_arn {
+            Some(base) if !source.starts_with("arn:") => base.as_str(),
+            _ => "",
+        };
+        match format {
+            PatternFormat::Glob => GlobBuilder::new(&format!("{base}{source}"))
+                .literal_separator(false)
+                .build()
+                .map(|glob| Self::Glob(glob.compile_matcher()))
+                .map_err(|err| format!("bad glob {source:?}: {err}")),
+            PatternFormat::Regexp => regex::Regex::new(&format!("^(?:{}{source})$", regex::escape(base)))
+                .map(Self::Regexp)
+                .map_err(|err| format!("bad regexp {source:?}: {err}")),
+        }
+    }
+
+    fn matches(&self, arn: &str) -> bool {
+        match self {
+            Self::Glob(glob) => glob.is_match(arn),
+            Self::Regexp(regexp) => regexp.is_match(arn),
+        }
     }
 }
 
@@ -563,13 +750,143 @@ mod tests {
             policy().session(&RoleRequest::default(), "w"),
             Err(PolicyError::NoRole)
         );
-        assert_eq!(policy().session(&request("  "), "w"), Err(PolicyError::NoRole));
         let with_default = Policy {
             default_role: Some("fallback".to_owned()),
             ..policy()
         };
         let session = with_default.session(&RoleRequest::default(), "w").unwrap();
         assert_eq!(session.role.name(), "fallback");
+    }
+
+    #[test]
+    fn a_named_role_that_is_not_valid_is_refused_with_its_origin_never_defaulted() {
+        let with_default = Policy {
+            default_role: Some("fallback".to_owned()),
+            ..policy()
+        };
+        let blank = RoleRequest {
+            origin: Some("pod annotation iam.amazonaws.com/role".into()),
+            ..request("  ")
+        };
+        let err = with_default.session(&blank, "w").unwrap_err();
+        assert!(
+            matches!(&err, PolicyError::BadRequest { problem, .. } if **problem == PolicyError::BadRoleName {
+            name: String::new(), problem: ArnProblem::EmptyName }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("pod annotation iam.amazonaws.com/role: role name"),
+            "{err}"
+        );
+        let escaping = RoleRequest {
+            origin: blank.origin.clone(),
+            ..request("../admin")
+        };
+        assert!(matches!(
+            with_default.session(&escaping, "w"),
+            Err(PolicyError::BadRequest { .. })
+        ));
+    }
+
+    fn allowed(text: &str, format: PatternFormat) -> Arc<AllowedRoles> {
+        let base = BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap();
+        Arc::new(AllowedRoles::parse(
+            "team",
+            "iam.amazonaws.com/allowed-roles".into(),
+            Some(text),
+            format,
+            Some(&base),
+        ))
+    }
+
+    fn allows(allowed: &Arc<AllowedRoles>, role: &str) -> bool {
+        let request = RoleRequest {
+            allowed: Some(allowed.clone()),
+            ..request(role)
+        };
+        match policy().session(&request, "w") {
+            Ok(_) => true,
+            Err(PolicyError::NotAllowed { .. }) => false,
+            Err(other) => panic!("{role}: {other}"),
+        }
+    }
+
+    #[test]
+    fn namespace_globs_match_names_and_arns_across_paths() {
+        let globs = allowed(
+            r#"["app-*", "arn:aws:iam::123456789012:role/team/*"]"#,
+            PatternFormat::Glob,
+        );
+        assert!(allows(&globs, "app-web"));
+        assert!(allows(&globs, "arn:aws:iam::123456789012:role/app-web"));
+        assert!(allows(&globs, "team/x"));
+        assert!(allows(&globs, "team/deep/x"));
+        assert!(!allows(&globs, "admin"));
+        assert!(
+            !allows(&globs, "arn:aws:iam::999999999999:role/app-web"),
+            "another account"
+        );
+        let kiam = allowed("app-*", PatternFormat::Glob);
+        assert!(allows(&kiam, "app-1") && !allows(&kiam, "other"));
+    }
+
+    #[test]
+    fn namespace_regexps_are_anchored() {
+        let regexps = allowed(r#"["app-[0-9]+"]"#, PatternFormat::Regexp);
+        assert!(allows(&regexps, "app-42"));
+        assert!(!allows(&regexps, "app-42-admin"));
+        assert!(!allows(&regexps, "my-app-42"));
+        let kiam = allowed("arn:aws:iam::123456789012:role/(web|db)", PatternFormat::Regexp);
+        assert!(allows(&kiam, "web") && !allows(&kiam, "webx"));
+    }
+
+    #[test]
+    fn no_annotation_allows_nothing_and_the_default_role_skips_the_check() {
+        let base = BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap();
+        let none = Arc::new(AllowedRoles::parse(
+            "team",
+            "k".into(),
+            None,
+            PatternFormat::Glob,
+            Some(&base),
+        ));
+        assert!(!allows(&none, "app"));
+        let with_default = Policy {
+            default_role: Some("fallback".to_owned()),
+            ..policy()
+        };
+        let request = RoleRequest {
+            allowed: Some(none),
+            ..RoleRequest::default()
+        };
+        assert_eq!(
+            with_default.session(&request, "w").unwrap().role.name(),
+            "fallback"
+        );
+    }
+
+    #[test]
+    fn bad_restrictions_say_why() {
+        for (text, format) in [
+            ("[1, 2]", PatternFormat::Glob),
+            ("[\"a[\"]", PatternFormat::Glob),
+            ("(", PatternFormat::Regexp),
+            ("[\"\"]", PatternFormat::Glob),
+            ("[", PatternFormat::Glob),
+        ] {
+            let allowed = Arc::new(AllowedRoles::parse("team", "k".into(), Some(text), format, None));
+            assert!(allowed.problem().is_some(), "{text}");
+            let request = RoleRequest {
+                allowed: Some(allowed),
+                ..request("arn:aws:iam::123456789012:role/a")
+            };
+            let err = policy().session(&request, "w").unwrap_err();
+            assert!(
+                matches!(err, PolicyError::BadRestriction { .. }),
+                "{text}: {err:?}"
+            );
+        }
     }
 
     #[test]

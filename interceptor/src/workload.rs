@@ -1,6 +1,9 @@
 //! workload: who a caller is and which role it asks for, given its cgroup. One interface
 //! ([`WorkloadSource`]) with its sources: the static TOML file of DESIGN.md ([`StaticWorkloads`],
-//! reloaded when it changes) and, later, the node's pods from Kubernetes.
+//! reloaded when it changes) and the node's pods from Kubernetes ([`kube::KubeWorkloads`]); with both,
+//! [`FirstMatch`] asks the static file first.
+
+pub mod kube;
 
 use std::{
     path::{Path, PathBuf},
@@ -20,15 +23,39 @@ use crate::{identity::CgroupPath, policy::RoleRequest, telemetry::ResultLabels};
 /// A caller the source knows, and what it asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
-    /// How logs name it: `static/<name>` for the static source.
+    /// How logs name it: `static/<name>` for the static source, `<namespace>/<pod>` for pods.
     pub name: String,
+    /// The STS session name when the request names none: CloudTrail shows it beside every call.
+    pub session_name: String,
     pub request: RoleRequest,
+    /// The pod, for workloads from Kubernetes: where Events about its refusals go.
+    pub pod: Option<kube::PodRef>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
     #[error("no workload is known for cgroup {0}")]
     Unknown(CgroupPath),
+    #[error("pod {uid} is not known on this node (waited {waited:?} for the API server to deliver it)")]
+    PodNotKnown {
+        uid: crate::identity::PodUid,
+        waited: Duration,
+    },
+    #[error("pod {uid} was deleted")]
+    PodDeleted { uid: crate::identity::PodUid },
+    #[error("pod {pod} has finished ({phase})")]
+    PodFinished { pod: String, phase: String },
+}
+
+/// Why a workload was refused a role, for the sources that tell someone (Kubernetes Events).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// Its role annotation (or external id) is not valid.
+    BadAnnotation,
+    /// Its namespace does not allow the role.
+    NamespaceRestricted,
+    /// STS refused to let the node assume the role.
+    AssumeRoleFailed,
 }
 
 /// Where workloads come from.
@@ -36,6 +63,31 @@ pub enum WorkloadError {
 pub trait WorkloadSource: Send + Sync {
     /// The workload whose processes live in `cgroup` (relative to the cgroup2 mount).
     async fn workload_for(&self, cgroup: &CgroupPath) -> Result<Arc<Workload>, WorkloadError>;
+
+    /// Tells whoever the source tells that `workload` was refused (`message` says why). Must not block.
+    fn refused(&self, _workload: &Workload, _refusal: Refusal, _message: &str) {}
+}
+
+/// Several sources, asked in order: the first that knows the cgroup answers.
+pub struct FirstMatch(pub Vec<Arc<dyn WorkloadSource>>);
+
+#[async_trait::async_trait]
+impl WorkloadSource for FirstMatch {
+    async fn workload_for(&self, cgroup: &CgroupPath) -> Result<Arc<Workload>, WorkloadError> {
+        for source in &self.0 {
+            match source.workload_for(cgroup).await {
+                Err(WorkloadError::Unknown(_)) => continue,
+                decided => return decided,
+            }
+        }
+        Err(WorkloadError::Unknown(cgroup.clone()))
+    }
+
+    fn refused(&self, workload: &Workload, refusal: Refusal, message: &str) {
+        for source in &self.0 {
+            source.refused(workload, refusal, message);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,13 +186,18 @@ impl Table {
         let name = entry
             .name
             .unwrap_or_else(|| glob.rsplit('/').next().unwrap_or(glob).to_owned());
+        let name = format!("static/{name}");
         let workload = Workload {
-            name: format!("static/{name}"),
+            session_name: name.clone(),
             request: RoleRequest {
                 role: entry.role,
                 external_id: entry.external_id,
                 session_name: entry.session_name,
+                origin: Some(format!("workload file {}, entry {name}", path.display()).into()),
+                allowed: None,
             },
+            name,
+            pod: None,
         };
         Ok((matcher, Arc::new(workload)))
     }
@@ -451,6 +508,8 @@ role = "fallback"
                 role: Some("arn:aws:iam::123456789012:role/batch".to_owned()),
                 external_id: Some("ext-1".to_owned()),
                 session_name: Some("batch-jobs".to_owned()),
+                origin: Some("workload file workloads.toml, entry static/batch".into()),
+                allowed: None,
             }
         );
     }

@@ -7,7 +7,12 @@ use axum::{
 };
 
 use super::{route::RouteError, token::TokenError};
-use crate::{creds::StsError, identity::CgroupError, policy::PolicyError, workload::WorkloadError};
+use crate::{
+    creds::StsError,
+    identity::CgroupError,
+    policy::PolicyError,
+    workload::{Refusal, WorkloadError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImdsError {
@@ -41,6 +46,8 @@ pub enum ImdsError {
 
 /// How long a caller should wait before asking again after an STS failure.
 const STS_RETRY_AFTER_SECONDS: u32 = 5;
+/// How long a pod the API server has not delivered yet should wait before asking again.
+const POD_RETRY_AFTER_SECONDS: u32 = 1;
 
 impl ImdsError {
     pub fn status(&self) -> StatusCode {
@@ -50,6 +57,7 @@ impl ImdsError {
             | Self::Unattributed
             | Self::ForwardedFor => StatusCode::FORBIDDEN,
             Self::Route(RouteError::MethodNotAllowed) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UnknownWorkload(WorkloadError::PodNotKnown { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Route(RouteError::NotFound) | Self::UnknownWorkload(_) | Self::OtherRole { .. } => {
                 StatusCode::NOT_FOUND
             }
@@ -60,6 +68,18 @@ impl ImdsError {
             Self::Sts(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// What the workload's source should be told about this refusal (a Kubernetes Event on the pod).
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            Self::Policy(PolicyError::BadRequest { .. }) => Some(Refusal::BadAnnotation),
+            Self::Policy(PolicyError::NotAllowed { .. } | PolicyError::BadRestriction { .. }) => {
+                Some(Refusal::NamespaceRestricted)
+            }
+            Self::Sts(StsError::Failed { .. }) => Some(Refusal::AssumeRoleFailed),
+            _ => None,
         }
     }
 
@@ -76,8 +96,14 @@ impl ImdsError {
             Self::BadTtl(_) => "bad_ttl",
             Self::TokenRequired | Self::BadToken(_) => "bad_token",
             Self::Identity(_) => "identity_error",
-            Self::UnknownWorkload(_) => "unknown_workload",
+            Self::UnknownWorkload(WorkloadError::Unknown(_)) => "unknown_workload",
+            Self::UnknownWorkload(WorkloadError::PodNotKnown { .. }) => "pod_not_known",
+            Self::UnknownWorkload(WorkloadError::PodDeleted { .. }) => "pod_deleted",
+            Self::UnknownWorkload(WorkloadError::PodFinished { .. }) => "pod_finished",
             Self::Policy(PolicyError::NoRole) => "no_role",
+            Self::Policy(PolicyError::BadRequest { .. }) => "invalid_role",
+            Self::Policy(PolicyError::NotAllowed { .. }) => "namespace_restricted",
+            Self::Policy(PolicyError::BadRestriction { .. }) => "bad_namespace_restriction",
             Self::Policy(_) => "role_not_allowed",
             Self::OtherRole { .. } => "other_role",
             Self::Sts(StsError::Failed { .. }) => "sts_error",
@@ -96,15 +122,23 @@ impl IntoResponse for ImdsError {
             Self::Sts(_) => "credentials are temporarily unavailable".to_owned(),
             Self::Identity(_) => "cannot identify the caller".to_owned(),
             Self::Upstream(_) => "the metadata service cannot be reached".to_owned(),
+            Self::UnknownWorkload(WorkloadError::PodNotKnown { .. }) => {
+                "this pod is not known yet; ask again".to_owned()
+            }
             Self::UnknownWorkload(_) => "no role is known for this workload".to_owned(),
             Self::Policy(PolicyError::NoRole) => "this workload has no role".to_owned(),
             other => other.to_string(),
         };
+        let retry_after = match &self {
+            Self::Sts(_) => Some(STS_RETRY_AFTER_SECONDS),
+            Self::UnknownWorkload(WorkloadError::PodNotKnown { .. }) => Some(POD_RETRY_AFTER_SECONDS),
+            _ => None,
+        };
         let mut response = (status, body).into_response();
-        if let Self::Sts(_) = self {
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(STS_RETRY_AFTER_SECONDS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -20,8 +20,8 @@ use std::{
 
 use axum::{
     Extension, Router,
-    extract::State,
-    http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header},
+    extract::{Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     response::{IntoResponse, Response},
 };
 pub use error::ImdsError;
@@ -30,6 +30,7 @@ use serde::Serialize;
 pub use serve::{Caller, serve};
 use sha2::{Digest, Sha256};
 use time::{OffsetDateTime, format_description::BorrowedFormatItem, macros::format_description};
+use tower::ServiceExt;
 
 use self::{
     route::{AllowList, Route},
@@ -56,13 +57,19 @@ pub struct ImdsState {
     /// Refuse requests without a token (IMDSv2 only).
     pub require_v2: bool,
     pub metrics: ImdsMetrics,
+    /// The health server's routes, answered here to callers the kernel did not redirect (the kubelet's
+    /// probes, Prometheus) when the health port is the agent's own, as kube2iam's default has it.
+    pub node_health: Option<Router>,
 }
+
+/// The paths of the health server.
+const HEALTH_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// What the log line and the metrics of one request say, filled in as the request is answered.
 #[derive(Default)]
 struct RequestRecord {
     route: Option<&'static str>,
-    workload: Option<String>,
+    workload: Option<Arc<Workload>>,
     role: Option<String>,
 }
 
@@ -91,10 +98,16 @@ async fn server_header(mut response: Response) -> Response {
 async fn handle(
     State(state): State<Arc<ImdsState>>,
     Extension(caller): Extension<Caller>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    request: Request,
 ) -> Response {
+    if let Some(health) = &state.node_health
+        && caller.attribution.is_none()
+        && HEALTH_PATHS.contains(&request.uri().path())
+    {
+        return health.clone().oneshot(request).await.into_response();
+    }
+    let (parts, _) = request.into_parts();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     let started = Instant::now();
     let path = uri.path();
     let mut record = RequestRecord::default();
@@ -105,7 +118,11 @@ async fn handle(
     let (response, refusal) = match result {
         Ok(response) => (response, None),
         Err(err) => {
-            let refusal = (err.reason(), crate::error_chain(&err));
+            let message = crate::error_chain(&err);
+            if let (Some(refusal), Some(workload)) = (err.refusal(), &record.workload) {
+                state.workloads.refused(workload, refusal, &message);
+            }
+            let refusal = (err.reason(), message);
             (err.into_response(), Some(refusal))
         }
     };
@@ -120,7 +137,7 @@ async fn handle(
     tracing::info!(
         peer = %caller.peer,
         cgroup_id = caller.attribution.map(|found| found.cgroup_id.0),
-        workload = record.workload.as_deref(),
+        workload = record.workload.as_ref().map(|workload| workload.name.as_str()),
         role = record.role.as_deref(),
         %method,
         path,
@@ -150,8 +167,9 @@ async fn answer(
     }
     check_token(state, &attribution, headers)?;
     let mut session = async || -> Result<SessionKey, ImdsError> {
-        let (workload, session) = session_of(state, &attribution).await?;
-        record.workload = Some(workload.name.clone());
+        let workload = workload_of(state, &attribution).await?;
+        record.workload = Some(workload.clone());
+        let session = state.policy.session(&workload.request, &workload.session_name)?;
         record.role = Some(session.role.to_string());
         Ok(session)
     };
@@ -200,18 +218,13 @@ fn check_token(state: &ImdsState, caller: &Attribution, headers: &HeaderMap) -> 
     }
 }
 
-/// The caller's workload and the session policy gives it.
-async fn session_of(
-    state: &ImdsState,
-    caller: &Attribution,
-) -> Result<(Arc<Workload>, SessionKey), ImdsError> {
+/// The caller's workload.
+async fn workload_of(state: &ImdsState, caller: &Attribution) -> Result<Arc<Workload>, ImdsError> {
     let cgroup = state
         .cgroups
         .path_of(caller.cgroup_id)
         .map_err(ImdsError::Identity)?;
-    let workload = state.workloads.workload_for(&cgroup).await?;
-    let session = state.policy.session(&workload.request, &workload.name)?;
-    Ok((workload, session))
+    Ok(state.workloads.workload_for(&cgroup).await?)
 }
 
 async fn proxy(state: &ImdsState, path: &str) -> Result<Response, ImdsError> {

@@ -61,10 +61,12 @@ impl WorkloadSource for Workloads {
 fn workload(name: &str, role: Option<&str>) -> Arc<Workload> {
     Arc::new(Workload {
         name: format!("static/{name}"),
+        session_name: format!("static/{name}"),
         request: RoleRequest {
             role: role.map(str::to_owned),
             ..RoleRequest::default()
         },
+        pod: None,
     })
 }
 
@@ -140,6 +142,7 @@ impl Api {
             tokens: TokenKey::random(),
             require_v2,
             metrics: ImdsMetrics::default(),
+            node_health: None,
         };
         Self {
             router: router(Arc::new(state)),

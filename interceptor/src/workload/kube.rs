@@ -1,0 +1,413 @@
+//! workload::kube: the node's pods from the Kubernetes API, as a [`WorkloadSource`]. kube-runtime
+//! reflectors keep the pods scheduled to this node (and, when the rules need them, the namespaces and
+//! ServiceAccounts) in memory, stripped to the fields the rules read; [`index`] finds a pod by the UID
+//! in its cgroup path and waits, bounded, for one the API server has not delivered yet; the pod's
+//! annotations become its [`RoleRequest`]; [`events`] tells the pod's owners, through Kubernetes
+//! Events, why it was refused.
+
+mod events;
+mod index;
+mod metrics;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod, PodSpec, PodStatus, ServiceAccount},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client, Resource,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+
+pub use self::metrics::KubeMetrics;
+use self::{events::PodEvents, index::PodIndex};
+use super::{Refusal, Workload, WorkloadError, WorkloadSource};
+use crate::{
+    identity::{CgroupPath, parse_pod_cgroup},
+    policy::{AllowedRoles, BaseArn, PatternFormat, RoleRequest},
+};
+
+/// The annotation a pod (or ServiceAccount) names its STS session with (kiam's).
+pub const SESSION_NAME_KEY: &str = "iam.amazonaws.com/session-name";
+/// The annotation the kubelet puts on a static pod's mirror: the hash its cgroup is named by.
+const MIRROR_KEY: &str = "kubernetes.io/config.mirror";
+/// The ServiceAccount of a pod that names none.
+const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+/// How the node's pods are turned into workloads: the agent's Kubernetes flags.
+#[derive(Clone, Debug)]
+pub struct KubeSettings {
+    /// Only pods with this `spec.nodeName` are watched.
+    pub node: String,
+    /// Pod annotation naming the role (`--iam-role-key`).
+    pub role_key: Arc<str>,
+    /// Pod annotation naming the external id (`--iam-external-id`).
+    pub external_id_key: Arc<str>,
+    /// A pod without a role annotation takes its ServiceAccount's (`--serviceaccount-roles`).
+    pub serviceaccount_roles: bool,
+    /// Namespace restrictions: the namespace annotation and how its patterns are written.
+    pub namespace_restrictions: Option<(Arc<str>, PatternFormat)>,
+    /// How long a request from a pod the API server has not delivered yet waits for it.
+    pub pod_wait: Duration,
+    /// What restriction patterns that are role names are joined to.
+    pub base_arn: Option<BaseArn>,
+}
+
+/// A reference to a pod: what Events about it name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// The node's pods, namespaces and ServiceAccounts, as the reflectors last saw them.
+pub struct KubeWorkloads {
+    settings: KubeSettings,
+    pods: Arc<PodIndex>,
+    namespaces: Option<Store<Namespace>>,
+    service_accounts: Option<Store<ServiceAccount>>,
+    /// Each namespace's parsed restriction, kept while its annotation is unchanged.
+    restrictions: std::sync::Mutex<HashMap<String, Arc<AllowedRoles>>>,
+    events: PodEvents,
+    metrics: KubeMetrics,
+    synced: tokio::sync::watch::Receiver<bool>,
+}
+
+impl KubeWorkloads {
+    /// Starts the reflectors (pods of `settings.node`; namespaces and ServiceAccounts only when the
+    /// rules read them). They run, and resume after API server trouble, until the runtime ends.
+    pub fn start(client: Client, settings: KubeSettings) -> Arc<Self> {
+        let metrics = KubeMetrics::default();
+        let pods = Arc::new(PodIndex::new(metrics.clone()));
+        let pod_watch = watcher::Config::default()
+            .fields(&format!("spec.nodeName={}", settings.node))
+            .any_semantic();
+        let pod_keys = [
+            settings.role_key.clone(),
+            settings.external_id_key.clone(),
+            SESSION_NAME_KEY.into(),
+            MIRROR_KEY.into(),
+        ];
+        let (_, pods_synced) = spawn_reflector(
+            Api::<Pod>::all(client.clone()),
+            pod_watch,
+            move |pod: &mut Pod| slim_pod(pod, &pod_keys),
+            ReflectorLabels::new("pods", &metrics),
+            {
+                let pods = pods.clone();
+                move |event, store| pods.apply(event, store)
+            },
+        );
+        let mut listed = vec![pods_synced];
+        let namespaces = settings.namespace_restrictions.as_ref().map(|(key, _)| {
+            let keys = [key.clone()];
+            let (store, synced) = spawn_reflector(
+                Api::<Namespace>::all(client.clone()),
+                watcher::Config::default().any_semantic(),
+                move |namespace: &mut Namespace| {
+                    slim_meta(&mut namespace.metadata, &keys);
+                    namespace.spec = None;
+                    namespace.status = None;
+                },
+                ReflectorLabels::new("namespaces", &metrics),
+                |_, _| {},
+            );
+            listed.push(synced);
+            store
+        });
+        let service_accounts = settings.serviceaccount_roles.then(|| {
+            let keys = [
+                settings.role_key.clone(),
+                settings.external_id_key.clone(),
+                SESSION_NAME_KEY.into(),
+            ];
+            let (store, synced) = spawn_reflector(
+                Api::<ServiceAccount>::all(client.clone()),
+                watcher::Config::default().any_semantic(),
+                move |account: &mut ServiceAccount| {
+                    slim_meta(&mut account.metadata, &keys);
+                    account.secrets = None;
+                    account.image_pull_secrets = None;
+                },
+                ReflectorLabels::new("serviceaccounts", &metrics),
+                |_, _| {},
+            );
+            listed.push(synced);
+            store
+        });
+        let (synced_tx, synced) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            for store in &mut listed {
+                let _ = store.wait_for(|listed| *listed).await;
+            }
+            synced_tx.send_replace(true);
+        });
+        Arc::new(Self {
+            events: PodEvents::new(client, &settings.node, metrics.clone()),
+            settings,
+            pods,
+            namespaces,
+            service_accounts,
+            restrictions: Default::default(),
+            metrics,
+            synced,
+        })
+    }
+
+    pub fn metrics(&self) -> &KubeMetrics {
+        &self.metrics
+    }
+
+    /// Returns once every reflector has listed its objects once.
+    pub async fn synced(&self) {
+        let _ = self.synced.clone().wait_for(|synced| *synced).await;
+    }
+
+    /// What `pod` asks for: its own role annotation, else (with ServiceAccount roles) its
+    /// ServiceAccount's, else the default role. The object that names the role also gives the external
+    /// id and session name.
+    fn workload_of(&self, pod: &Pod) -> Result<Arc<Workload>, WorkloadError> {
+        let meta = &pod.metadata;
+        let namespace = meta.namespace.clone().unwrap_or_default();
+        let name = meta.name.clone().unwrap_or_default();
+        if let Some(phase @ ("Succeeded" | "Failed")) = pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+            return Err(WorkloadError::PodFinished {
+                pod: format!("{namespace}/{name}"),
+                phase: phase.to_owned(),
+            });
+        }
+        let account;
+        let (annotations, origin) = match self.service_account_naming_a_role(pod) {
+            Some(found) => {
+                account = found;
+                let account_name = account.metadata.name.as_deref().unwrap_or_default();
+                (
+                    &account.metadata.annotations,
+                    format!("serviceaccount {namespace}/{account_name}"),
+                )
+            }
+            None => (&meta.annotations, format!("pod {namespace}/{name}")),
+        };
+        let annotation = |key: &str| annotations.as_ref().and_then(|all| all.get(key)).cloned();
+        let role = annotation(&self.settings.role_key);
+        let request = RoleRequest {
+            allowed: role.as_ref().and_then(|_| self.restriction(&namespace)),
+            role,
+            external_id: annotation(&self.settings.external_id_key),
+            session_name: annotation(SESSION_NAME_KEY),
+            origin: Some(format!("annotation {} of {origin}", self.settings.role_key).into()),
+        };
+        Ok(Arc::new(Workload {
+            session_name: session_name(&namespace, &name),
+            name: format!("{namespace}/{name}"),
+            request,
+            pod: Some(PodRef {
+                namespace,
+                name,
+                uid: meta.uid.clone().unwrap_or_default(),
+            }),
+        }))
+    }
+
+    /// The pod's ServiceAccount, when ServiceAccount roles are on, the pod names no role itself and the
+    /// account does.
+    fn service_account_naming_a_role(&self, pod: &Pod) -> Option<Arc<ServiceAccount>> {
+        let accounts = self.service_accounts.as_ref()?;
+        let has_role = |annotations: &Option<std::collections::BTreeMap<String, String>>| {
+            annotations
+                .as_ref()
+                .is_some_and(|all| all.contains_key(&*self.settings.role_key))
+        };
+        if has_role(&pod.metadata.annotations) {
+            return None;
+        }
+        let name = pod
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.service_account_name.as_deref())
+            .unwrap_or(DEFAULT_SERVICE_ACCOUNT);
+        let namespace = pod.metadata.namespace.as_deref()?;
+        let account = accounts.get(&ObjectRef::new(name).within(namespace))?;
+        has_role(&account.metadata.annotations).then_some(account)
+    }
+
+    /// The namespace's restriction on the roles its pods name, when restrictions are on. A namespace
+    /// the reflector has not seen allows nothing.
+    fn restriction(&self, namespace: &str) -> Option<Arc<AllowedRoles>> {
+        let (key, format) = self.settings.namespace_restrictions.as_ref()?;
+        let annotation = self
+            .namespaces
+            .as_ref()?
+            .get(&ObjectRef::new(namespace))
+            .and_then(|found| found.metadata.annotations.as_ref()?.get(&**key).cloned());
+        let mut parsed = self.restrictions.lock().unwrap_or_else(|e| e.into_inner());
+        let text = annotation.as_deref().unwrap_or_default().trim();
+        if let Some(cached) = parsed.get(namespace).filter(|cached| cached.text() == text) {
+            return Some(cached.clone());
+        }
+        let allowed = Arc::new(AllowedRoles::parse(
+            namespace,
+            key.clone(),
+            annotation.as_deref(),
+            *format,
+            self.settings.base_arn.as_ref(),
+        ));
+        if let Some(problem) = allowed.problem() {
+            tracing::warn!(
+                namespace,
+                key = &**key,
+                problem,
+                "namespace restriction is not valid: its pods get no role they name"
+            );
+        }
+        parsed.insert(namespace.to_owned(), allowed.clone());
+        Some(allowed)
+    }
+}
+
+#[async_trait::async_trait]
+impl WorkloadSource for KubeWorkloads {
+    async fn workload_for(&self, cgroup: &CgroupPath) -> Result<Arc<Workload>, WorkloadError> {
+        let uid = parse_pod_cgroup(cgroup.as_str())
+            .ok_or_else(|| WorkloadError::Unknown(cgroup.clone()))?
+            .pod_uid;
+        let pod = self.pods.wait_for(&uid, self.settings.pod_wait).await?;
+        self.workload_of(&pod)
+    }
+
+    fn refused(&self, workload: &Workload, refusal: Refusal, message: &str) {
+        if let Some(pod) = &workload.pod {
+            self.events.refused(pod, refusal, message);
+        }
+    }
+}
+
+/// The default STS session name of a pod: `<namespace>.<pod>` within STS's 64 characters. The pod's
+/// name is kept whole (its generated suffix tells replicas apart); the namespace is cut first.
+fn session_name(namespace: &str, pod: &str) -> String {
+    const MAX: usize = 64;
+    let pod = &pod[pod.len().saturating_sub(MAX)..];
+    let room = MAX.saturating_sub(pod.len() + 1);
+    match namespace.get(..room.min(namespace.len())) {
+        Some(cut) if !cut.is_empty() => format!("{cut}.{pod}"),
+        _ => pod.to_owned(),
+    }
+}
+
+/// Labels a reflector's log lines and metrics with the resource it watches.
+struct ReflectorLabels {
+    resource: &'static str,
+    metrics: KubeMetrics,
+}
+
+impl ReflectorLabels {
+    fn new(resource: &'static str, metrics: &KubeMetrics) -> Self {
+        Self {
+            resource,
+            metrics: metrics.clone(),
+        }
+    }
+}
+
+/// A reflector's store and whether it has listed once.
+type Reflected<K> = (Store<K>, tokio::sync::watch::Receiver<bool>);
+
+/// Runs a reflector for `api` until the runtime ends: `slim` strips each object before it is stored,
+/// `on_event` sees each event after the store took it. Watch errors are logged and counted; the
+/// watcher backs off and resumes (re-listing after 410 Gone).
+fn spawn_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    slim: impl FnMut(&mut K) + Send + 'static,
+    labels: ReflectorLabels,
+    mut on_event: impl FnMut(&watcher::Event<K>, &Store<K>) + Send + 'static,
+) -> Reflected<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let writer = reflector::store::Writer::default();
+    let store = writer.as_reader();
+    let (synced_tx, synced) = tokio::sync::watch::channel(false);
+    let reader = store.clone();
+    tokio::spawn(async move {
+        let stream = watcher(api, config)
+            .default_backoff()
+            .modify(slim)
+            .reflect(writer);
+        futures::pin_mut!(stream);
+        let mut lists = 0u64;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    match &event {
+                        watcher::Event::Init => {
+                            lists += 1;
+                            if lists > 1 {
+                                labels.metrics.watch_restarted(labels.resource);
+                                tracing::info!(resource = labels.resource, "re-listing");
+                            }
+                        }
+                        watcher::Event::InitDone => {
+                            tracing::info!(resource = labels.resource, objects = reader.len(), "listed");
+                            synced_tx.send_replace(true);
+                        }
+                        _ => {}
+                    }
+                    on_event(&event, &reader);
+                }
+                Err(err) => {
+                    labels.metrics.watch_failed(labels.resource);
+                    tracing::warn!(resource = labels.resource, error = %crate::error_chain(&err), "watch failed; retrying");
+                }
+            }
+        }
+    });
+    (store, synced)
+}
+
+/// Keeps what the rules read of a pod: its name, namespace, UID, the annotations named by `keys`, its
+/// node, ServiceAccount and phase. Everything else (managedFields, labels, containers, conditions)
+/// goes, so the store's memory stays flat however much the pods change.
+fn slim_pod(pod: &mut Pod, keys: &[Arc<str>]) {
+    slim_meta(&mut pod.metadata, keys);
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        node_name: spec.node_name,
+        service_account_name: spec.service_account_name,
+        host_network: spec.host_network,
+        ..Default::default()
+    });
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        ..Default::default()
+    });
+}
+
+/// Keeps an object's name, namespace, UID, resourceVersion, deletion time and the annotations named by
+/// `keys`.
+fn slim_meta(meta: &mut ObjectMeta, keys: &[Arc<str>]) {
+    let annotations = meta.annotations.take().map(|all| {
+        all.into_iter()
+            .filter(|(key, _)| keys.iter().any(|kept| **kept == **key))
+            .collect()
+    });
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        resource_version: meta.resource_version.take(),
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        annotations,
+        ..Default::default()
+    };
+}
+
+#[cfg(test)]
+mod tests;
