@@ -89,6 +89,7 @@ impl PodIndex {
         if let Some(found) = self.lookup(uid)? {
             return Ok(found);
         }
+        tracing::debug!(pod_uid = %uid, ?wait, "pod not known yet; waiting for it");
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + wait;
         let outcome = loop {
