@@ -162,6 +162,11 @@ pub struct AgentArgs {
     #[arg(long, env = "INTERCEPTOR_IAM_ROLE_SESSION_TTL", value_name = "DURATION", default_value = "1h",
           value_parser = humantime::parse_duration)]
     pub iam_role_session_ttl: Duration,
+    /// How long a failed AssumeRole is remembered per role session: requests get its error (503) without
+    /// a new STS call until then. 0 remembers nothing.
+    #[arg(long, env = "INTERCEPTOR_IAM_ROLE_ERROR_TTL", value_name = "DURATION", default_value = "0s",
+          value_parser = humantime::parse_duration)]
+    pub iam_role_error_ttl: Duration,
     /// Bound on one STS AssumeRole call: a caller with no usable set gets 503 with Retry-After after it.
     #[arg(long, env = "INTERCEPTOR_STS_TIMEOUT", value_name = "DURATION", default_value = "2s",
           value_parser = humantime::parse_duration)]
@@ -275,7 +280,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let cgroups = Arc::new(CgroupPaths::new(mount, CGROUP_PATH_CACHE)?);
     let sts = Arc::new(StsAssumeRole::from_env(args.region.clone(), args.sts_endpoint.clone()).await);
     let _node_credentials_check = watch_node_credentials(&sts, &telemetry).await;
-    let creds = Arc::new(CredentialCache::new(sts, ttl, MAX_SESSIONS).with_sts_timeout(args.sts_timeout));
+    let creds = Arc::new(
+        CredentialCache::new(sts, ttl, MAX_SESSIONS)
+            .with_sts_timeout(args.sts_timeout)
+            .with_error_ttl(args.iam_role_error_ttl),
+    );
     telemetry.register(|registry| creds.metrics().register(registry));
 
     // 3. Attach: from here on, every new connection to the metadata address comes to the agent.

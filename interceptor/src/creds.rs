@@ -249,11 +249,22 @@ struct Slot {
 struct SlotState {
     current: Option<Arc<Credentials>>,
     in_flight: Option<Flight>,
+    /// The last call's failure, answered without calling STS again until the time given
+    /// (`--iam-role-error-ttl`).
+    failure: Option<(StsError, SystemTime)>,
 }
 
 impl SlotState {
     fn flight(&self) -> Option<Flight> {
         self.in_flight.clone().filter(Flight::is_alive)
+    }
+
+    /// The failure still remembered at `now`.
+    fn remembered_failure(&self, now: SystemTime) -> Option<StsError> {
+        self.failure
+            .as_ref()
+            .filter(|(_, until)| now < *until)
+            .map(|(err, _)| err.clone())
     }
 }
 
@@ -275,11 +286,18 @@ impl Slot {
     }
 
     /// Keeps what a call brought and ends its flight: from here on callers see the new set, or start
-    /// another call.
-    fn land(&self, fetched: &Fetched) {
+    /// another call (after `error_ttl`, when the call failed).
+    fn land(&self, fetched: &Fetched, error_ttl: Duration) {
         let mut state = self.state();
-        if let Ok(creds) = fetched {
-            state.current = Some(creds.clone());
+        match fetched {
+            Ok(creds) => {
+                state.current = Some(creds.clone());
+                state.failure = None;
+            }
+            Err(err) if !error_ttl.is_zero() => {
+                state.failure = Some((err.clone(), SystemTime::now() + error_ttl));
+            }
+            Err(_) => {}
         }
         state.in_flight = None;
     }
@@ -293,6 +311,8 @@ enum Lookup {
     Stale(Arc<Credentials>),
     /// No usable set: the request waits for the call.
     Miss(Flight),
+    /// No usable set, and the last call failed within the error TTL: its failure, without a call.
+    Failed(StsError),
 }
 
 impl Lookup {
@@ -300,7 +320,7 @@ impl Lookup {
         match self {
             Self::Hit(_) => LookupResult::Hit,
             Self::Stale(_) => LookupResult::Stale,
-            Self::Miss(_) => LookupResult::Miss,
+            Self::Miss(_) | Self::Failed(_) => LookupResult::Miss,
         }
     }
 }
@@ -310,6 +330,7 @@ pub struct CredentialCache {
     sts: Arc<dyn AssumeRole>,
     session_duration: Duration,
     sts_timeout: Duration,
+    error_ttl: Duration,
     max_sessions: usize,
     slots: Mutex<HashMap<SessionKey, Arc<Slot>>>,
     metrics: CacheMetrics,
@@ -322,6 +343,7 @@ impl CredentialCache {
             sts,
             session_duration,
             sts_timeout: STS_CALL_TIMEOUT,
+            error_ttl: Duration::ZERO,
             max_sessions,
             slots: Mutex::new(HashMap::new()),
             metrics: CacheMetrics::default(),
@@ -331,6 +353,13 @@ impl CredentialCache {
     /// Gives every STS call `timeout` instead of [`STS_CALL_TIMEOUT`].
     pub fn with_sts_timeout(mut self, timeout: Duration) -> Self {
         self.sts_timeout = timeout;
+        self
+    }
+
+    /// Remembers a failed call per session for `ttl` (kube2iam's `--iam-role-error-ttl`): callers get
+    /// its error without a new STS call until then. Zero (the default) remembers nothing.
+    pub fn with_error_ttl(mut self, ttl: Duration) -> Self {
+        self.error_ttl = ttl;
         self
     }
 
@@ -351,6 +380,7 @@ impl CredentialCache {
         match lookup {
             Lookup::Hit(creds) | Lookup::Stale(creds) => Ok(creds),
             Lookup::Miss(flight) => flight.landed(session).await,
+            Lookup::Failed(err) => Err(err),
         }
     }
 
@@ -362,13 +392,15 @@ impl CredentialCache {
         if let Some(creds) = current.as_ref().filter(|creds| fit_to_serve(creds, now)) {
             return Lookup::Hit(creds.clone());
         }
-        let flight = match state.flight() {
-            Some(flight) => flight,
-            None => self.start_flight(session, slot, &mut state),
+        let stale = current.filter(|creds| creds.remaining(now) >= LAST_RESORT_REMAINING);
+        let flight = match (state.flight(), state.remembered_failure(now)) {
+            (Some(flight), _) => flight,
+            (None, Some(failure)) => return stale.map_or(Lookup::Failed(failure), Lookup::Stale),
+            (None, None) => self.start_flight(session, slot, &mut state),
         };
-        match current {
-            Some(creds) if creds.remaining(now) >= LAST_RESORT_REMAINING => Lookup::Stale(creds),
-            _ => Lookup::Miss(flight),
+        match stale {
+            Some(creds) => Lookup::Stale(creds),
+            None => Lookup::Miss(flight),
         }
     }
 
@@ -432,7 +464,7 @@ impl CredentialCache {
     /// Starts a call for `session` unless one is in flight.
     fn start_refresh(self: &Arc<Self>, session: &SessionKey, slot: &Arc<Slot>) -> Option<Flight> {
         let mut state = slot.state();
-        if state.flight().is_some() {
+        if state.flight().is_some() || state.remembered_failure(SystemTime::now()).is_some() {
             return None;
         }
         Some(self.start_flight(session, slot, &mut state))
@@ -452,7 +484,7 @@ impl CredentialCache {
         let (cache, session, slot) = (self.clone(), session.clone(), slot.clone());
         tokio::spawn(async move {
             let fetched = cache.assume_role(&session).await;
-            slot.land(&fetched);
+            slot.land(&fetched, cache.error_ttl);
             land.send_replace(Some(fetched));
         });
         flight
@@ -773,6 +805,28 @@ mod tests {
         assert_eq!(metric(&cache, &sts_calls("app", "error")), Some(1.0));
         sts.fail.store(false, Ordering::SeqCst);
         assert_eq!(cache.get(&session("app")).await.unwrap().access_key_id, "ASIA1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_an_error_ttl_a_failure_is_answered_again_without_a_call_until_it_ends() {
+        let sts = FakeSts::new(HOUR);
+        sts.fail.store(true, Ordering::SeqCst);
+        let cache = Arc::new(CredentialCache::new(sts.clone(), HOUR, 100).with_error_ttl(30 * SECOND));
+        assert!(cache.get(&session("app")).await.is_err());
+        sts.fail.store(false, Ordering::SeqCst);
+        let remembered = cache.get(&session("app")).await.unwrap_err();
+        assert!(remembered.to_string().ends_with("failed: down"), "{remembered}");
+        assert_eq!(sts.calls(), 1, "no call while the failure is remembered");
+        cache.refresh_due().await;
+        assert_eq!(sts.calls(), 1, "nor from the refresher");
+        assert!(
+            cache.get(&session("other")).await.is_ok(),
+            "another session is another key"
+        );
+        // SystemTime does not follow tokio's paused clock: end the TTL by rewriting the slot's deadline.
+        let slot = cache.slot(&session("app"));
+        slot.state().failure.as_mut().unwrap().1 = SystemTime::now();
+        assert_eq!(cache.get(&session("app")).await.unwrap().access_key_id, "ASIA2");
     }
 
     #[tokio::test]

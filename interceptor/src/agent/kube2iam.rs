@@ -171,6 +171,7 @@ mod tests {
             "--resolve-duplicate-cache-ips",
             "--use-regional-sts-endpoint",
             "--iam-role-session-ttl=15m",
+            "--iam-role-error-ttl=30s",
             "--api-server=https://10.0.0.1:6443",
             "--api-token=t",
             "--insecure",
@@ -182,6 +183,7 @@ mod tests {
             crate::policy::PatternFormat::Regexp
         );
         assert_eq!(args.log_filter(), "warn");
+        assert_eq!(args.iam_role_error_ttl, std::time::Duration::from_secs(30));
         assert!(args.insecure && args.kube2iam.resolve_duplicate_cache_ips);
         assert!(Command::try_parse_from(["agent", "--kubeconfig=k", "--api-server=https://a"]).is_err());
     }
