@@ -75,7 +75,23 @@ impl Agent {
             .arg("--bpffs-dir")
             .arg(node.bpffs_dir())
             // Debug level: the check that no secret is ever logged covers the most verbose logs.
-            .args(["--log-format", "json", "--log-level", "debug"])
+            .args(["--log-format", "json", "--log-level", "debug"]);
+        Self::environment(&mut command);
+        Ok(command)
+    }
+
+    /// The agent executable in `cgroup` on `node` with the agent's environment and no argument at all,
+    /// for tests that give it a container's args exactly (a kube2iam DaemonSet's: flags, no command).
+    pub fn bare_command(node: &SimNode, cgroup: &Path) -> Result<Command> {
+        let mut command = node.command(cgroup, Agent::binary()?)?;
+        Self::environment(&mut command);
+        Ok(command)
+    }
+
+    /// The agent's own credentials and region, as they would come from a node's instance profile;
+    /// nothing from the host's AWS configuration leaks in.
+    fn environment(command: &mut Command) {
+        command
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("AWS_ACCESS_KEY_ID", "AKIANODEEXAMPLE")
@@ -83,7 +99,6 @@ impl Agent {
             .env("AWS_REGION", "us-east-1")
             .env("AWS_CONFIG_FILE", "/nonexistent")
             .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent");
-        Ok(command)
     }
 
     /// Adds the flags of an agent on `node` that no test here varies: listen on the node's agent
@@ -161,6 +176,11 @@ impl Agent {
                 );
             }
         }
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Waits (bounded) until a log line contains `needle`.

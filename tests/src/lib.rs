@@ -11,6 +11,8 @@ pub mod cgroup;
 pub mod deployed;
 pub mod exposition;
 pub mod kernel;
+pub mod kube_api;
+pub mod kube_node;
 pub mod lab;
 pub mod moto;
 pub mod netns;

@@ -6,7 +6,10 @@ use std::{
     ffi::OsStr,
     fs::{File, OpenOptions},
     io,
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::process::CommandExt,
+    },
     path::Path,
     process::Command,
 };
@@ -113,4 +116,26 @@ fn ip(args: &[&str]) -> Result<()> {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())
+}
+
+/// The network namespace `socket` lives in, as a descriptor setns(2) takes.
+pub fn network_namespace_of(socket: &impl AsRawFd) -> Result<OwnedFd> {
+    // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor, or -1.
+    let fd = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGSKNS) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error())
+            .context("SIOCGSKNS: cannot open the socket's network namespace");
+    }
+    // SAFETY: the descriptor is new and nothing else owns it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// Moves the calling thread, and only it, into `netns`, and gives it a runtime of its own: every
+/// socket the thread opens is then in that namespace (in-process servers of the node use this).
+pub fn runtime_in(netns: &OwnedFd) -> io::Result<tokio::runtime::Runtime> {
+    // SAFETY: setns on a namespace descriptor we own; it changes only the calling thread's namespace.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
 }

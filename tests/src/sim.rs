@@ -140,16 +140,25 @@ impl SimNode {
     pub fn pod(&mut self) -> Result<Pod> {
         self.pods_created += 1;
         let network = PodNetwork::create(self, self.pods_created)?;
-        self.pod_in(&Arc::new(network))
+        self.pod_in(&Arc::new(network), random_pod_uid())
     }
 
     /// A new pod in an existing pod's network: what hostNetwork pods look like (one IP, many pods).
     pub fn pod_sharing(&mut self, other: &Pod) -> Result<Pod> {
-        self.pod_in(&other.network)
+        self.pod_in(&other.network, random_pod_uid())
     }
 
-    fn pod_in(&mut self, network: &Arc<PodNetwork>) -> Result<Pod> {
-        let uid = random_pod_uid();
+    /// A static pod (from a manifest on the node), with a network of its own: the kubelet names its
+    /// cgroup after the 32 hex digits of its config hash, which its mirror pod carries in the
+    /// `kubernetes.io/config.mirror` annotation.
+    pub fn static_pod(&mut self) -> Result<Pod> {
+        self.pods_created += 1;
+        let network = PodNetwork::create(self, self.pods_created)?;
+        let hash = format!("{:016x}{:016x}", random_u64(), random_u64());
+        self.pod_in(&Arc::new(network), hash)
+    }
+
+    fn pod_in(&mut self, network: &Arc<PodNetwork>, uid: String) -> Result<Pod> {
         let slice = self.kubepods.join(format!(
             "kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
             uid.replace('-', "_")

@@ -6,7 +6,6 @@
 use std::{
     io,
     net::SocketAddr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -22,7 +21,10 @@ use tokio::{
     sync::{oneshot, watch},
 };
 
-use crate::sim::{NODE_IP, SimNode};
+use crate::{
+    netns::{network_namespace_of, runtime_in},
+    sim::{NODE_IP, SimNode},
+};
 
 pub const STS_PROXY_PORT: u16 = 5001;
 
@@ -153,26 +155,4 @@ impl Proxy {
         let mut discarded = [0u8; 4096];
         while matches!(client.read(&mut discarded).await, Ok(read) if read > 0) {}
     }
-}
-
-/// The network namespace `socket` lives in, as a descriptor setns(2) takes.
-fn network_namespace_of(socket: &impl AsRawFd) -> Result<OwnedFd> {
-    // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor, or -1.
-    let fd = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGSKNS) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error())
-            .context("SIOCGSKNS: cannot open the socket's network namespace");
-    }
-    // SAFETY: the descriptor is new and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Moves the calling thread, and only it, into `netns`, and gives it a runtime of its own: every socket
-/// the proxy opens is then in the node.
-fn runtime_in(netns: &OwnedFd) -> io::Result<tokio::runtime::Runtime> {
-    // SAFETY: setns on a namespace descriptor we own; it changes only the calling thread's namespace.
-    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    tokio::runtime::Builder::new_current_thread().enable_all().build()
 }

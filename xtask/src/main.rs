@@ -5,6 +5,7 @@ mod build_ebpf;
 mod demo;
 mod fuzz;
 mod install;
+mod kubectl;
 mod python;
 mod test;
 mod vm;

@@ -1,15 +1,15 @@
 //! `cargo xtask test`, the README's test command and CI's: installs what is missing (commands, the
-//! Python venv with moto, the AWS CLI and boto3), builds the BPF object, checks formatting and lints,
-//! runs a short smoke of every fuzz target, runs every test in the workspace, then the privileged tests
-//! on each kernel of the matrix in a VM. The privileged tests run for real when this runs as root; with
-//! `CI` set they fail loudly if they cannot.
+//! Python venv with moto, the AWS CLI and boto3, kubectl and helm), builds the BPF object, checks
+//! formatting and lints, runs a short smoke of every fuzz target, runs every test in the workspace,
+//! then the privileged tests on each kernel of the matrix in a VM. The privileged tests run for real
+//! when this runs as root; with `CI` set they fail loudly if they cannot.
 
 use anyhow::Result;
 
 use crate::{
     build_ebpf::{self, workspace_cargo},
     install::{ensure_commands, run_checked},
-    python, vm,
+    kubectl, python, vm,
 };
 
 #[derive(clap::Args)]
@@ -30,7 +30,8 @@ pub const TEST_COMMANDS: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl"
 
 pub fn run(options: &Options) -> Result<()> {
     ensure_commands(TEST_COMMANDS)?;
-    python::ensure_venv(python::TEST_TOOLS)?;
+    let venv = python::ensure_venv(python::TEST_TOOLS)?;
+    kubectl::ensure_kubectl(&venv)?;
     build_ebpf::run()?;
     if let Some(series) = &options.kernel {
         return vm::run_matrix(series);

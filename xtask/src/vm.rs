@@ -162,7 +162,7 @@ fn version_key(package: &str) -> Vec<u64> {
 /// attribution, cgroup ids and paths, the agent on top of them), each with the tests of it left out
 /// there. The tests with moto and the AWS clients exercise user space only and would take minutes to
 /// start Python under emulation: they run on the host.
-const KERNEL_TESTS: [(&str, &[&str]); 5] = [
+const KERNEL_TESTS: [(&str, &[&str]); 6] = [
     ("redirect", &[]),
     ("attribution", &[]),
     ("lifecycle", &[]),
@@ -172,6 +172,14 @@ const KERNEL_TESTS: [(&str, &[&str]); 5] = [
     (
         "integrity",
         &["a_connection_flood_from_one_pod_does_not_starve_another"],
+    ),
+    // The two that run the AWS CLI against moto need Python, which the VMs do not have.
+    (
+        "kubernetes",
+        &[
+            "an_annotated_pod_gets_its_role_and_a_pod_sharing_its_network_never_does",
+            "with_an_auto_discovered_base_arn_the_unannotated_pod_gets_the_default_role_only",
+        ],
     ),
 ];
 

@@ -1,0 +1,521 @@
+//! The Kubernetes workload source end to end: the real agent on a simulated node, reading pods,
+//! namespaces and ServiceAccounts from the fake API server in the node, while pods (real cgroups named
+//! as the kubelet names them, real network namespaces) ask for their role. Each test checks what a pod
+//! gets and what it must never get: another pod's role, the default role in place of a refusal, or
+//! anything for a pod that is gone, finished, elsewhere or not known.
+//!
+//! Only the first two tests need Python (the AWS CLI, moto as STS); the others read the role list, which
+//! needs no STS, so they also run in the kernel matrix.
+
+use std::{path::Path, time::Duration};
+
+use interceptor_tests::{
+    agent::{Agent, NO_STS},
+    deployed::{ROLE_LIST, Sts, aws_cli_caller_arn, body_of, curl, eventually, header_of, status_of},
+    kube_node::{KubeNode, NODE_NAME, OTHER_NODE, namespace_object, pod_object, service_account_object},
+    lab::{StandIn, run},
+    privileged,
+    sim::{NODE_IP, Pod, SimNode},
+};
+
+const ROLE_KEY: &str = "iam.amazonaws.com/role";
+
+fn can_run(test: &str) -> bool {
+    privileged::can_run(test)
+}
+
+fn can_run_with_python(test: &str) -> bool {
+    privileged::can_run(test) && privileged::has_python_tools(test)
+}
+
+/// The role list as `pod` sees it: `(status, body)`.
+async fn role_list(pod: &Pod, container: &Path) -> anyhow::Result<(u16, String)> {
+    let response = curl(pod, container, &[ROLE_LIST]).await?;
+    Ok((status_of(&response), body_of(&response).trim().to_owned()))
+}
+
+async fn role_list_becomes(pod: &Pod, container: &Path, expected: (u16, &str)) -> bool {
+    eventually(|| async {
+        role_list(pod, container)
+            .await
+            .is_ok_and(|(status, body)| status == expected.0 && (expected.1.is_empty() || body == expected.1))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_annotated_pod_gets_its_role_and_a_pod_sharing_its_network_never_does() -> anyhow::Result<()> {
+    if !can_run_with_python("annotated pod with the AWS CLI") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let web = node.pod()?;
+    // Two pods in one network namespace, as hostNetwork pods are: one IP, two identities.
+    let batch = node.pod_sharing(&web)?;
+    let cluster = KubeNode::start(node, Sts::Moto, &[])?;
+    cluster
+        .api
+        .apply_pod(pod_object(&web, "shop", "web-7d9f", &[(ROLE_KEY, "app-web")]));
+    cluster.api.apply_pod(pod_object(&batch, "shop", "batch-x2", &[]));
+    let (web_app, batch_app) = (web.container()?, batch.container()?);
+
+    let arn = aws_cli_caller_arn(&web, &web_app, &cluster.moto().url()).await?;
+    assert_eq!(
+        arn,
+        "arn:aws:sts::123456789012:assumed-role/app-web/shop.web-7d9f"
+    );
+    // The pod's init and sidecar containers are the pod too.
+    let sidecar = web.container()?;
+    assert_eq!(role_list(&web, &sidecar).await?, (200, "app-web".to_owned()));
+
+    assert_eq!(role_list(&batch, &batch_app).await?.0, 404, "no role, no default");
+    let asked = curl(&batch, &batch_app, &[&format!("{ROLE_LIST}app-web")]).await?;
+    assert_eq!(status_of(&asked), 404, "{asked}");
+    assert_eq!(cluster.stand_in.tcp_accepted(), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_an_auto_discovered_base_arn_the_unannotated_pod_gets_the_default_role_only()
+-> anyhow::Result<()> {
+    if !can_run_with_python("auto-discovered base ARN") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let web = node.pod()?;
+    let batch = node.pod_sharing(&web)?;
+    let cluster = KubeNode::start(
+        node,
+        Sts::Moto,
+        &["--auto-discover-base-arn", "--default-role", "fallback"],
+    )?;
+    cluster
+        .api
+        .apply_pod(pod_object(&web, "shop", "web-1", &[(ROLE_KEY, "app-web")]));
+    cluster.api.apply_pod(pod_object(&batch, "shop", "batch-1", &[]));
+    let (web_app, batch_app) = (web.container()?, batch.container()?);
+
+    // The stand-in's instance profile is in account 210987654321.
+    let arn = aws_cli_caller_arn(&web, &web_app, &cluster.moto().url()).await?;
+    assert_eq!(arn, "arn:aws:sts::210987654321:assumed-role/app-web/shop.web-1");
+    let arn = aws_cli_caller_arn(&batch, &batch_app, &cluster.moto().url()).await?;
+    assert_eq!(
+        arn,
+        "arn:aws:sts::210987654321:assumed-role/fallback/shop.batch-1"
+    );
+    let asked = curl(&batch, &batch_app, &[&format!("{ROLE_LIST}app-web")]).await?;
+    assert_eq!(status_of(&asked), 404, "{asked}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_elsewhere_finished_changed_or_deleted_get_what_their_object_says_now() -> anyhow::Result<()> {
+    if !can_run("pod states") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let (web, elsewhere, done, static_pod) = (node.pod()?, node.pod()?, node.pod()?, node.static_pod()?);
+    let cluster = KubeNode::start(node, Sts::Down, &["--pod-wait", "300ms"])?;
+    cluster
+        .api
+        .apply_pod(pod_object(&web, "shop", "web", &[(ROLE_KEY, "app-web")]));
+    let mut on_other_node = pod_object(&elsewhere, "shop", "elsewhere", &[(ROLE_KEY, "app-web")]);
+    on_other_node.spec.as_mut().unwrap().node_name = Some(OTHER_NODE.to_owned());
+    cluster.api.apply_pod(on_other_node);
+    let mut finished = pod_object(&done, "shop", "job", &[(ROLE_KEY, "app-job")]);
+    finished.status.as_mut().unwrap().phase = Some("Succeeded".to_owned());
+    cluster.api.apply_pod(finished);
+    // A static pod's mirror has a UID of its own; its cgroup is named by the config hash.
+    let mut mirror = pod_object(
+        &static_pod,
+        "kube-system",
+        "proxy-node-a",
+        &[(ROLE_KEY, "node-proxy")],
+    );
+    mirror.metadata.uid = None;
+    mirror
+        .metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("kubernetes.io/config.mirror".to_owned(), static_pod.uid.clone());
+    cluster.api.apply_pod(mirror);
+    let containers = [
+        web.container()?,
+        elsewhere.container()?,
+        done.container()?,
+        static_pod.container()?,
+    ];
+
+    assert!(role_list_becomes(&web, &containers[0], (200, "app-web")).await);
+    assert_eq!(
+        role_list(&static_pod, &containers[3]).await?,
+        (200, "node-proxy".to_owned())
+    );
+    let (status, body) = role_list(&elsewhere, &containers[1]).await?;
+    assert_eq!(status, 503, "another node's pod is in no store here: {body}");
+    assert_eq!(
+        role_list(&done, &containers[2]).await?.0,
+        404,
+        "a Succeeded pod gets nothing"
+    );
+
+    let mut changed = pod_object(&web, "shop", "web", &[(ROLE_KEY, "app-web-v2")]);
+    changed.metadata.uid = Some(web.uid.clone());
+    cluster.api.apply_pod(changed);
+    assert!(role_list_becomes(&web, &containers[0], (200, "app-web-v2")).await);
+    assert!(cluster.api.delete_pod("shop", "web"));
+    assert!(role_list_becomes(&web, &containers[0], (404, "")).await);
+    let logs = cluster.agent.logs().join("\n");
+    for reason in ["pod_not_known", "pod_finished", "pod_deleted"] {
+        assert!(
+            logs.contains(&format!("\"reason\":\"{reason}\"")),
+            "{reason} not logged"
+        );
+    }
+    assert_eq!(cluster.stand_in.tcp_accepted(), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_without_a_role_takes_its_service_accounts_and_its_own_annotation_wins() -> anyhow::Result<()> {
+    if !can_run("serviceaccount roles") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let (builder, own, plain) = (node.pod()?, node.pod()?, node.pod()?);
+    let cluster = KubeNode::start(node, Sts::Down, &["--serviceaccount-roles"])?;
+    cluster.api.apply_service_account(service_account_object(
+        "ci",
+        "builder",
+        &[(ROLE_KEY, "ci-builder")],
+    ));
+    let with_account = |pod: &Pod, name: &str, annotations: &[(&str, &str)]| {
+        let mut object = pod_object(pod, "ci", name, annotations);
+        object.spec.as_mut().unwrap().service_account_name = Some("builder".to_owned());
+        object
+    };
+    cluster.api.apply_pod(with_account(&builder, "build-1", &[]));
+    cluster
+        .api
+        .apply_pod(with_account(&own, "build-2", &[(ROLE_KEY, "own-role")]));
+    cluster.api.apply_pod(pod_object(&plain, "ci", "plain", &[]));
+
+    assert!(role_list_becomes(&builder, &builder.container()?, (200, "ci-builder")).await);
+    assert_eq!(
+        role_list(&own, &own.container()?).await?,
+        (200, "own-role".to_owned())
+    );
+    assert_eq!(
+        role_list(&plain, &plain.container()?).await?.0,
+        404,
+        "the default ServiceAccount names no role"
+    );
+    Ok(())
+}
+
+/// Namespace `team` allows `allowed`; pod `ok` asks for `app-web` and pod `bad` for `admin`.
+async fn namespace_restrictions(format: &str, key: &str, allowed: &str) -> anyhow::Result<()> {
+    let mut node = SimNode::new()?;
+    let (ok, bad, other_bad) = (node.pod()?, node.pod()?, node.pod()?);
+    let format_flag = format!("--namespace-restriction-format={format}");
+    let key_flag = format!("--namespace-key={key}");
+    let cluster = KubeNode::start(
+        node,
+        Sts::Down,
+        &["--namespace-restrictions", &format_flag, &key_flag],
+    )?;
+    cluster
+        .api
+        .apply_namespace(namespace_object("team", &[(key, allowed)]));
+    cluster
+        .api
+        .apply_pod(pod_object(&ok, "team", "ok", &[(ROLE_KEY, "app-web")]));
+    cluster
+        .api
+        .apply_pod(pod_object(&bad, "team", "bad", &[(ROLE_KEY, "admin")]));
+    cluster.api.apply_pod(pod_object(
+        &other_bad,
+        "team",
+        "other-bad",
+        &[(ROLE_KEY, "app-web-admin")],
+    ));
+    let (ok_app, bad_app, other_app) = (ok.container()?, bad.container()?, other_bad.container()?);
+
+    assert!(role_list_becomes(&ok, &ok_app, (200, "app-web")).await);
+    let refused = curl(&bad, &bad_app, &[ROLE_LIST]).await?;
+    assert_eq!(status_of(&refused), 403, "{refused}");
+    assert!(
+        body_of(&refused).contains("not allowed in namespace \"team\""),
+        "{refused}"
+    );
+    let events_for = |pod: &str| {
+        cluster
+            .api
+            .events()
+            .into_iter()
+            .filter(|event| event["regarding"]["name"] == pod)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(|| async { events_for("bad").len() == 1 }).await,
+        "one Event for the refused pod"
+    );
+    let event = &events_for("bad")[0];
+    assert_eq!(event["reason"], "IAMRoleNotAllowed");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["regarding"]["uid"], bad.uid.as_str());
+
+    // Again, within the rate limit: refused again, no second Event. Another pod's refusal, posted after
+    // the repeat was decided, marks when a second Event would have been there.
+    assert_eq!(status_of(&curl(&bad, &bad_app, &[ROLE_LIST]).await?), 403);
+    assert_eq!(status_of(&curl(&other_bad, &other_app, &[ROLE_LIST]).await?), 403);
+    assert!(eventually(|| async { events_for("other-bad").len() == 1 }).await);
+    assert_eq!(events_for("bad").len(), 1, "a second Event within the rate limit");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespace_globs_allow_their_roles_and_refuse_others_with_one_event() -> anyhow::Result<()> {
+    if !can_run("namespace restrictions, glob") {
+        return Ok(());
+    }
+    namespace_restrictions(
+        "glob",
+        "iam.amazonaws.com/allowed-roles",
+        r#"["app-web", "reports-*"]"#,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespace_regexps_are_anchored_and_refuse_others_with_one_event() -> anyhow::Result<()> {
+    if !can_run("namespace restrictions, regexp") {
+        return Ok(());
+    }
+    // kiam's annotation: one bare pattern. Unanchored, `app-w.b` would allow `app-web-admin` too.
+    namespace_restrictions("regexp", "iam.amazonaws.com/permitted", "app-w.b").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_that_asks_before_its_object_arrives_waits_for_it_and_one_that_never_does_gets_503()
+-> anyhow::Result<()> {
+    if !can_run("pod wait") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let (late, never) = (node.pod()?, node.pod()?);
+    let cluster = KubeNode::start(node, Sts::Down, &["--pod-wait", "800ms"])?;
+    let (late_app, never_app) = (late.container()?, never.container()?);
+
+    let asking = tokio::spawn({
+        let command = late.command(&late_app, "curl")?;
+        async move {
+            let mut command = command;
+            command.args(["-sS", "-i", "--noproxy", "*", "--max-time", "10", ROLE_LIST]);
+            run(command).await
+        }
+    });
+    // The race of kube2iam #46 and #102: the container runs, and asks, before the watch delivers its
+    // pod. The object appears 300 ms after the request started waiting for it.
+    cluster
+        .agent
+        .wait_for_log(&format!("\"pod_uid\":\"{}\"", late.uid))?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster
+        .api
+        .apply_pod(pod_object(&late, "shop", "late", &[(ROLE_KEY, "app-late")]));
+    let response = asking.await??;
+    assert_eq!(
+        (status_of(&response), body_of(&response).trim()),
+        (200, "app-late"),
+        "{response}"
+    );
+    let waited = request_latency(&cluster.agent, "app-late");
+    assert!(
+        waited >= Duration::from_millis(300),
+        "the request did not wait: {waited:?}"
+    );
+
+    let started = std::time::Instant::now();
+    let response = curl(&never, &never_app, &[ROLE_LIST]).await?;
+    let took = started.elapsed();
+    assert_eq!(status_of(&response), 503, "{response}");
+    assert_eq!(header_of(&response, "retry-after"), Some("1"));
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+    let line = cluster
+        .agent
+        .logs()
+        .into_iter()
+        .find(|line| line.contains("\"reason\":\"pod_not_known\""))
+        .expect("the refusal is logged");
+    assert!(line.contains(&never.uid), "{line}");
+    Ok(())
+}
+
+/// How long the agent took to answer the request that got `role`, from its request log.
+fn request_latency(agent: &Agent, role: &str) -> Duration {
+    let line = agent
+        .logs()
+        .into_iter()
+        .find(|line| line.contains("\"message\":\"metadata request\"") && line.contains(role))
+        .expect("the request is logged");
+    let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON log");
+    Duration::from_micros(entry["latency_us"].as_u64().expect("latency_us"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_api_server_down_known_pods_are_served_and_a_relist_after_410_drops_deleted_ones()
+-> anyhow::Result<()> {
+    if !can_run("API server outage") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let (kept, deleted) = (node.pod()?, node.pod()?);
+    let cluster = KubeNode::start(node, Sts::Down, &[])?;
+    cluster
+        .api
+        .apply_pod(pod_object(&kept, "shop", "kept", &[(ROLE_KEY, "app-kept")]));
+    cluster.api.apply_pod(pod_object(
+        &deleted,
+        "shop",
+        "deleted",
+        &[(ROLE_KEY, "app-deleted")],
+    ));
+    let (kept_app, deleted_app) = (kept.container()?, deleted.container()?);
+    assert!(role_list_becomes(&kept, &kept_app, (200, "app-kept")).await);
+    assert!(role_list_becomes(&deleted, &deleted_app, (200, "app-deleted")).await);
+
+    cluster.api.set_down(true);
+    assert_eq!(role_list(&kept, &kept_app).await?, (200, "app-kept".to_owned()));
+    // Deleted while the agent cannot watch, and the history compacted: the agent's resourceVersion is
+    // too old when it is back, the watch gets 410 Gone, and only a new list shows the deletion.
+    assert!(cluster.api.delete_pod("shop", "deleted"));
+    cluster.api.compact();
+    let lists_before = pod_lists(&cluster);
+    cluster.api.set_down(false);
+
+    assert!(
+        role_list_becomes(&deleted, &deleted_app, (404, "")).await,
+        "the deleted pod is refused"
+    );
+    assert!(pod_lists(&cluster) > lists_before, "the agent re-listed its pods");
+    assert_eq!(role_list(&kept, &kept_app).await?, (200, "app-kept".to_owned()));
+    assert!(
+        cluster
+            .api
+            .requests()
+            .iter()
+            .filter(|request| request.path == "/api/v1/pods")
+            .all(|request| { request.param("fieldSelector") == Some(&format!("spec.nodeName={NODE_NAME}")) }),
+        "the agent only ever asks for its own node's pods"
+    );
+    Ok(())
+}
+
+fn pod_lists(cluster: &KubeNode) -> usize {
+    cluster
+        .api
+        .requests()
+        .iter()
+        .filter(|request| request.path == "/api/v1/pods" && request.is_list())
+        .count()
+}
+
+/// kube2iam's chart, with the values of the blog post (`host.iptables: true`, `host.interface: eni+`,
+/// `extraArgs` auto-discover-base-arn and auto-discover-default-role), renders these container args;
+/// `$(HOST_IP)` and `$(NODE_NAME)` are the kubelet's expansions of the downward-API variables.
+fn kube2iam_chart_args(host_ip: &str) -> Vec<String> {
+    [
+        "--host-interface=eni+",
+        &format!("--node={NODE_NAME}"),
+        &format!("--host-ip={host_ip}"),
+        "--iptables=true",
+        "--auto-discover-base-arn=true",
+        "--auto-discover-default-role=true",
+        "--app-port=8181",
+        "--metrics-port=8181",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kube2iam_daemonsets_args_start_the_agent_with_one_warning_per_ignored_flag() -> anyhow::Result<()>
+{
+    if !can_run("kube2iam args") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let (annotated, plain) = (node.pod()?, node.pod()?);
+    // The cluster as KubeNode runs it, then the agent again exactly as kube2iam's DaemonSet starts it:
+    // its args, and what the pod's environment holds (the downward API, the API server's address).
+    let mut cluster = KubeNode::start(node, Sts::Down, &[])?;
+    cluster.agent.kill()?;
+    let cgroup = cluster.node.cgroup("kubepods.slice/kube2iam-agent")?;
+    let mut command = Agent::bare_command(&cluster.node, &cgroup)?;
+    command
+        .args(kube2iam_chart_args(&NODE_IP.to_string()))
+        .env("HOST_IP", NODE_IP.to_string())
+        .env("NODE_NAME", NODE_NAME)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .env("INTERCEPTOR_CGROUP_ROOT", cluster.node.kubepods())
+        .env("INTERCEPTOR_BPFFS_DIR", cluster.node.bpffs_dir())
+        .env("INTERCEPTOR_STS_ENDPOINT", NO_STS)
+        .env("INTERCEPTOR_LOG_FORMAT", "json");
+    let agent = Agent::start(command)?;
+
+    let warnings: Vec<String> = agent
+        .logs()
+        .into_iter()
+        .filter(|line| line.contains("kube2iam flag ignored"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+    assert!(
+        warnings
+            .iter()
+            .any(|line| line.contains("\"flag\":\"--iptables\""))
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|line| line.contains("\"flag\":\"--host-interface\""))
+    );
+
+    cluster.api.apply_pod(pod_object(
+        &annotated,
+        "default",
+        "app",
+        &[(ROLE_KEY, "role-name")],
+    ));
+    cluster.api.apply_pod(pod_object(&plain, "default", "plain", &[]));
+    assert!(role_list_becomes(&annotated, &annotated.container()?, (200, "role-name")).await);
+    // The instance's own role is the default role, assumed like any other.
+    assert_eq!(
+        role_list(&plain, &plain.container()?).await?,
+        (200, StandIn::NODE_ROLE.to_owned())
+    );
+    // kube2iam serves its health on the app port; so does the agent, to callers outside the pods.
+    let probe_cgroup = cluster.node.cgroup("system.slice/kubelet.service")?;
+    let mut probe = cluster.node.command(&probe_cgroup, "curl")?;
+    probe.args([
+        "-sS",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "10",
+        &format!("http://{NODE_IP}:8181/healthz"),
+    ]);
+    assert_eq!(run(probe).await?, "ok");
+    let health_from_pod = curl(&plain, &plain.container()?, &["http://169.254.169.254/healthz"]).await?;
+    assert_ne!(
+        body_of(&health_from_pod).trim(),
+        "ok",
+        "pods see the metadata service, not the agent's health"
+    );
+    Ok(())
+}
