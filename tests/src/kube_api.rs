@@ -2135,6 +2135,13 @@ fn age_of(timestamp: &str) -> String {
 
 // ----- watch -----------------------------------------------------------------------------------
 
+/// What wakes a watch: a change, a cut, a bookmark asked for.
+struct Signals {
+    changes: watch::Receiver<u64>,
+    cuts: watch::Receiver<u64>,
+    bookmarks: watch::Receiver<u64>,
+}
+
 /// What one watch sends before its live events, and from where it goes on.
 struct WatchPlan {
     filter: Filter,
@@ -2157,6 +2164,13 @@ fn start_watch(
     params: &Params,
     shape: Shape,
 ) -> Result<Response, ApiError> {
+    // Subscribed before anything else: a cut or bookmark asked for once this watch is being served
+    // reaches it, even before its task runs.
+    let signals = Signals {
+        changes: shared.changes.subscribe(),
+        cuts: shared.cuts.subscribe(),
+        bookmarks: shared.bookmarks.subscribe(),
+    };
     let bookmarks = params.flag("allowWatchBookmarks")?;
     let send_initial = match params.get("sendInitialEvents") {
         None | Some("") => None,
@@ -2241,7 +2255,7 @@ fn start_watch(
     drop(state);
 
     let (lines, receiver) = tokio::sync::mpsc::channel::<Bytes>(256);
-    tokio::spawn(run_watch(shared.clone(), plan, lines));
+    tokio::spawn(run_watch(shared.clone(), plan, signals, lines));
     let stream = futures::stream::unfold(receiver, |mut receiver| async move {
         receiver
             .recv()
@@ -2317,10 +2331,17 @@ impl WatchPlan {
 }
 
 /// Sends a watch's lines until its timeout, a cut, an outage or the client's leaving.
-async fn run_watch(shared: Arc<Shared>, mut plan: WatchPlan, lines: tokio::sync::mpsc::Sender<Bytes>) {
-    let mut changes = shared.changes.subscribe();
-    let mut cuts = shared.cuts.subscribe();
-    let mut bookmarks = shared.bookmarks.subscribe();
+async fn run_watch(
+    shared: Arc<Shared>,
+    mut plan: WatchPlan,
+    signals: Signals,
+    lines: tokio::sync::mpsc::Sender<Bytes>,
+) {
+    let Signals {
+        mut changes,
+        mut cuts,
+        mut bookmarks,
+    } = signals;
     let mut ticker =
         tokio::time::interval_at(tokio::time::Instant::now() + BOOKMARK_INTERVAL, BOOKMARK_INTERVAL);
     for line in std::mem::take(&mut plan.first) {

@@ -408,180 +408,172 @@ fn watches(server: &FakeApiServer) -> Vec<RequestLog> {
 
 #[test]
 fn kube_watcher_follows_its_nodes_pods_and_resumes_after_a_cut_without_relisting() -> Result<()> {
-    let Some(cluster) = Cluster::for_test("kube watcher and cut watches", false)? else {
-        return Ok(());
-    };
-    let (server, namespace, selector) = (&cluster.server, &cluster.namespace, cluster.selector());
-    let a = server.apply_pod(cluster.here("a"));
-    server.apply_pod(cluster.elsewhere("b"));
-    server.block_on_in_node(|| async {
-        let pods = Reflected::start(
-            cluster.client().await?,
-            watcher::Config::default().fields(&selector),
-        );
-        pods.holds(&["a"]).await?;
+    in_node(
+        "kube watcher and cut watches",
+        &["a"],
+        &["b"],
+        async |cluster, client| {
+            let (server, namespace, selector) = (&cluster.server, &cluster.namespace, cluster.selector());
+            let pods = Reflected::start(client, watcher::Config::default().fields(&selector));
+            pods.holds(&["a"]).await?;
 
-        server.apply_pod(cluster.here("c"));
-        pods.holds(&["a", "c"]).await?;
-        server.apply_pod(annotated(a, "note", "seen"));
-        eventually("the update", || {
-            pods.store
-                .state()
-                .iter()
-                .any(|pod| pod.annotations().get("note").is_some_and(|note| note == "seen"))
-        })
-        .await?;
-        server.apply_pod(cluster.here("b")); // moves onto the node: ADDED to this watch
-        pods.holds(&["a", "b", "c"]).await?;
-        server.apply_pod(cluster.elsewhere("c")); // moves away: DELETED to this watch
-        pods.holds(&["a", "b"]).await?;
-        assert!(server.delete_pod(namespace, "a"));
-        pods.holds(&["b"]).await?;
+            server.apply_pod(cluster.here("c"));
+            pods.holds(&["a", "c"]).await?;
+            server.apply_pod(annotated(cluster.here("a"), "note", "seen"));
+            eventually("the update", || {
+                pods.store
+                    .state()
+                    .iter()
+                    .any(|pod| pod.annotations().get("note").is_some_and(|note| note == "seen"))
+            })
+            .await?;
+            server.apply_pod(cluster.here("b")); // moves onto the node: ADDED to this watch
+            pods.holds(&["a", "b", "c"]).await?;
+            server.apply_pod(cluster.elsewhere("c")); // moves away: DELETED to this watch
+            pods.holds(&["a", "b"]).await?;
+            assert!(server.delete_pod(namespace, "a"));
+            pods.holds(&["b"]).await?;
 
-        let (lists_before, watches_before) = (lists(server), watches(server).len());
-        let last_seen = server.resource_version();
-        server.cut_watches();
-        eventually("the watcher to reconnect", || {
-            watches(server).len() > watches_before
-        })
-        .await?;
-        let resumed = watches(server).pop().context("a watch")?;
-        assert_eq!(
-            resumed.param("resourceVersion"),
-            Some(last_seen.to_string().as_str()),
-            "{resumed:?}"
-        );
-        server.apply_pod(cluster.here("d"));
-        pods.holds(&["b", "d"]).await?;
-        assert_eq!(
-            lists(server),
-            lists_before,
-            "the watcher re-listed after a clean cut"
-        );
-        assert_eq!(lists_before, 1);
-        assert_eq!(pods.errors.load(Ordering::SeqCst), 0);
+            let (lists_before, watches_before) = (lists(server), watches(server).len());
+            let last_seen = server.resource_version();
+            server.cut_watches();
+            eventually("the watcher to reconnect", || {
+                watches(server).len() > watches_before
+            })
+            .await?;
+            let resumed = watches(server).pop().context("a watch")?;
+            assert_eq!(
+                resumed.param("resourceVersion"),
+                Some(last_seen.to_string().as_str()),
+                "{resumed:?}"
+            );
+            server.apply_pod(cluster.here("d"));
+            pods.holds(&["b", "d"]).await?;
+            assert_eq!(
+                lists(server),
+                lists_before,
+                "the watcher re-listed after a clean cut"
+            );
+            assert_eq!(lists_before, 1);
+            assert_eq!(pods.errors.load(Ordering::SeqCst), 0);
 
-        let asked = pod_requests(server, "/api/v1/pods");
-        ensure!(
-            asked
-                .iter()
-                .all(|request| request.param("fieldSelector") == Some(selector.as_str())),
-            "{asked:#?}"
-        );
-        ensure!(
-            asked
-                .iter()
-                .all(|request| request.token.as_deref() == Some(server.token()))
-        );
-        Ok(())
-    })?
+            let asked = pod_requests(server, "/api/v1/pods");
+            ensure!(
+                asked
+                    .iter()
+                    .all(|request| request.param("fieldSelector") == Some(selector.as_str())),
+                "{asked:#?}"
+            );
+            ensure!(
+                asked
+                    .iter()
+                    .all(|request| request.token.as_deref() == Some(server.token()))
+            );
+            Ok(())
+        },
+    )
 }
 
 #[test]
 fn kube_watcher_relists_after_a_compaction() -> Result<()> {
-    let Some(cluster) = Cluster::for_test("kube watcher and compaction", false)? else {
-        return Ok(());
-    };
-    let server = &cluster.server;
-    server.apply_pod(cluster.here("a"));
-    server.block_on_in_node(|| async {
-        // Without bookmarks the watcher's resourceVersion stays at its last event's.
-        let config = watcher::Config::default()
-            .fields(&cluster.selector())
-            .disable_bookmarks();
-        let pods = Reflected::start(cluster.client().await?, config);
-        pods.holds(&["a"]).await?;
-        assert_eq!(lists(server), 1);
+    in_node(
+        "kube watcher and compaction",
+        &["a"],
+        &[],
+        async |cluster, client| {
+            let server = &cluster.server;
+            // Without bookmarks the watcher's resourceVersion stays at its last event's.
+            let config = watcher::Config::default()
+                .fields(&cluster.selector())
+                .disable_bookmarks();
+            let pods = Reflected::start(client, config);
+            pods.holds(&["a"]).await?;
+            assert_eq!(lists(server), 1);
 
-        server.apply_pod(cluster.elsewhere("unseen"));
-        server.compact();
-        let watches_before = watches(server).len();
-        server.cut_watches();
-        eventually("a second list", || lists(server) == 2).await?;
-        let expired = &watches(server)[watches_before];
-        let compacted_at = server.resource_version();
-        ensure!(
-            expired
-                .param("resourceVersion")
-                .and_then(|rv| rv.parse::<u64>().ok())
-                .is_some_and(|rv| rv < compacted_at),
-            "{expired:?}"
-        );
-        server.apply_pod(cluster.here("b"));
-        pods.holds(&["a", "b"]).await?;
-        ensure!(
-            pods.errors.load(Ordering::SeqCst) >= 1,
-            "the 410 reaches the watcher as an error"
-        );
-        Ok(())
-    })?
+            server.apply_pod(cluster.elsewhere("unseen"));
+            server.compact();
+            let watches_before = watches(server).len();
+            server.cut_watches();
+            eventually("a second list", || lists(server) == 2).await?;
+            let expired = &watches(server)[watches_before];
+            let compacted_at = server.resource_version();
+            ensure!(
+                expired
+                    .param("resourceVersion")
+                    .and_then(|rv| rv.parse::<u64>().ok())
+                    .is_some_and(|rv| rv < compacted_at),
+                "{expired:?}"
+            );
+            server.apply_pod(cluster.here("b"));
+            pods.holds(&["a", "b"]).await?;
+            ensure!(
+                pods.errors.load(Ordering::SeqCst) >= 1,
+                "the 410 reaches the watcher as an error"
+            );
+            Ok(())
+        },
+    )
 }
 
 #[test]
 fn kube_watcher_recovers_from_an_outage_and_forgets_what_was_deleted_meanwhile() -> Result<()> {
-    let Some(cluster) = Cluster::for_test("kube watcher and an outage", false)? else {
-        return Ok(());
-    };
-    let (server, namespace) = (&cluster.server, &cluster.namespace);
-    server.apply_pod(cluster.here("a"));
-    server.apply_pod(cluster.here("b"));
-    server.block_on_in_node(|| async {
-        let client = cluster.client().await?;
-        let pods = Reflected::start(
-            client.clone(),
-            watcher::Config::default().fields(&cluster.selector()),
-        );
-        pods.holds(&["a", "b"]).await?;
+    in_node(
+        "kube watcher and an outage",
+        &["a", "b"],
+        &[],
+        async |cluster, client| {
+            let (server, namespace) = (&cluster.server, &cluster.namespace);
+            let pods = Reflected::start(
+                client.clone(),
+                watcher::Config::default().fields(&cluster.selector()),
+            );
+            pods.holds(&["a", "b"]).await?;
 
-        server.set_down(true);
-        let refused = Api::<Pod>::all(client.clone()).list(&ListParams::default()).await;
-        ensure!(
-            refused.is_err(),
-            "a request during the outage succeeded: {refused:?}"
-        );
-        eventually("the watcher to see the outage", || {
-            pods.errors.load(Ordering::SeqCst) > 0
-        })
-        .await?;
-        // What happens while no watch is open, and is then compacted away.
-        assert!(server.delete_pod(namespace, "b"));
-        server.apply_pod(cluster.here("c"));
-        server.compact();
-        let requests_while_down = server.requests().len();
-        server.set_down(false);
+            server.set_down(true);
+            let refused = Api::<Pod>::all(client.clone()).list(&ListParams::default()).await;
+            ensure!(
+                refused.is_err(),
+                "a request during the outage succeeded: {refused:?}"
+            );
+            eventually("the watcher to see the outage", || {
+                pods.errors.load(Ordering::SeqCst) > 0
+            })
+            .await?;
+            // What happens while no watch is open, and is then compacted away.
+            assert!(server.delete_pod(namespace, "b"));
+            server.apply_pod(cluster.here("c"));
+            server.compact();
+            let requests_while_down = server.requests().len();
+            server.set_down(false);
 
-        pods.holds(&["a", "c"]).await?;
-        assert_eq!(
-            lists(server),
-            2,
-            "the watcher re-listed after its resourceVersion expired"
-        );
-        assert_eq!(
-            Api::<Pod>::all(client)
-                .list(&ListParams::default())
-                .await?
-                .items
-                .len(),
-            2
-        );
-        ensure!(server.requests().len() > requests_while_down);
-        Ok(())
-    })?
+            pods.holds(&["a", "c"]).await?;
+            assert_eq!(
+                lists(server),
+                2,
+                "the watcher re-listed after its resourceVersion expired"
+            );
+            assert_eq!(
+                Api::<Pod>::all(client)
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .len(),
+                2
+            );
+            ensure!(server.requests().len() > requests_while_down);
+            Ok(())
+        },
+    )
 }
 
 #[test]
 fn kube_streaming_list_watcher_needs_no_list() -> Result<()> {
-    let Some(cluster) = Cluster::for_test("kube streaming list", false)? else {
-        return Ok(());
-    };
-    let server = &cluster.server;
-    server.apply_pod(cluster.here("a"));
-    server.apply_pod(cluster.elsewhere("b"));
-    server.block_on_in_node(|| async {
+    in_node("kube streaming list", &["a"], &["b"], async |cluster, client| {
+        let server = &cluster.server;
         let config = watcher::Config::default()
             .fields(&cluster.selector())
             .streaming_lists();
-        let pods = Reflected::start(cluster.client().await?, config);
+        let pods = Reflected::start(client, config);
         pods.store.wait_until_ready().await?;
         assert_eq!(pods.names(), BTreeSet::from(["a".to_owned()]));
         server.apply_pod(cluster.here("c"));
@@ -593,30 +585,38 @@ fn kube_streaming_list_watcher_needs_no_list() -> Result<()> {
         assert_eq!(first.param("resourceVersionMatch"), Some("NotOlderThan"));
         assert_eq!(first.param("allowWatchBookmarks"), Some("true"));
         Ok(())
-    })?
+    })
 }
 
-/// Runs `test` with a kube client inside the node, against a cluster with pods `p1`..`p5` on the
-/// test's node; `None` where it cannot run.
-fn with_pods<T: Send>(
+/// Runs `check` with a kube client inside the node, after applying pods named `here` on the test's
+/// node and `elsewhere` on another; does nothing where the test cannot run.
+fn in_node(
     test: &str,
-    check: impl AsyncFnOnce(&Cluster, Client, Api<Pod>) -> Result<T> + Send,
-) -> Result<Option<T>> {
+    here: &[&str],
+    elsewhere: &[&str],
+    check: impl AsyncFnOnce(&Cluster, Client) -> Result<()> + Send,
+) -> Result<()> {
     let Some(cluster) = Cluster::for_test(test, false)? else {
-        return Ok(None);
+        return Ok(());
     };
-    for name in ["p1", "p2", "p3", "p4", "p5"] {
+    for &name in here {
         cluster.server.apply_pod(cluster.here(name));
+    }
+    for &name in elsewhere {
+        cluster.server.apply_pod(cluster.elsewhere(name));
     }
     let cluster = &cluster;
     cluster
         .server
-        .block_on_in_node(move || async move {
-            let client = cluster.client().await?;
-            let pods = Api::namespaced(client.clone(), &cluster.namespace);
-            check(cluster, client, pods).await
-        })?
-        .map(Some)
+        .block_on_in_node(move || async move { check(cluster, cluster.client().await?).await })?
+}
+
+/// The pods every test of the API's details starts with, on the test's node.
+const FIVE: &[&str] = &["p1", "p2", "p3", "p4", "p5"];
+
+/// The test's namespace's pods.
+fn pods_of(cluster: &Cluster, client: &Client) -> Api<Pod> {
+    Api::namespaced(client.clone(), &cluster.namespace)
 }
 
 /// The code and reason of the Status an API call failed with.
@@ -629,7 +629,8 @@ fn status<T: std::fmt::Debug>(result: kube::Result<T>) -> Result<(u16, String)> 
 
 #[test]
 fn kube_lists_page_and_select_as_the_real_server_does() -> Result<()> {
-    with_pods("kube list details", async |cluster, _, pods| {
+    in_node("kube list details", FIVE, &[], async |cluster, client| {
+        let pods = pods_of(cluster, &client);
         // Pages of two, each continuing where the last stopped, at one resourceVersion.
         let (mut names, mut token, mut pages) = (Vec::new(), None::<String>, 0);
         loop {
@@ -665,12 +666,12 @@ fn kube_lists_page_and_select_as_the_real_server_does() -> Result<()> {
         assert_eq!(status(pods.get("missing").await)?, (404, "NotFound".to_owned()));
         Ok(())
     })
-    .map(drop)
 }
 
 #[test]
 fn kube_watches_get_the_real_servers_events() -> Result<()> {
-    with_pods("kube watch details", async |cluster, _, pods| {
+    in_node("kube watch details", FIVE, &[], async |cluster, client| {
+        let pods = pods_of(cluster, &client);
         let server = &cluster.server;
         // A pod that leaves the selector is DELETED, with its last matching state.
         let watch_params = WatchParams::default().fields(&cluster.selector());
@@ -724,12 +725,12 @@ fn kube_watches_get_the_real_servers_events() -> Result<()> {
         ensure!(lasted >= Duration::from_millis(900), "ended after {lasted:?}");
         Ok(())
     })
-    .map(drop)
 }
 
 #[test]
 fn kube_event_recorder_posts_then_patches() -> Result<()> {
-    with_pods("kube event recorder", async |cluster, client, pods| {
+    in_node("kube event recorder", FIVE, &[], async |cluster, client| {
+        let pods = pods_of(cluster, &client);
         let target = pods.get("p2").await?;
         let recorder = Recorder::new(client, Reporter::from("interceptor-test"));
         let event = KubeEvent {
@@ -761,43 +762,47 @@ fn kube_event_recorder_posts_then_patches() -> Result<()> {
         assert_eq!(calls, ["POST 201", "PATCH 200"]);
         Ok(())
     })
-    .map(drop)
 }
 
 #[test]
 fn bad_input_gets_a_status_and_namespaces_take_their_contents_along() -> Result<()> {
-    with_pods("kube bad input and namespaces", async |cluster, client, pods| {
-        let namespace = &cluster.namespace;
-        let reply = raw_request(&format!(
-            "POST /api/v1/namespaces/{namespace}/pods HTTP/1.1\r\nHost: api\r\n\
+    in_node(
+        "kube bad input and namespaces",
+        FIVE,
+        &[],
+        async |cluster, client| {
+            let pods = pods_of(cluster, &client);
+            let namespace = &cluster.namespace;
+            let reply = raw_request(&format!(
+                "POST /api/v1/namespaces/{namespace}/pods HTTP/1.1\r\nHost: api\r\n\
              Content-Type: application/json\r\nContent-Length: 9\r\nConnection: close\r\n\r\n\
              {{\"bad\": ,"
-        ))
-        .await?;
-        ensure!(reply.starts_with("HTTP/1.1 400"), "{reply}");
-        let body: Value = serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap_or_default())?;
-        assert_eq!(
-            (body["kind"].as_str(), body["code"].as_u64()),
-            (Some("Status"), Some(400))
-        );
+            ))
+            .await?;
+            ensure!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+            let body: Value = serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap_or_default())?;
+            assert_eq!(
+                (body["kind"].as_str(), body["code"].as_u64()),
+                (Some("Status"), Some(400))
+            );
 
-        let namespaces: Api<Namespace> = Api::all(client);
-        let labels = namespaces
-            .get(namespace)
-            .await?
-            .metadata
-            .labels
-            .unwrap_or_default();
-        assert_eq!(labels.get("kubernetes.io/metadata.name"), Some(namespace));
-        assert!(cluster.server.delete_namespace(namespace));
-        assert!(pods.list(&ListParams::default()).await?.items.is_empty());
-        assert_eq!(
-            status(namespaces.get(namespace).await)?,
-            (404, "NotFound".to_owned())
-        );
-        Ok(())
-    })
-    .map(drop)
+            let namespaces: Api<Namespace> = Api::all(client);
+            let labels = namespaces
+                .get(namespace)
+                .await?
+                .metadata
+                .labels
+                .unwrap_or_default();
+            assert_eq!(labels.get("kubernetes.io/metadata.name"), Some(namespace));
+            assert!(cluster.server.delete_namespace(namespace));
+            assert!(pods.list(&ListParams::default()).await?.items.is_empty());
+            assert_eq!(
+                status(namespaces.get(namespace).await)?,
+                (404, "NotFound".to_owned())
+            );
+            Ok(())
+        },
+    )
 }
 
 /// Sends `request` as it is and reads the reply to the end (the request asks to close).
