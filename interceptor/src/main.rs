@@ -62,3 +62,36 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         tracing::error!(error = format!("{err:#}"), "agent failed");
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn flags_without_a_command_run_the_agent() {
+        let kube2iam = args(&["interceptor", "--host-interface=eni+", "--node=n"]);
+        assert_eq!(
+            with_command(kube2iam),
+            args(&["interceptor", "agent", "--host-interface=eni+", "--node=n"])
+        );
+        for unchanged in [
+            &["interceptor", "agent", "--node=n"][..],
+            &["interceptor", "uninstall"],
+            &["interceptor", "--version"],
+            &["interceptor", "--help"],
+            &["interceptor"],
+        ] {
+            assert_eq!(with_command(args(unchanged)), args(unchanged));
+        }
+        let parsed = Cli::try_parse_from(with_command(args(&[
+            "interceptor",
+            "--iptables=true",
+            "--node=n",
+        ])));
+        assert!(matches!(parsed.map(|cli| cli.command), Ok(Command::Agent(_))));
+    }
+}

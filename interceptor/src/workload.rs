@@ -45,6 +45,10 @@ pub enum WorkloadError {
     PodDeleted { uid: crate::identity::PodUid },
     #[error("pod {pod} has finished ({phase})")]
     PodFinished { pod: String, phase: String },
+    #[error(
+        "static pod {uid} is claimed by more than one pod object (kubernetes.io/config.mirror): no role until one claim is left"
+    )]
+    MirrorContested { uid: crate::identity::PodUid },
 }
 
 /// Why a workload was refused a role, for the sources that tell someone (Kubernetes Events).

@@ -152,6 +152,20 @@ async fn pods_elsewhere_finished_changed_or_deleted_get_what_their_object_says_n
         role_list(&static_pod, &containers[3]).await?,
         (200, "node-proxy".to_owned())
     );
+    // Anyone who can create pods can write a mirror annotation: a second pod object claiming the static
+    // pod's hash must not hand the static pod its role. The hash names nobody while it is contested.
+    let mut claimant = pod_object(&web, "shop", "claimant", &[(ROLE_KEY, "attacker-chosen")]);
+    claimant.metadata.uid = None;
+    claimant
+        .metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("kubernetes.io/config.mirror".to_owned(), static_pod.uid.clone());
+    cluster.api.apply_pod(claimant);
+    assert!(role_list_becomes(&static_pod, &containers[3], (403, "")).await);
+    assert!(cluster.api.delete_pod("shop", "claimant"));
+    assert!(role_list_becomes(&static_pod, &containers[3], (200, "node-proxy")).await);
     let (status, body) = role_list(&elsewhere, &containers[1]).await?;
     assert_eq!(status, 503, "another node's pod is in no store here: {body}");
     assert_eq!(
@@ -167,7 +181,7 @@ async fn pods_elsewhere_finished_changed_or_deleted_get_what_their_object_says_n
     assert!(cluster.api.delete_pod("shop", "web"));
     assert!(role_list_becomes(&web, &containers[0], (404, "")).await);
     let logs = cluster.agent.logs().join("\n");
-    for reason in ["pod_not_known", "pod_finished", "pod_deleted"] {
+    for reason in ["pod_not_known", "pod_finished", "pod_deleted", "mirror_contested"] {
         assert!(
             logs.contains(&format!("\"reason\":\"{reason}\"")),
             "{reason} not logged"

@@ -58,6 +58,7 @@ impl ImdsError {
             | Self::ForwardedFor => StatusCode::FORBIDDEN,
             Self::Route(RouteError::MethodNotAllowed) => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnknownWorkload(WorkloadError::PodNotKnown { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UnknownWorkload(WorkloadError::MirrorContested { .. }) => StatusCode::FORBIDDEN,
             Self::Route(RouteError::NotFound) | Self::UnknownWorkload(_) | Self::OtherRole { .. } => {
                 StatusCode::NOT_FOUND
             }
@@ -100,6 +101,7 @@ impl ImdsError {
             Self::UnknownWorkload(WorkloadError::PodNotKnown { .. }) => "pod_not_known",
             Self::UnknownWorkload(WorkloadError::PodDeleted { .. }) => "pod_deleted",
             Self::UnknownWorkload(WorkloadError::PodFinished { .. }) => "pod_finished",
+            Self::UnknownWorkload(WorkloadError::MirrorContested { .. }) => "mirror_contested",
             Self::Policy(PolicyError::NoRole) => "no_role",
             Self::Policy(PolicyError::BadRequest { .. }) => "invalid_role",
             Self::Policy(PolicyError::NotAllowed { .. }) => "namespace_restricted",
