@@ -1,12 +1,15 @@
-//! Role ARNs, base ARNs, role names, external ids and session names (`policy`): any text is accepted
-//! or refused without a panic, and what is accepted keeps the rules STS and IAM set.
+//! Role ARNs, base ARNs, role names, external ids, session names and namespace restrictions (`policy`):
+//! any text is accepted or refused without a panic, and what is accepted keeps the rules STS and IAM
+//! set.
 //! Input: the text, tried as each of them.
 
 #![no_main]
 
 use std::sync::LazyLock;
 
-use interceptor::policy::{BaseArn, ExternalId, Policy, RoleArn, RoleRequest, SessionName};
+use interceptor::policy::{
+    AllowedRoles, BaseArn, ExternalId, PatternFormat, Policy, RoleArn, RoleRequest, SessionName,
+};
 use libfuzzer_sys::fuzz_target;
 
 static POLICY: LazyLock<Policy> = LazyLock::new(|| Policy {
@@ -37,12 +40,18 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = ExternalId::parse(text);
     check_session_name(&SessionName::sanitize(text));
-    let request = RoleRequest {
-        role: Some(text.to_owned()),
-        external_id: Some(text.to_owned()),
-        session_name: Some(text.to_owned()),
-    };
-    let _ = POLICY.session(&request, text);
+    // The same text as a namespace's allowed-roles annotation, in both formats.
+    for format in [PatternFormat::Glob, PatternFormat::Regexp] {
+        let allowed = AllowedRoles::parse("ns", "key".into(), Some(text), format, POLICY.base_arn.as_ref());
+        let request = RoleRequest {
+            role: Some(text.to_owned()),
+            external_id: Some(text.to_owned()),
+            session_name: Some(text.to_owned()),
+            origin: Some("annotation".into()),
+            allowed: Some(std::sync::Arc::new(allowed)),
+        };
+        let _ = POLICY.session(&request, text);
+    }
 });
 
 /// What a valid role ARN promises its users: a 12-digit account, an `aws` partition, a name of 1-64
