@@ -18,11 +18,12 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(parse_pod_cgroup(&format!("/{path}/")), parsed);
 });
 
-/// A pod UID is lowercase 8-4-4-4-12 hex; a container id is 64 lowercase hex digits.
+/// A pod UID is lowercase 8-4-4-4-12 hex, or a static pod's 32-hex config hash; a container id is 64
+/// lowercase hex digits.
 fn check_ids(pod: &PodCgroup) {
     let uid = pod.pod_uid.as_str();
     let groups: Vec<usize> = uid.split('-').map(str::len).collect();
-    assert_eq!(groups, [8, 4, 4, 4, 12], "{uid:?}");
+    assert!(groups == [8, 4, 4, 4, 12] || groups == [32], "{uid:?}");
     assert!(uid.bytes().all(|b| b == b'-' || is_lower_hex(b)), "{uid:?}");
     if let Some(id) = &pod.container_id {
         assert!(
