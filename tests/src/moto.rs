@@ -49,7 +49,40 @@ impl Moto {
         };
         node.wait_for_listener(moto.addr())
             .context("moto_server did not start listening")?;
+        moto.warm_up(node, &cgroup)?;
         Ok(moto)
+    }
+
+    /// moto imports a service's code on its first request to it, which can take more than a second on
+    /// a busy machine: longer than the SDKs wait for the metadata service, behind which a pod's first
+    /// AssumeRole runs. One GetCallerIdentity (not counted as an AssumeRole) loads STS's code first.
+    fn warm_up(&self, node: &SimNode, cgroup: &std::path::Path) -> Result<()> {
+        let status = node
+            .command(cgroup, "curl")?
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "60",
+                "-X",
+                "POST",
+            ])
+            .args([
+                "--data",
+                "Action=GetCallerIdentity&Version=2011-06-15",
+                &self.url(),
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .context("cannot run curl to warm moto up")?;
+        anyhow::ensure!(
+            status.success(),
+            "moto did not answer GetCallerIdentity: {status}"
+        );
+        Ok(())
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -311,6 +311,82 @@ async fn namespace_regexps_are_anchored_and_refuse_others_with_one_event() -> an
     namespace_restrictions("regexp", "iam.amazonaws.com/permitted", "app-w.b").await
 }
 
+/// An STS endpoint on the node that denies every request, as STS does when the role's trust policy does
+/// not name the node's role. Returns its URL; it serves until the test process ends.
+fn deny_every_assume_role(node: &SimNode) -> anyhow::Result<String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    const DENIED: &str = "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type>\
+        <Code>AccessDenied</Code><Message>User: arn:aws:sts::123456789012:assumed-role/nodes/i-0 is not authorized \
+        to perform: sts:AssumeRole on resource: arn:aws:iam::123456789012:role/app-web</Message></Error>\
+        <RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ErrorResponse>";
+    let listener = node.bind_tcp((NODE_IP, 5002).into())?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let mut reader = BufReader::new(stream);
+            let mut length = 0;
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|read| read > 2) {
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+                line.clear();
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let reply = format!(
+                "HTTP/1.1 403 Forbidden\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{DENIED}",
+                DENIED.len()
+            );
+            let _ = reader.get_mut().write_all(reply.as_bytes());
+        }
+    });
+    Ok(format!("http://{NODE_IP}:5002"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_assume_role_is_an_event_on_the_pod_and_never_other_credentials() -> anyhow::Result<()> {
+    if !can_run("AssumeRole failure event") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let web = node.pod()?;
+    let sts = deny_every_assume_role(&node)?;
+    let cluster = KubeNode::start(node, Sts::Down, &["--sts-endpoint", &sts])?;
+    // Events go to the pod's namespace, which must exist, as on a real API server.
+    cluster.api.apply_namespace(namespace_object("shop", &[]));
+    cluster
+        .api
+        .apply_pod(pod_object(&web, "shop", "web", &[(ROLE_KEY, "app-web")]));
+    let app = web.container()?;
+    assert!(role_list_becomes(&web, &app, (200, "app-web")).await);
+
+    let response = curl(&web, &app, &[&format!("{ROLE_LIST}app-web")]).await?;
+    assert_eq!(status_of(&response), 503, "{response}");
+    assert!(!response.contains("AccessKeyId"), "{response}");
+    let posted = || {
+        cluster
+            .api
+            .events()
+            .into_iter()
+            .filter(|event| event["regarding"]["name"] == "web")
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(|| async { !posted().is_empty() }).await,
+        "an Event for the pod"
+    );
+    assert_eq!(posted()[0]["reason"], "IAMAssumeRoleFailed");
+    assert!(
+        posted()[0]["note"]
+            .as_str()
+            .is_some_and(|note| note.contains("AccessDenied") && note.contains("role/app-web")),
+        "{:?}",
+        posted()[0]
+    );
+    assert_eq!(cluster.stand_in.tcp_accepted(), 0);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_that_asks_before_its_object_arrives_waits_for_it_and_one_that_never_does_gets_503()
 -> anyhow::Result<()> {
