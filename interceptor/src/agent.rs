@@ -561,15 +561,21 @@ fn detect_kubepods(mount: &Path) -> Result<PathBuf> {
 }
 
 /// The agent's own cgroup, exempt from redirection so the agent reaches the real metadata service.
+/// `/proc/self/cgroup` names it relative to the agent's cgroup namespace. In a container with a private
+/// one (the default under cgroup v2) that is `/`: the container's own cgroup, which no path under the
+/// host's cgroup2 mount names; its id comes from a cgroup2 mount made inside the namespace instead.
 fn own_cgroup_id(mount: &Path) -> Result<CgroupId> {
     let text = std::fs::read_to_string("/proc/self/cgroup").context("cannot read /proc/self/cgroup")?;
     let relative = text
         .lines()
         .find_map(|line| line.strip_prefix("0::"))
-        .context("/proc/self/cgroup has no cgroup v2 line")?;
-    Ok(identity::cgroup_id(
-        &mount.join(relative.trim_start_matches('/')),
-    )?)
+        .context("/proc/self/cgroup has no cgroup v2 line")?
+        .trim_start_matches('/');
+    if relative.is_empty() {
+        return identity::cgroup_namespace_root_id()
+            .context("cannot find the agent's own cgroup in its cgroup namespace");
+    }
+    Ok(identity::cgroup_id(&mount.join(relative))?)
 }
 
 /// --agent-addr, else the node's IP (--host-ip, else HOST_IP) and --app-port (else 8181).

@@ -95,6 +95,37 @@ pub fn cgroup_id(dir: &Path) -> Result<CgroupId, CgroupError> {
         })
 }
 
+/// The id of the root of the caller's cgroup namespace: in a container with a private cgroup namespace,
+/// the container's own cgroup. A cgroup2 file system mounted inside the namespace shows that cgroup as
+/// its root, so the root directory's inode is the id. The mount is private to a temporary directory and
+/// removed at once. (In the initial namespace this is the host's root cgroup.)
+pub fn cgroup_namespace_root_id() -> std::io::Result<CgroupId> {
+    let dir = std::env::temp_dir().join(format!("interceptor-cgroupns-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: plain mount(2) and umount2(2) on a directory we just made, with NUL-terminated strings
+    // that outlive the calls.
+    let mounted = unsafe {
+        libc::mount(
+            c"cgroup2".as_ptr(),
+            target.as_ptr(),
+            c"cgroup2".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        )
+    };
+    let id = if mounted == 0 {
+        let id = fs::metadata(&dir).map(|meta| CgroupId(meta.ino()));
+        // SAFETY: see above.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        id
+    } else {
+        Err(std::io::Error::last_os_error())
+    };
+    let _ = fs::remove_dir(&dir);
+    id
+}
+
 /// A cgroup directory relative to the cgroup2 mount, without a leading slash
 /// (`kubepods.slice/kubepods-besteffort.slice/...`, `system.slice/billing.service`; empty for the root).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -125,17 +125,21 @@ async fn the_agent_restarts_inside_its_pod_into_new_container_cgroups() -> Resul
     if !privileged::can_run("daemonset restart") {
         return Ok(());
     }
-    for discover in [false, true] {
-        restart_three_times_in_new_container_cgroups(discover)
+    // A container runtime under cgroup v2 gives each container a cgroup namespace of its own, where
+    // /proc/self/cgroup says only `/`: the last case runs the agent so (`unshare --cgroup`).
+    for (discover, private_cgroupns) in [(false, false), (true, false), (true, true)] {
+        restart_three_times_in_new_container_cgroups(discover, private_cgroupns)
             .await
-            .with_context(|| format!("with auto-discovery {discover}"))?;
+            .with_context(|| {
+                format!("with auto-discovery {discover}, private cgroup namespace {private_cgroupns}")
+            })?;
     }
     Ok(())
 }
 
 /// The agent as a DaemonSet runs it: in a container cgroup under kubepods, in the node's network.
 /// Each restart is a new container, with a new cgroup, while the previous agent's programs stay pinned.
-async fn restart_three_times_in_new_container_cgroups(discover: bool) -> Result<()> {
+async fn restart_three_times_in_new_container_cgroups(discover: bool, private_cgroupns: bool) -> Result<()> {
     let mut node = SimNode::new()?;
     let app = node.pod()?;
     let app_container = app.container()?;
@@ -143,7 +147,12 @@ async fn restart_three_times_in_new_container_cgroups(discover: bool) -> Result<
     let _stand_in = StandIn::start(&node)?;
     let workloads = WorkloadFile::new(&[(app.slice(), "alpha")])?;
     let start_in = |cgroup: &Path| -> Result<Agent> {
-        let mut command = Agent::command_in(&node, cgroup)?;
+        let wrapper: &[&str] = if private_cgroupns {
+            &["unshare", "--cgroup"]
+        } else {
+            &[]
+        };
+        let mut command = Agent::command_through(&node, cgroup, wrapper)?;
         Agent::node_flags(&mut command, &node, &workloads.path());
         if discover {
             command.args(["--auto-discover-base-arn", "--auto-discover-default-role"]);
