@@ -72,7 +72,7 @@ pub struct AgentArgs {
     #[arg(long, env = "INTERCEPTOR_WORKLOADS", value_name = "FILE")]
     pub workloads: Option<PathBuf>,
     /// Serve the node's pods from the Kubernetes API [default: true without --workloads, false with it]
-    #[arg(long, env = "INTERCEPTOR_KUBERNETES", num_args = 0..=1, default_missing_value = "true",
+    #[arg(long, env = "INTERCEPTOR_KUBERNETES", num_args = 0..=1, value_name = "BOOL", default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub kubernetes: Option<bool>,
     /// This node's name: only pods with this spec.nodeName are served [default: $NODE_NAME]
@@ -98,7 +98,7 @@ pub struct AgentArgs {
     )]
     pub api_token: Option<String>,
     /// Do not verify the API server's certificate.
-    #[arg(long, env = "INTERCEPTOR_INSECURE", num_args = 0..=1, default_missing_value = "true", default_value = "false",
+    #[arg(long, env = "INTERCEPTOR_INSECURE", num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
     /// Pod (and ServiceAccount) annotation naming the role.
@@ -119,12 +119,12 @@ pub struct AgentArgs {
     )]
     pub iam_external_id_key: String,
     /// A pod without a role annotation takes its ServiceAccount's role annotation (same key).
-    #[arg(long, env = "INTERCEPTOR_SERVICEACCOUNT_ROLES", num_args = 0..=1, default_missing_value = "true", default_value = "false",
+    #[arg(long, env = "INTERCEPTOR_SERVICEACCOUNT_ROLES", num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub serviceaccount_roles: bool,
     /// A pod may only take roles its namespace's annotation (--namespace-key) allows; the default role
     /// is not checked.
-    #[arg(long, env = "INTERCEPTOR_NAMESPACE_RESTRICTIONS", num_args = 0..=1, default_missing_value = "true", default_value = "false",
+    #[arg(long, env = "INTERCEPTOR_NAMESPACE_RESTRICTIONS", num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub namespace_restrictions: bool,
     /// Namespace annotation of the allowed roles: a JSON array of patterns, or one bare pattern.
@@ -147,7 +147,7 @@ pub struct AgentArgs {
     pub base_role_arn: Option<String>,
     /// Take the base role ARN from the node's instance profile (metadata iam/info).
     #[arg(long, env = "INTERCEPTOR_AUTO_DISCOVER_BASE_ARN", conflicts_with = "base_role_arn",
-          num_args = 0..=1, default_missing_value = "true", default_value = "false",
+          num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub auto_discover_base_arn: bool,
     /// Role (name or ARN) for workloads that name none; without it they get no credentials.
@@ -155,7 +155,7 @@ pub struct AgentArgs {
     pub default_role: Option<String>,
     /// Use the node's instance role as the default role (assumed through STS like any other role).
     #[arg(long, env = "INTERCEPTOR_AUTO_DISCOVER_DEFAULT_ROLE", conflicts_with = "default_role",
-          num_args = 0..=1, default_missing_value = "true", default_value = "false",
+          num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub auto_discover_default_role: bool,
     /// Lifetime of assumed-role sessions (15m to 12h).
@@ -172,7 +172,7 @@ pub struct AgentArgs {
           value_parser = humantime::parse_duration)]
     pub sts_timeout: Duration,
     /// Refuse metadata requests that carry no IMDSv2 token.
-    #[arg(long, env = "INTERCEPTOR_REQUIRE_IMDSV2", num_args = 0..=1, default_missing_value = "true", default_value = "false",
+    #[arg(long, env = "INTERCEPTOR_REQUIRE_IMDSV2", num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub require_imdsv2: bool,
     /// Paths below the version (globs, e.g. `meta-data/placement/**`) passed to the node's metadata

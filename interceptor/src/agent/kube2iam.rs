@@ -19,29 +19,29 @@ pub struct Kube2iamArgs {
     #[arg(long, value_name = "IP")]
     pub host_ip: Option<IpAddr>,
     /// kube2iam: log at debug level.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false",
+    #[arg(long, num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub verbose: bool,
     /// kube2iam: log at debug level.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false",
+    #[arg(long, num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub debug: bool,
     /// kube2iam: STS's regional endpoint. Always used here (the SDK's default, with --region).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false",
+    #[arg(long, num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub use_regional_sts_endpoint: bool,
     /// kube2iam: the informer's resync period. Accepted; the reflectors re-list after watch errors.
     #[arg(long, value_name = "DURATION")]
     pub cache_resync_period: Option<String>,
     /// Ignored (kube2iam's DNAT rule): the kernel hook redirects pods on every interface.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false",
+    #[arg(long, num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub iptables: bool,
     /// Ignored (kube2iam's DNAT rule's interface): the kernel hook needs no interface name.
     #[arg(long, value_name = "NAME")]
     pub host_interface: Option<String>,
     /// Ignored (kube2iam's pod-by-IP lookup): callers are found by cgroup, never by IP.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false",
+    #[arg(long, num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub resolve_duplicate_cache_ips: bool,
     /// Ignored (kube2iam's retries of the pod-by-IP lookup): --pod-wait bounds the wait for a pod.
