@@ -1,0 +1,125 @@
+{{/* The chart's name, or nameOverride. */}}
+{{- define "interceptor.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The objects' name: fullnameOverride, the release's name when it holds the chart's, else release-chart. */}}
+{{- define "interceptor.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels on every object. */}}
+{{- define "interceptor.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "interceptor.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* The agent pods' selector. */}}
+{{- define "interceptor.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "interceptor.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: agent
+{{- end -}}
+
+{{/* The agent's image. */}}
+{{- define "interceptor.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* kube2iam's: with rbac.create false, rbac.serviceAccountName names an existing ServiceAccount. */}}
+{{- define "interceptor.externalServiceAccount" -}}
+{{- if and (not .Values.rbac.create) .Values.rbac.serviceAccountName -}}
+{{- .Values.rbac.serviceAccountName -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The ServiceAccount the agent runs as. */}}
+{{- define "interceptor.serviceAccountName" -}}
+{{- $external := include "interceptor.externalServiceAccount" . -}}
+{{- if $external -}}
+{{- $external -}}
+{{- else if .Values.serviceAccount.create -}}
+{{- default (include "interceptor.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The agent's container security context: root without privileged, and exactly these capabilities.
+*/}}
+{{- define "interceptor.securityContext" -}}
+runAsUser: 0
+runAsNonRoot: false
+privileged: false
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+# containerd's and CRI-O's default AppArmor profiles deny mount(2); the agent mounts a cgroup2 in its
+# own cgroup namespace to find its own cgroup id (and bpffs where none is mounted).
+appArmorProfile:
+  type: Unconfined
+# The runtime's default seccomp profile allows bpf, mount, open_by_handle_at and perf_event_open to a
+# process holding the capabilities below.
+seccompProfile:
+  type: RuntimeDefault
+capabilities:
+  drop:
+    - ALL
+  add:
+    # load the BPF programs and create their maps
+    - BPF
+    # attach the cgroup programs (cgroup/connect4, connect6, cgroup_skb)
+    - NET_ADMIN
+    # pin in bpffs (and mount it where none is), mount a cgroup2 in its own cgroup namespace to find
+    # its own cgroup id; kernels older than 5.8 (no CAP_BPF) are out of scope
+    - SYS_ADMIN
+    # BPF helpers that read kernel memory: the verifier's pointer arithmetic in some programs
+    - PERFMON
+    # open_by_handle_at: turn cgroup ids into cgroup paths (which pod a connection came from)
+    - DAC_READ_SEARCH
+    # raise RLIMIT_NOFILE and RLIMIT_MEMLOCK
+    - SYS_RESOURCE
+{{- end -}}
+
+{{/* The host mounts the agent and the uninstaller need. */}}
+{{- define "interceptor.volumeMounts" -}}
+# the cgroup2 hierarchy: where the programs attach, and cgroup ids to pod UIDs
+- name: cgroup
+  mountPath: /sys/fs/cgroup
+  readOnly: true
+# the host's bpffs, where the programs' links and maps are pinned so they outlive the agent.
+# HostToContainer: pins made here land in the host's bpffs (mounted at boot by systemd) and survive
+# restarts; Bidirectional would need a privileged container.
+- name: bpffs
+  mountPath: /sys/fs/bpf
+  mountPropagation: HostToContainer
+# the root filesystem is read-only; the agent mounts a temporary cgroup2 under its temp dir
+- name: tmp
+  mountPath: /tmp
+{{- end -}}
+
+{{- define "interceptor.volumes" -}}
+- name: cgroup
+  hostPath:
+    path: /sys/fs/cgroup
+    type: Directory
+- name: bpffs
+  hostPath:
+    path: /sys/fs/bpf
+    type: DirectoryOrCreate
+- name: tmp
+  emptyDir:
+    sizeLimit: 16Mi
+{{- end -}}

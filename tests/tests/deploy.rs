@@ -1,0 +1,675 @@
+//! The Helm chart (deploy/helm/interceptor) and the kustomize base (deploy/kustomize/base), checked
+//! offline with the venv's helm, kubectl and kubernetes-validate: lint, renders with the default values,
+//! a kube2iam user's values and every option on, the schema refusing bad values, the base in step with
+//! the chart, and every object valid for Kubernetes 1.35.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+};
+
+use anyhow::{Context, Result, ensure};
+use interceptor_tests::python::{has_kubectl, helm, kubectl, tool};
+use serde_json::{Value, json};
+
+/// The Kubernetes version the objects are validated against (the venv's kubectl's).
+const KUBERNETES_VERSION: &str = "1.35.0";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn chart() -> PathBuf {
+    repo().join("deploy/helm/interceptor")
+}
+
+fn values(name: &str) -> PathBuf {
+    chart().join("ci").join(name)
+}
+
+fn output(command: &mut Command) -> Result<Output> {
+    command.output().with_context(|| format!("running {command:?}"))
+}
+
+/// Runs `command`, its standard output when it succeeds.
+fn run(command: &mut Command) -> Result<String> {
+    let out = output(command)?;
+    ensure!(
+        out.status.success(),
+        "{command:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Multi-document YAML as JSON values (empty documents left out), through the venv's PyYAML.
+fn parse_yaml(yaml: &str) -> Result<Vec<Value>> {
+    let mut child = Command::new(tool("python3")?)
+        .args([
+            "-c",
+            "import json, sys, yaml\n\
+             json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout)",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("python's stdin")?
+        .write_all(yaml.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "YAML does not parse: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// `helm template interceptor <chart> --namespace kube-system` with `args` (values files, --set).
+fn template_yaml(args: &[&str]) -> Result<String> {
+    run(Command::new(helm()?)
+        .args(["template", "interceptor"])
+        .arg(chart())
+        .args(["--namespace", "kube-system"])
+        .args(args))
+}
+
+fn template(args: &[&str]) -> Result<Vec<Value>> {
+    parse_yaml(&template_yaml(args)?)
+}
+
+fn values_arg(name: &str) -> String {
+    values(name).display().to_string()
+}
+
+/// The objects by `kind/name`.
+fn by_kind_and_name(objects: Vec<Value>) -> BTreeMap<String, Value> {
+    objects
+        .into_iter()
+        .map(|object| {
+            let key = format!(
+                "{}/{}",
+                object["kind"].as_str().unwrap_or("?"),
+                object["metadata"]["name"].as_str().unwrap_or("?")
+            );
+            (key, object)
+        })
+        .collect()
+}
+
+fn daemonset<'a>(objects: &'a BTreeMap<String, Value>, name: &str) -> &'a Value {
+    objects
+        .get(&format!("DaemonSet/{name}"))
+        .unwrap_or_else(|| panic!("no DaemonSet/{name} in {:?}", objects.keys()))
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {value}"))
+        .iter()
+        .map(|item| {
+            item.as_str()
+                .unwrap_or_else(|| panic!("not a string: {item}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// The container's env as name -> value (or the downward API field it is taken from).
+fn env(container: &Value) -> BTreeMap<String, String> {
+    container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|var| {
+            let name = var["name"].as_str().expect("env name").to_string();
+            let value = match var["value"].as_str() {
+                Some(value) => value.to_string(),
+                None => format!(
+                    "fieldRef:{}",
+                    var["valueFrom"]["fieldRef"]["fieldPath"]
+                        .as_str()
+                        .expect("a value or a fieldRef")
+                ),
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+/// The six capabilities and the rest of the agent's security context, wherever it runs.
+fn assert_agent_security_context(container: &Value) {
+    let context = &container["securityContext"];
+    assert_eq!(context["runAsUser"], json!(0), "{context}");
+    assert_eq!(context["privileged"], json!(false), "{context}");
+    assert_eq!(context["allowPrivilegeEscalation"], json!(false), "{context}");
+    assert_eq!(context["readOnlyRootFilesystem"], json!(true), "{context}");
+    assert_eq!(context["capabilities"]["drop"], json!(["ALL"]), "{context}");
+    let mut added = strings(&context["capabilities"]["add"]);
+    added.sort();
+    assert_eq!(
+        added,
+        [
+            "BPF",
+            "DAC_READ_SEARCH",
+            "NET_ADMIN",
+            "PERFMON",
+            "SYS_ADMIN",
+            "SYS_RESOURCE"
+        ],
+        "{context}"
+    );
+    let mounts = container["volumeMounts"].as_array().expect("volumeMounts");
+    let mount = |path: &str| {
+        mounts
+            .iter()
+            .find(|mount| mount["mountPath"] == path)
+            .unwrap_or_else(|| panic!("no mount at {path}: {mounts:?}"))
+    };
+    assert_eq!(mount("/sys/fs/cgroup")["readOnly"], json!(true));
+    // Bidirectional would need a privileged container.
+    assert_eq!(mount("/sys/fs/bpf")["mountPropagation"], json!("HostToContainer"));
+    mount("/tmp");
+}
+
+/// No object anywhere asks for a privileged container.
+fn assert_nothing_privileged(yaml: &str) {
+    assert!(
+        !yaml.contains("privileged: true"),
+        "a privileged container:\n{yaml}"
+    );
+}
+
+/// The agent's container in a rendered set, after checking the DaemonSet's pod spec.
+fn agent_container(objects: &BTreeMap<String, Value>, name: &str) -> Value {
+    let daemonset = daemonset(objects, name);
+    let spec = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(spec["hostNetwork"], json!(true));
+    assert_eq!(spec["dnsPolicy"], json!("ClusterFirstWithHostNet"));
+    assert_eq!(spec["priorityClassName"], json!("system-node-critical"));
+    assert!(
+        spec["tolerations"]
+            .as_array()
+            .expect("tolerations")
+            .contains(&json!({"operator": "Exists"})),
+        "{spec}"
+    );
+    let strategy = &daemonset["spec"]["updateStrategy"];
+    assert_eq!(strategy["type"], json!("RollingUpdate"));
+    assert_eq!(strategy["rollingUpdate"]["maxSurge"], json!(0), "{strategy}");
+    let volumes = spec["volumes"].as_array().expect("volumes");
+    let host_path = |path: &str| {
+        volumes
+            .iter()
+            .find(|volume| volume["hostPath"]["path"] == path)
+            .unwrap_or_else(|| panic!("no hostPath {path}: {volumes:?}"))["hostPath"]["type"]
+            .clone()
+    };
+    assert_eq!(host_path("/sys/fs/cgroup"), json!("Directory"));
+    assert_eq!(host_path("/sys/fs/bpf"), json!("DirectoryOrCreate"));
+    let containers = spec["containers"].as_array().expect("containers");
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    let container = containers[0].clone();
+    assert_eq!(container["name"], json!("interceptor"));
+    assert_agent_security_context(&container);
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(
+            container[probe]["httpGet"],
+            json!({"path": path, "port": "metrics"}),
+            "{probe}"
+        );
+    }
+    container
+}
+
+fn assert_rbac_is_the_readme_block(objects: &BTreeMap<String, Value>, name: &str, account: &str) {
+    let role = &objects[&format!("ClusterRole/{name}")];
+    assert_eq!(
+        role["rules"],
+        json!([
+            {"apiGroups": [""], "resources": ["pods", "namespaces", "serviceaccounts"],
+             "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+        ])
+    );
+    let binding = &objects[&format!("ClusterRoleBinding/{name}")];
+    assert_eq!(
+        binding["roleRef"],
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name})
+    );
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": account, "namespace": "kube-system"}])
+    );
+}
+
+fn env_with(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect()
+}
+
+#[test]
+fn helm_lint_strict_passes_with_default_kube2iam_and_all_on_values() -> Result<()> {
+    if !has_kubectl("helm lint") {
+        return Ok(());
+    }
+    for values in [
+        None,
+        Some("kube2iam-values.yaml"),
+        Some("all-on-values.yaml"),
+        Some("uninstall-values.yaml"),
+    ] {
+        let mut command = Command::new(helm()?);
+        command.args(["lint", "--strict"]).arg(chart());
+        if let Some(values) = values {
+            command.arg("--values").arg(self::values(values));
+        }
+        let out = run(&mut command)?;
+        assert!(out.contains("0 chart(s) failed"), "{values:?}: {out}");
+    }
+    Ok(())
+}
+
+#[test]
+fn default_values_render_the_agent_daemonset_with_six_capabilities_and_the_readme_rbac() -> Result<()> {
+    if !has_kubectl("default render") {
+        return Ok(());
+    }
+    let yaml = template_yaml(&[])?;
+    assert_nothing_privileged(&yaml);
+    let objects = by_kind_and_name(parse_yaml(&yaml)?);
+    assert_eq!(
+        objects.keys().collect::<Vec<_>>(),
+        [
+            "ClusterRole/interceptor",
+            "ClusterRoleBinding/interceptor",
+            "DaemonSet/interceptor",
+            "ServiceAccount/interceptor"
+        ]
+    );
+    let container = agent_container(&objects, "interceptor");
+    assert_eq!(container["image"], json!("interceptor:0.1.0"));
+    assert_eq!(
+        strings(&container["args"]),
+        [
+            "agent",
+            "--log-format=json",
+            "--agent-addr=$(HOST_IP):8181",
+            "--metrics-addr=0.0.0.0:9181",
+            "--bpffs-dir=/sys/fs/bpf/interceptor",
+        ]
+    );
+    assert_eq!(
+        env(&container),
+        env_with(&[
+            ("HOST_IP", "fieldRef:status.hostIP"),
+            ("NODE_NAME", "fieldRef:spec.nodeName")
+        ])
+    );
+    assert_eq!(
+        container["ports"],
+        json!([
+            {"name": "metadata", "containerPort": 8181, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": 9181, "protocol": "TCP"},
+        ])
+    );
+    assert_eq!(
+        container["resources"],
+        json!({"requests": {"cpu": "50m", "memory": "48Mi"}, "limits": {"memory": "128Mi"}})
+    );
+    let daemonset = daemonset(&objects, "interceptor");
+    assert_eq!(
+        daemonset["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
+        json!(1)
+    );
+    assert_eq!(
+        daemonset["spec"]["template"]["spec"]["serviceAccountName"],
+        json!("interceptor")
+    );
+    assert_rbac_is_the_readme_block(&objects, "interceptor", "interceptor");
+    println!(
+        "the DaemonSet's securityContext:\n{}",
+        serde_json::to_string_pretty(&container["securityContext"])?
+    );
+    Ok(())
+}
+
+#[test]
+fn kube2iam_values_map_to_our_flags_and_notes() -> Result<()> {
+    if !has_kubectl("kube2iam values") {
+        return Ok(());
+    }
+    let kube2iam = values_arg("kube2iam-values.yaml");
+    let yaml = template_yaml(&["--values", &kube2iam])?;
+    assert_nothing_privileged(&yaml);
+    let objects = by_kind_and_name(parse_yaml(&yaml)?);
+    let container = agent_container(&objects, "interceptor");
+    let args = strings(&container["args"]);
+    assert_eq!(
+        args,
+        [
+            "agent",
+            "--log-format=json",
+            "--agent-addr=$(HOST_IP):8181",
+            "--metrics-addr=0.0.0.0:9181",
+            "--bpffs-dir=/sys/fs/bpf/interceptor",
+            "--auto-discover-base-arn",
+            "--auto-discover-default-role",
+        ]
+    );
+    assert!(
+        !args
+            .iter()
+            .any(|arg| arg.contains("iptables") || arg.contains("host-interface")),
+        "{args:?}"
+    );
+    assert_eq!(
+        env(&container),
+        env_with(&[
+            ("HOST_IP", "fieldRef:status.hostIP"),
+            ("NODE_NAME", "fieldRef:spec.nodeName"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+        ])
+    );
+    assert_rbac_is_the_readme_block(&objects, "interceptor", "interceptor");
+
+    // NOTES.txt: one line each for host.iptables and host.interface (rendered without a cluster).
+    let install = run(Command::new(helm()?)
+        .env("KUBECONFIG", "/nonexistent")
+        .args(["install", "interceptor"])
+        .arg(chart())
+        .args(["--namespace", "kube-system", "--dry-run=client", "--values"])
+        .arg(&kube2iam))?;
+    let notes = install.split("NOTES:").nth(1).context("no NOTES")?;
+    assert!(notes.contains("host.iptables: not needed here"), "{notes}");
+    assert!(
+        notes.contains("host.interface (eni+): not needed here"),
+        "{notes}"
+    );
+    assert!(notes.contains("uninstall.enabled=true"), "{notes}");
+    Ok(())
+}
+
+#[test]
+fn every_option_on_renders_monitors_service_and_the_uninstall_daemonset() -> Result<()> {
+    if !has_kubectl("all-on render") {
+        return Ok(());
+    }
+    let yaml = template_yaml(&["--values", &values_arg("all-on-values.yaml")])?;
+    assert_nothing_privileged(&yaml);
+    let objects = by_kind_and_name(parse_yaml(&yaml)?);
+    assert_eq!(
+        objects.keys().collect::<Vec<_>>(),
+        [
+            "ClusterRole/iam-agent",
+            "ClusterRoleBinding/iam-agent",
+            "DaemonSet/iam-agent",
+            "PodMonitor/iam-agent",
+            "Service/iam-agent-metrics",
+            "ServiceAccount/iam-agent-sa",
+            "ServiceMonitor/iam-agent",
+        ]
+    );
+    let container = agent_container(&objects, "iam-agent");
+    assert_eq!(
+        container["image"],
+        json!("registry.example.com/platform/interceptor:0.1.0-rc1")
+    );
+    assert_eq!(
+        strings(&container["args"]),
+        [
+            "agent",
+            "--log-format=json",
+            "--agent-addr=$(HOST_IP):8282",
+            "--metrics-addr=0.0.0.0:9282",
+            "--bpffs-dir=/sys/fs/bpf/interceptor",
+            "--cgroup-root=/sys/fs/cgroup/kubepods.slice",
+            "--base-role-arn=arn:aws:iam::123456789012:role/",
+            "--default-role=fallback",
+            "--iam-role-session-ttl=30m",
+            "--log-level=debug",
+            "--namespace-restrictions",
+            "--serviceaccount-roles",
+        ]
+    );
+    assert_eq!(env(&container)["AWS_REGION"], "eu-west-1");
+    assert_eq!(env(&container)["RUST_BACKTRACE"], "1");
+    assert_rbac_is_the_readme_block(&objects, "iam-agent", "iam-agent-sa");
+    let service = &objects["Service/iam-agent-metrics"];
+    assert_eq!(service["spec"]["clusterIP"], json!("None"));
+    let monitor_selector = &objects["ServiceMonitor/iam-agent"]["spec"]["selector"]["matchLabels"];
+    for (key, value) in monitor_selector.as_object().expect("matchLabels") {
+        assert_eq!(&service["metadata"]["labels"][key], value, "{key}");
+    }
+    let pod_labels = &daemonset(&objects, "iam-agent")["spec"]["template"]["metadata"]["labels"];
+    for (key, value) in service["spec"]["selector"].as_object().expect("selector") {
+        assert_eq!(&pod_labels[key], value, "{key}");
+    }
+    for (key, value) in objects["PodMonitor/iam-agent"]["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels")
+    {
+        assert_eq!(&pod_labels[key], value, "{key}");
+    }
+
+    // The uninstall DaemonSet replaces the agent's: never both on a node.
+    let objects = by_kind_and_name(template(&["--values", &values_arg("uninstall-values.yaml")])?);
+    assert!(!objects.contains_key("DaemonSet/interceptor"), "{objects:?}");
+    let spec = &daemonset(&objects, "interceptor-uninstall")["spec"]["template"]["spec"];
+    let init = &spec["initContainers"][0];
+    assert_eq!(
+        strings(&init["args"]),
+        ["uninstall", "--bpffs-dir=/sys/fs/bpf/interceptor"]
+    );
+    assert_agent_security_context(init);
+    assert_eq!(spec["tolerations"], json!([{"operator": "Exists"}]), "{spec}");
+    Ok(())
+}
+
+#[test]
+fn bad_values_are_rejected_by_the_schema() -> Result<()> {
+    if !has_kubectl("schema") {
+        return Ok(());
+    }
+    for (set, why) in [
+        ("host.port=notaport", "/host/port"),
+        ("host.port=70000", "/host/port"),
+        ("hostt.port=8181", "hostt"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("rbac.create=yes", "/rbac/create"),
+        ("extraArgs.--default-role=x", "--default-role"),
+        ("updateStrategy.maxSurge=1", "maxSurge"),
+        ("aws.region=us-east", "/aws/region"),
+    ] {
+        let out = output(
+            Command::new(helm()?)
+                .args(["template", "interceptor"])
+                .arg(chart())
+                .args(["--set", set]),
+        )?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{set} was accepted");
+        assert!(
+            stderr.contains("schema") && stderr.contains(why),
+            "{set}: {stderr}"
+        );
+    }
+    Ok(())
+}
+
+/// Helm's own labels, which the kustomize base leaves out.
+fn without_helm_labels(mut object: Value) -> Value {
+    fn strip(labels: &mut Value) {
+        if let Some(labels) = labels.as_object_mut() {
+            labels.remove("helm.sh/chart");
+            labels.remove("app.kubernetes.io/managed-by");
+        }
+    }
+    strip(&mut object["metadata"]["labels"]);
+    if object["spec"]["template"]["metadata"]["labels"].is_object() {
+        strip(&mut object["spec"]["template"]["metadata"]["labels"]);
+    }
+    object
+}
+
+#[test]
+fn kustomize_base_equals_the_charts_default_render() -> Result<()> {
+    if !has_kubectl("kustomize base") {
+        return Ok(());
+    }
+    let base = run(Command::new(kubectl()?)
+        .arg("kustomize")
+        .arg(repo().join("deploy/kustomize/base")))?;
+    assert_nothing_privileged(&base);
+    let base = by_kind_and_name(parse_yaml(&base)?);
+    let chart: BTreeMap<String, Value> = by_kind_and_name(template(&[])?)
+        .into_iter()
+        .map(|(key, object)| (key, without_helm_labels(object)))
+        .collect();
+    assert_eq!(base.keys().collect::<Vec<_>>(), chart.keys().collect::<Vec<_>>());
+    for (key, object) in &chart {
+        assert_eq!(
+            &base[key], object,
+            "{key} differs between deploy/kustomize/base and the chart's default render"
+        );
+    }
+    Ok(())
+}
+
+/// `kubernetes-validate --strict` on every object of `yaml`, one file per document; the Prometheus
+/// Operator's kinds, which it has no schema for, are only checked to be those.
+fn validate(name: &str, yaml: &str, dir: &Path) -> Result<()> {
+    let validator = tool("kubernetes-validate")?;
+    for (index, object) in parse_yaml(yaml)?.into_iter().enumerate() {
+        let file = dir.join(format!("{name}-{index}.json"));
+        std::fs::write(&file, serde_json::to_vec_pretty(&object)?)?;
+        let out = output(
+            Command::new(&validator)
+                .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+                .arg(&file),
+        )?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(out.status.success(), "{name}: {object}\n{said}");
+        if object["apiVersion"] == "monitoring.coreos.com/v1" {
+            ensure!(said.contains("Couldn't find schema"), "{name}: {said}");
+            continue;
+        }
+        ensure!(
+            said.contains("passed") && !said.contains("WARN"),
+            "{name}: {said}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn every_rendered_object_passes_kubernetes_validate_strict() -> Result<()> {
+    if !has_kubectl("kubernetes-validate") {
+        return Ok(());
+    }
+    if tool("kubernetes-validate").is_err() {
+        if std::env::var_os("CI").is_some() {
+            panic!("kubernetes-validate is missing from the venv: run `cargo xtask test`");
+        }
+        eprintln!("skipping kubernetes-validate: not in the venv (run `cargo xtask test`)");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    for (name, values) in [
+        ("default", None),
+        ("kube2iam", Some("kube2iam-values.yaml")),
+        ("all-on", Some("all-on-values.yaml")),
+        ("uninstall", Some("uninstall-values.yaml")),
+    ] {
+        let values = values.map(values_arg);
+        let args: Vec<&str> = match &values {
+            Some(values) => vec!["--values", values],
+            None => vec![],
+        };
+        validate(name, &template_yaml(&args)?, dir.path())?;
+    }
+    let base = run(Command::new(kubectl()?)
+        .arg("kustomize")
+        .arg(repo().join("deploy/kustomize/base")))?;
+    validate("kustomize", &base, dir.path())
+}
+
+/// `interceptor agent`'s flags, as the binary parses them.
+#[derive(clap::Parser)]
+struct AgentCommand {
+    #[command(subcommand)]
+    command: AgentSubcommand,
+}
+
+#[derive(clap::Subcommand)]
+enum AgentSubcommand {
+    Agent(Box<interceptor::agent::AgentArgs>),
+}
+
+/// The DaemonSet's args as the kubelet passes them: `$(HOST_IP)` filled in from the node.
+fn parse_agent_args(args: &[String], host_ip: &str) -> Result<interceptor::agent::AgentArgs> {
+    use clap::Parser;
+    let argv = std::iter::once("interceptor".to_string())
+        .chain(args.iter().map(|arg| arg.replace("$(HOST_IP)", host_ip)));
+    let AgentSubcommand::Agent(args) = AgentCommand::try_parse_from(argv)?.command;
+    Ok(*args)
+}
+
+#[test]
+fn rendered_args_parse_as_the_agents_own_flags() -> Result<()> {
+    if !has_kubectl("rendered args") {
+        return Ok(());
+    }
+    let host_ip = "10.0.1.23";
+    let args_of = |values: Option<&str>, name: &str| -> Result<Vec<String>> {
+        let values = values.map(values_arg);
+        let args: Vec<&str> = match &values {
+            Some(values) => vec!["--values", values],
+            None => vec![],
+        };
+        let objects = by_kind_and_name(template(&args)?);
+        Ok(strings(
+            &daemonset(&objects, name)["spec"]["template"]["spec"]["containers"][0]["args"],
+        ))
+    };
+
+    let default = parse_agent_args(&args_of(None, "interceptor")?, host_ip)?;
+    assert_eq!(default.agent_addr, Some("10.0.1.23:8181".parse()?));
+    assert_eq!(default.metrics_addr, Some("0.0.0.0:9181".parse()?));
+    assert_eq!(default.bpffs_dir, Path::new("/sys/fs/bpf/interceptor"));
+    assert_eq!(default.cgroup_root, None);
+    assert!(!default.auto_discover_base_arn && !default.auto_discover_default_role);
+
+    let kube2iam = parse_agent_args(&args_of(Some("kube2iam-values.yaml"), "interceptor")?, host_ip)?;
+    assert!(kube2iam.auto_discover_base_arn && kube2iam.auto_discover_default_role);
+
+    let all_on = parse_agent_args(&args_of(Some("all-on-values.yaml"), "iam-agent")?, host_ip)?;
+    assert_eq!(all_on.agent_addr, Some("10.0.1.23:8282".parse()?));
+    assert_eq!(all_on.metrics_addr, Some("0.0.0.0:9282".parse()?));
+    assert_eq!(
+        all_on.cgroup_root.as_deref(),
+        Some(Path::new("/sys/fs/cgroup/kubepods.slice"))
+    );
+    assert_eq!(
+        all_on.base_role_arn.as_deref(),
+        Some("arn:aws:iam::123456789012:role/")
+    );
+    assert_eq!(all_on.default_role.as_deref(), Some("fallback"));
+    assert!(all_on.namespace_restrictions);
+    Ok(())
+}
