@@ -5,13 +5,14 @@
 //! - [`bpf`]: loads and attaches the BPF programs, owns their links, attributes accepted connections.
 //! - [`identity`]: the cgroup v2 filesystem: where it is mounted, which id a cgroup directory has, which
 //!   path an id names, and what a kubelet-made path says.
-//! - [`workload`]: who a cgroup belongs to and which role it asks for (static file; Kubernetes later).
+//! - [`workload`]: who a cgroup belongs to and which role it asks for (static file, Kubernetes pods).
 //! - [`policy`]: role names and ARNs, external ids, session names: which session a workload gets.
 //! - [`creds`]: STS AssumeRole, cached and refreshed per session.
 //! - [`imds`]: the metadata HTTP API the redirected callers talk to.
 //! - [`telemetry`]: logs, Prometheus metrics, `/healthz` and `/readyz`.
 //! - [`agent`]: the `interceptor agent` command: flags, start-up order, shutdown.
 
+#[cfg(feature = "kubernetes")]
 pub mod agent;
 pub mod bpf;
 pub mod creds;

@@ -3,6 +3,7 @@
 //! reloaded when it changes) and the node's pods from Kubernetes ([`kube::KubeWorkloads`]); with both,
 //! [`FirstMatch`] asks the static file first.
 
+#[cfg(feature = "kubernetes")]
 pub mod kube;
 
 use std::{
@@ -29,7 +30,15 @@ pub struct Workload {
     pub session_name: String,
     pub request: RoleRequest,
     /// The pod, for workloads from Kubernetes: where Events about its refusals go.
-    pub pod: Option<kube::PodRef>,
+    pub pod: Option<PodRef>,
+}
+
+/// A reference to a pod: what Events about it name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 
 pub use self::metrics::KubeMetrics;
 use self::{events::PodEvents, index::PodIndex};
-use super::{Refusal, Workload, WorkloadError, WorkloadSource};
+use super::{PodRef, Refusal, Workload, WorkloadError, WorkloadSource};
 use crate::{
     identity::{CgroupPath, parse_pod_cgroup},
     policy::{AllowedRoles, BaseArn, PatternFormat, RoleRequest},
@@ -58,14 +58,6 @@ pub struct KubeSettings {
     pub pod_wait: Duration,
     /// What restriction patterns that are role names are joined to.
     pub base_arn: Option<BaseArn>,
-}
-
-/// A reference to a pod: what Events about it name.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodRef {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
 }
 
 /// The node's pods, namespaces and ServiceAccounts, as the reflectors last saw them.

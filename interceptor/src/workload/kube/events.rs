@@ -15,8 +15,8 @@ use kube::{
     runtime::events::{Event, EventType, Recorder, Reporter},
 };
 
-use super::{KubeMetrics, PodRef};
-use crate::workload::Refusal;
+use super::KubeMetrics;
+use crate::workload::{PodRef, Refusal};
 
 /// How often one pod gets an Event for one reason. Longer than the recorder's own 6-minute series
 /// cache, so every Event is a new one (`create`, the only verb on events the agent's RBAC has), never a
