@@ -351,7 +351,9 @@ async fn a_failed_assume_role_is_an_event_on_the_pod_and_never_other_credentials
     let mut node = SimNode::new()?;
     let web = node.pod()?;
     let sts = deny_every_assume_role(&node)?;
-    let cluster = KubeNode::start(node, Sts::Down, &["--sts-endpoint", &sts])?;
+    // A generous STS timeout: a slow denial (under emulation) must still be a denial, not a timeout,
+    // which is STS's trouble and no Event's business.
+    let cluster = KubeNode::start(node, Sts::Down, &["--sts-endpoint", &sts, "--sts-timeout", "60s"])?;
     // Events go to the pod's namespace, which must exist, as on a real API server.
     cluster.api.apply_namespace(namespace_object("shop", &[]));
     cluster
