@@ -233,7 +233,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     // 0. Health first, so a probe sees "alive, not ready" for the whole start-up.
     let agent_addr = agent_addr(&args)?;
     let telemetry = Arc::new(Telemetry::default());
-    let health_on_agent_port = match metrics_addr(&args, agent_addr) {
+    let metrics_addr = metrics_addr(&args, agent_addr);
+    let health_on_agent_port = match metrics_addr {
         Some(metrics_addr) => {
             telemetry::spawn_server(metrics_addr, telemetry.clone()).await?;
             false
@@ -322,7 +323,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         let telemetry = telemetry.clone();
         let pods = sources.pods.clone();
         let file = args.workloads.clone();
-        let metrics_addr = metrics_addr(&args, agent_addr);
         async move {
             if let Some(pods) = &pods {
                 pods.synced().await;

@@ -67,11 +67,6 @@ impl PodIndex {
         for gone in by_uid.keys().filter(|uid| !fresh.contains_key(*uid)) {
             deleted.put(gone.clone(), ());
         }
-        if let watcher::Event::Delete(pod) = event {
-            for uid in claimed_uids(pod) {
-                deleted.put(uid, ());
-            }
-        }
         *by_uid = fresh;
         drop((by_uid, deleted));
         self.changes.send_modify(|count| *count = count.wrapping_add(1));
@@ -158,12 +153,6 @@ fn index(pods: &[Arc<Pod>]) -> HashMap<PodUid, Entry> {
             .or_insert_with(|| Entry::Pod(pod.clone()));
     }
     by_uid
-}
-
-/// The UIDs a pod's cgroups may be named by: its own, and for a mirror pod its static pod's hash.
-fn claimed_uids(pod: &Pod) -> Vec<PodUid> {
-    let own = pod.metadata.uid.as_deref().and_then(PodUid::parse);
-    own.into_iter().chain(mirror_hash(pod)).collect()
 }
 
 fn mirror_hash(pod: &Pod) -> Option<PodUid> {
