@@ -47,9 +47,12 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Builds the agent binary (`target/debug/interceptor`, with the BPF object embedded), which the
-/// end-to-end tests and the demo run. Another package's binary is not built by `cargo test`, so this
-/// runs first.
-pub fn build_agent() -> Result<()> {
-    run_checked(workspace_cargo().args(["build", "--package", "interceptor", "--bin", "interceptor"]))
+/// Builds every target of the workspace, the agent binary (`target/debug/interceptor`, with the BPF
+/// object embedded) among them, which the end-to-end tests and the demo run. Another package's binary
+/// is not built by `cargo test`, so this runs first. It selects exactly what `cargo test --all-targets`
+/// selects, so both resolve the same features and share every artifact: a narrower selection
+/// (`--package interceptor`) unifies tokio's features differently and builds the whole dependency
+/// tree a second time, which once filled CI's disk.
+pub fn build_all_targets() -> Result<()> {
+    run_checked(workspace_cargo().args(["build", "--all-targets"]))
 }

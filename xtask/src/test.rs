@@ -47,7 +47,7 @@ pub fn run(options: &Options) -> Result<()> {
         )?;
     }
     crate::fuzz::smoke()?;
-    build_ebpf::build_agent()?;
+    build_ebpf::build_all_targets()?;
     run_checked(workspace_cargo().args(["test", "--all-targets"]))?;
     if options.no_vm {
         return Ok(());

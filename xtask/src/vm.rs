@@ -191,16 +191,10 @@ struct KernelTest {
 
 /// Builds the agent and the privileged tests and returns the kernel tests' executables.
 fn build_test_binaries() -> Result<Vec<KernelTest>> {
-    build_ebpf::build_agent()?;
+    build_ebpf::build_all_targets()?;
+    // The host suite's own selection, so nothing is built twice.
     let out = workspace_cargo()
-        .args([
-            "test",
-            "--package",
-            "interceptor-tests",
-            "--tests",
-            "--no-run",
-            "--message-format=json",
-        ])
+        .args(["test", "--all-targets", "--no-run", "--message-format=json"])
         .output()
         .context("cannot run cargo test --no-run")?;
     if !out.status.success() {
