@@ -5,11 +5,12 @@
 //! report ready. `interceptor uninstall` removes what the agent pinned.
 
 use std::{
+    ffi::OsString,
     net::{IpAddr, SocketAddr, SocketAddrV4},
     num::NonZeroUsize,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result, bail, ensure};
@@ -17,6 +18,7 @@ use interceptor_common::CgroupId;
 use tokio::net::TcpListener;
 
 mod kube2iam;
+mod status;
 
 pub use self::kube2iam::Kube2iamArgs;
 use crate::{
@@ -26,11 +28,13 @@ use crate::{
     imds::{
         self, ImdsMetrics, ImdsState,
         limits::ConnectionLimits,
+        recent::RecentRequests,
         route::{AllowList, DEFAULT_ALLOWED},
         token::TokenKey,
         upstream::{MetadataService, Upstream},
     },
     policy::{BaseArn, PatternFormat, Policy},
+    status::socket::DEFAULT_STATUS_SOCKET,
     telemetry::{self, LogFormat, Telemetry},
     workload::{
         FirstMatch, StaticWorkloads, WorkloadSource,
@@ -188,6 +192,12 @@ pub struct AgentArgs {
     /// Address of the health server: /metrics, /healthz, /readyz [default: 0.0.0.0:9181]
     #[arg(long, env = "INTERCEPTOR_METRICS_ADDR", value_name = "IP:PORT")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Unix socket where `interceptor status` asks the agent for its sources, workloads and last
+    /// requests; never a TCP port, as pod names and roles are not for the network. Made mode 0600 (its
+    /// directory 0700 when the agent creates it), replacing a socket a previous agent left, and removed
+    /// on exit. Empty: no socket. One that cannot be made is logged and the agent runs without it.
+    #[arg(long, env = "INTERCEPTOR_STATUS_SOCKET", value_name = "PATH", default_value = DEFAULT_STATUS_SOCKET)]
+    pub status_socket: OsString,
     /// Log format.
     #[arg(long, env = "INTERCEPTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -228,6 +238,7 @@ const NODE_CREDENTIALS_CHECK: Duration = Duration::from_secs(30);
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(args: AgentArgs) -> Result<()> {
+    let started_at = SystemTime::now();
     raise_open_files_limit();
     args.kube2iam.warn_ignored();
     // 0. Health first, so a probe sees "alive, not ready" for the whole start-up.
@@ -305,6 +316,20 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let _refresher = creds.spawn_refresher(CREDENTIAL_REFRESH_CHECK);
     let metrics = ImdsMetrics::default();
     telemetry.register(|registry| metrics.register(registry));
+    let recent = Arc::new(RecentRequests::default());
+    let _status_socket = status::serve(
+        Path::new(&args.status_socket),
+        status::AgentView {
+            started_at,
+            agent_addr,
+            cgroup_root: cgroup_root.clone(),
+            bpffs_dir: args.bpffs_dir.clone(),
+            telemetry: telemetry.clone(),
+            sources: sources.clone(),
+            policy: policy.clone(),
+            recent: recent.clone(),
+        },
+    );
     let state = ImdsState {
         cgroups,
         workloads: sources.combined(),
@@ -316,6 +341,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         require_v2: args.require_imdsv2,
         metrics: metrics.clone(),
         node_health: health_on_agent_port.then(|| telemetry::router(telemetry.clone())),
+        recent,
     };
 
     // 5. Ready once the workload sources have synced; pods that ask before then wait for their pod.
@@ -342,6 +368,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
 }
 
 /// The workload sources the flags turn on: the static file, the node's pods, or both.
+#[derive(Clone)]
 struct Sources {
     file: Option<Arc<StaticWorkloads>>,
     pods: Option<Arc<KubeWorkloads>>,
@@ -552,7 +579,7 @@ async fn discover_instance_role(upstream: &dyn Upstream) -> Result<String> {
 }
 
 /// `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs driver) under the cgroup2 mount.
-fn detect_kubepods(mount: &Path) -> Result<PathBuf> {
+pub(crate) fn detect_kubepods(mount: &Path) -> Result<PathBuf> {
     ["kubepods.slice", "kubepods"]
         .iter()
         .map(|name| mount.join(name))

@@ -2,6 +2,7 @@
 //! workload cgroup root, owns their links (dropping the [`Interceptor`] detaches them), forwards the
 //! programs' aya-log records to `tracing`, and answers "which cgroup made this accepted connection?".
 
+pub mod inspect;
 pub mod metrics;
 pub mod pin;
 mod sys;
@@ -94,6 +95,13 @@ pub enum BpfError {
         name: &'static str,
         #[source]
         source: LinkError,
+    },
+    #[error("cannot ask the kernel which programs are attached to {path} at {attach_type}")]
+    Query {
+        attach_type: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
     },
     #[error("cannot open the cgroup root {path}")]
     CgroupRoot {

@@ -11,6 +11,7 @@
 //! - [`imds`]: the metadata HTTP API the redirected callers talk to.
 //! - [`telemetry`]: logs, Prometheus metrics, `/healthz` and `/readyz`.
 //! - [`agent`]: the `interceptor agent` command: flags, start-up order, shutdown.
+//! - [`status`]: the `interceptor status` command: what the kernel has in place and what the agent did.
 
 #[cfg(feature = "kubernetes")]
 pub mod agent;
@@ -20,6 +21,8 @@ pub mod identity;
 pub mod imds;
 mod periodic;
 pub mod policy;
+#[cfg(feature = "kubernetes")]
+pub mod status;
 pub mod telemetry;
 pub mod workload;
 

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use interceptor::{
     agent::{self, AgentArgs, UninstallArgs},
+    status::{self, StatusArgs},
     telemetry,
 };
 
@@ -25,12 +26,44 @@ enum Command {
     Agent(Box<AgentArgs>),
     /// Detach the programs a stopped agent left pinned and remove its maps (as root).
     Uninstall(UninstallArgs),
+    /// Show what is attached where, what is pinned, and what the agent knows and did (as root)
+    ///
+    /// Two parts. The kernel's, asked directly, so it works with no agent running: the programs
+    /// attached to the workload cgroup root at the agent's attach points (id, name, attach type),
+    /// and the links and maps pinned under the agent's bpffs directory, each map with how many entries
+    /// it holds of its maximum. The agent's, asked over its status socket (the agent's
+    /// --status-socket): readiness, workload sources, the workloads they know with the role each gets,
+    /// and the last 32 metadata requests: when, the caller's cgroup id, its pod (or static workload),
+    /// the role ARN or the refusal's reason, and the HTTP status. No credential, token or key is ever
+    /// shown.
+    ///
+    /// Where to look: --cgroup-root and --bpffs-dir when given, else what the agent reports, else the
+    /// defaults (the kubepods cgroup, /sys/fs/bpf/interceptor).
+    ///
+    /// Exit status: 0 when the kernel's part was read, whether the agent answered or not (the report
+    /// says "not reachable" and why); 1 when part of the kernel's state could not be read (the report
+    /// is still printed, with `errors`), or on bad flags.
+    ///
+    /// `--output json` prints one document:
+    /// {"kernel": {"cgroup_root", "cgroup_root_from" (flag|agent|detected), "attached": [{"attach_type",
+    /// "program_id", "name"}], "bpffs_dir", "pins": {"links": [{"path", "link_id", "program_id"}],
+    /// "maps": [{"path", "name", "map_id", "entries", "max_entries"}], "unreadable": [{"path",
+    /// "error"}]}, "errors": [..]},
+    /// "agent": {"socket", "reachable", "error", and when reachable: "version", "pid", "started_at",
+    /// "agent_addr", "cgroup_root", "bpffs_dir", "ready", "not_ready": [..], "sources": [{"kind"
+    /// (static|kubernetes), "from", "synced", "workloads"}], "workloads": [{"source", "name", "cgroup",
+    /// "pod": {"namespace", "name", "uid"}, "role_arn", "no_role"}], "attributions" (newest first):
+    /// [{"at", "cgroup_id", "socket_cookie", "pid", "workload", "pod", "route", "status", "role_arn",
+    /// "reason", "error"}]}}
+    #[command(verbatim_doc_comment)]
+    Status(StatusArgs),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse_from(with_command(std::env::args_os().collect())).command {
         Command::Agent(args) => run_agent(*args),
         Command::Uninstall(args) => agent::uninstall(&args),
+        Command::Status(args) => status::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -81,6 +114,7 @@ mod tests {
         for unchanged in [
             &["interceptor", "agent", "--node=n"][..],
             &["interceptor", "uninstall"],
+            &["interceptor", "status", "--output", "json"],
             &["interceptor", "--version"],
             &["interceptor", "--help"],
             &["interceptor"],

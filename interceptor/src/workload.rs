@@ -349,6 +349,19 @@ impl StaticWorkloads {
         })
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's entries in force: each cgroup glob with the workload it names.
+    pub fn entries(&self) -> Vec<(String, Arc<Workload>)> {
+        self.table()
+            .entries
+            .iter()
+            .map(|(matcher, workload)| (matcher.glob().glob().to_owned(), workload.clone()))
+            .collect()
+    }
+
     fn table(&self) -> Arc<Table> {
         self.state.read().unwrap_or_else(|e| e.into_inner()).table.clone()
     }

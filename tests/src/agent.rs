@@ -98,7 +98,10 @@ impl Agent {
             .env("AWS_SECRET_ACCESS_KEY", "node-secret-key")
             .env("AWS_REGION", "us-east-1")
             .env("AWS_CONFIG_FILE", "/nonexistent")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent");
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            // Many agents run at once on this host: none takes the host's own status socket
+            // (/run/interceptor); the status tests give theirs a path of their own.
+            .env("INTERCEPTOR_STATUS_SOCKET", "");
     }
 
     /// Adds the flags of an agent on `node` that no test here varies: listen on the node's agent

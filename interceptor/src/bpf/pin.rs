@@ -222,6 +222,26 @@ pub fn exempt_in_pinned(dir: &Path, cgroup_id: u64) -> Result<usize, BpfError> {
     Ok(written)
 }
 
+/// The paths of the links and maps pinned under `dir`, whatever layout version made them (none when
+/// nothing is pinned).
+pub(super) fn pinned_paths(dir: &Path) -> Result<PinnedPaths, BpfError> {
+    let mut paths = PinnedPaths::default();
+    for layout in entries(dir)? {
+        let layout = PinDir { root: layout };
+        paths.links.extend(entries(&layout.links_dir())?);
+        paths.maps.extend(entries(&layout.maps_dir())?);
+    }
+    paths.links.sort();
+    paths.maps.sort();
+    Ok(paths)
+}
+
+#[derive(Debug, Default)]
+pub(super) struct PinnedPaths {
+    pub links: Vec<PathBuf>,
+    pub maps: Vec<PathBuf>,
+}
+
 fn remove_layout(pin_dir: &PinDir) -> Result<Removed, BpfError> {
     let mut removed = Removed {
         layout: pin_dir

@@ -1,4 +1,6 @@
-//! bpf::sys: the map operations aya 0.14 does not offer, as raw `bpf(2)` calls on a map's fd.
+//! bpf::sys: the operations aya 0.14 does not offer, as raw `bpf(2)` calls: taking and deleting map
+//! entries, counting the keys of a map whose key type is only known by its size, and asking which
+//! programs are attached to a cgroup.
 
 use std::{
     io,
@@ -6,7 +8,7 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd},
 };
 
-use aya_obj::generated::{bpf_attr, bpf_cmd};
+use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd};
 
 /// Takes `key`'s value out of a hash map in one step (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, Linux 5.14+ for
 /// hash maps): of two callers racing for one record, exactly one gets it. `Ok(None)`: no such key.
@@ -47,13 +49,67 @@ fn map_elem_call<K>(cmd: bpf_cmd, map: BorrowedFd<'_>, key: &K, value: *mut u8) 
     elem.map_fd = map.as_raw_fd() as u32;
     elem.key = std::ptr::from_ref(key) as u64;
     elem.__bindgen_anon_1.value = value as u64;
-    // SAFETY: the attr is initialised; key points at a whole `K` and value (when not null) at room for
-    // one value of the map's value size, both outliving the call.
+    // SAFETY: key points at a whole `K` and value (when not null) at room for one value of the map's
+    // value size, both outliving the call.
+    unsafe { bpf(cmd, &mut attr) }
+}
+
+/// How many keys `map` holds, its keys being `key_size` bytes (`BPF_MAP_GET_NEXT_KEY`), counting at
+/// most `max_entries`: a key deleted during the walk restarts it, so a busy map could otherwise be
+/// walked forever. Entries added or removed meanwhile may or may not be counted.
+pub fn count_keys(map: BorrowedFd<'_>, key_size: usize, max_entries: u32) -> io::Result<u32> {
+    let (mut key, mut next) = (vec![0u8; key_size], vec![0u8; key_size]);
+    let mut count = 0;
+    while count < max_entries {
+        // SAFETY: bpf_attr is a plain C union for which all-zero is the documented "unset" value.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        let elem = unsafe { &mut attr.__bindgen_anon_2 };
+        elem.map_fd = map.as_raw_fd() as u32;
+        // A null key asks for the first one.
+        elem.key = if count == 0 { 0 } else { key.as_ptr() as u64 };
+        elem.__bindgen_anon_1.next_key = next.as_mut_ptr() as u64;
+        // SAFETY: key and next hold key_size bytes each, the map's key size, and outlive the call.
+        match unsafe { bpf(bpf_cmd::BPF_MAP_GET_NEXT_KEY, &mut attr) } {
+            Ok(()) => count += 1,
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(err) => return Err(err),
+        }
+        std::mem::swap(&mut key, &mut next);
+    }
+    Ok(count)
+}
+
+/// Ids of the programs attached to `cgroup` itself (not inherited from its ancestors) at
+/// `attach_type` (`BPF_PROG_QUERY`).
+pub fn attached_programs(cgroup: BorrowedFd<'_>, attach_type: bpf_attach_type) -> io::Result<Vec<u32>> {
+    // The kernel allows 64 programs per cgroup and attach type.
+    let mut ids = [0u32; 64];
+    // SAFETY: bpf_attr is a plain C union for which all-zero is the documented "unset" value.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // The union's `query` member is the one BPF_PROG_QUERY reads and writes.
+    attr.query.__bindgen_anon_1.target_fd = cgroup.as_raw_fd() as u32;
+    attr.query.attach_type = attach_type as u32;
+    attr.query.prog_ids = ids.as_mut_ptr() as u64;
+    attr.query.__bindgen_anon_2.prog_cnt = ids.len() as u32;
+    // SAFETY: prog_ids points at `ids`, which outlives the call and holds prog_cnt entries.
+    unsafe { bpf(bpf_cmd::BPF_PROG_QUERY, &mut attr) }?;
+    // SAFETY: the kernel wrote the count back into the same union member.
+    let count = unsafe { attr.query.__bindgen_anon_2.prog_cnt } as usize;
+    Ok(ids[..count.min(ids.len())].to_vec())
+}
+
+/// `bpf(cmd, attr)`.
+///
+/// # Safety
+/// `attr` must be initialised for `cmd`, and every pointer in it valid for what `cmd` reads or writes
+/// through it for the duration of the call.
+unsafe fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
+    // SAFETY: the caller vouches for attr; its size is passed with it.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd as libc::c_long,
-            &mut attr as *mut bpf_attr,
+            attr as *mut bpf_attr,
             size_of::<bpf_attr>(),
         )
     };

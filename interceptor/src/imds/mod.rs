@@ -8,6 +8,7 @@
 mod error;
 pub mod limits;
 pub mod metrics;
+pub mod recent;
 pub mod route;
 mod serve;
 pub mod token;
@@ -33,6 +34,7 @@ use time::{OffsetDateTime, format_description::BorrowedFormatItem, macros::forma
 use tower::ServiceExt;
 
 use self::{
+    recent::{AnsweredRequest, RecentRequests},
     route::{AllowList, Route},
     token::TokenKey,
     upstream::Upstream,
@@ -60,6 +62,8 @@ pub struct ImdsState {
     /// The health server's routes, answered here to callers the kernel did not redirect (the kubelet's
     /// probes, Prometheus) when the health port is the agent's own, as kube2iam's default has it.
     pub node_health: Option<Router>,
+    /// The last requests answered, for `interceptor status`.
+    pub recent: Arc<RecentRequests>,
 }
 
 /// The paths of the health server.
@@ -148,6 +152,16 @@ async fn handle(
         error = refusal.as_ref().map(|(_, error)| error.as_str()),
         "metadata request"
     );
+    // What the log line said, moved (not copied) into the ring.
+    state.recent.record(AnsweredRequest {
+        at: SystemTime::now(),
+        caller: caller.attribution,
+        workload: record.workload,
+        role: record.role,
+        route,
+        status,
+        refusal,
+    });
     response
 }
 

@@ -118,12 +118,14 @@ struct Api {
     router: Router,
     sts: Arc<Sts>,
     node: Arc<Node>,
+    recent: Arc<RecentRequests>,
 }
 
 impl Api {
     fn new(require_v2: bool) -> Self {
         let sts = Arc::new(Sts::default());
         let node = Arc::new(Node::default());
+        let recent = Arc::new(RecentRequests::default());
         let workloads = Workloads(HashMap::from([
             ("system.slice/app.service", workload("app", Some("app"))),
             ("system.slice/other.service", workload("other", Some("other"))),
@@ -143,11 +145,13 @@ impl Api {
             require_v2,
             metrics: ImdsMetrics::default(),
             node_health: None,
+            recent: recent.clone(),
         };
         Self {
             router: router(Arc::new(state)),
             sts,
             node,
+            recent,
         }
     }
 
@@ -410,4 +414,48 @@ async fn bad_methods_and_paths() {
         StatusCode::BAD_REQUEST
     );
     assert_eq!(api.get(APP, "/nope").await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn answered_requests_are_remembered_newest_first_with_who_and_what_but_no_secret() {
+    let api = Api::new(false);
+    let served = api.get(APP, &format!("{CREDS}app")).await;
+    assert_eq!(served.status, StatusCode::OK);
+    assert_eq!(api.get(STRANGER, CREDS).await.status, StatusCode::NOT_FOUND);
+    let unattributed = Request::get(CREDS).body(Body::empty()).unwrap();
+    assert_eq!(api.send(None, unattributed).await.status, StatusCode::FORBIDDEN);
+
+    let recent = api.recent.newest_first();
+    let summary: Vec<_> = recent
+        .iter()
+        .map(|request| {
+            (
+                request.caller.map(|caller| caller.cgroup_id),
+                request.workload.as_ref().map(|workload| workload.name.as_str()),
+                request.role.as_deref(),
+                request.status,
+                request.refusal.as_ref().map(|(reason, _)| *reason),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (None, None, None, 403, Some("unattributed")),
+            (Some(STRANGER), None, None, 404, Some("unknown_workload")),
+            (
+                Some(APP),
+                Some("static/app"),
+                Some("arn:aws:iam::123456789012:role/app"),
+                200,
+                None
+            ),
+        ]
+    );
+    let doc: serde_json::Value = serde_json::from_str(&served.body).unwrap();
+    let remembered = format!("{recent:?}");
+    for field in ["AccessKeyId", "SecretAccessKey", "Token"] {
+        let secret = doc[field].as_str().unwrap();
+        assert!(!remembered.contains(secret), "{field} remembered: {remembered}");
+    }
 }

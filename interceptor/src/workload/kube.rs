@@ -64,6 +64,7 @@ pub struct KubeSettings {
 pub struct KubeWorkloads {
     settings: KubeSettings,
     pods: Arc<PodIndex>,
+    pod_store: Store<Pod>,
     namespaces: Option<Store<Namespace>>,
     service_accounts: Option<Store<ServiceAccount>>,
     /// Each namespace's parsed restriction, kept while its annotation is unchanged.
@@ -88,7 +89,7 @@ impl KubeWorkloads {
             SESSION_NAME_KEY.into(),
             MIRROR_KEY.into(),
         ];
-        let (_, pods_synced) = spawn_reflector(
+        let (pod_store, pods_synced) = spawn_reflector(
             Api::<Pod>::all(client.clone()),
             pod_watch,
             move |pod: &mut Pod| slim_pod(pod, &pod_keys),
@@ -146,6 +147,7 @@ impl KubeWorkloads {
             events: PodEvents::new(client, &settings.node, metrics.clone()),
             settings,
             pods,
+            pod_store,
             namespaces,
             service_accounts,
             restrictions: Default::default(),
@@ -161,6 +163,33 @@ impl KubeWorkloads {
     /// Returns once every reflector has listed its objects once.
     pub async fn synced(&self) {
         let _ = self.synced.clone().wait_for(|synced| *synced).await;
+    }
+
+    /// The node this source serves the pods of.
+    pub fn node(&self) -> &str {
+        &self.settings.node
+    }
+
+    /// Whether every reflector has listed its objects once.
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// The node's pods as the reflector holds them, each with the workload it is, or why it is none.
+    pub fn pods(&self) -> Vec<(PodRef, Result<Arc<Workload>, WorkloadError>)> {
+        self.pod_store
+            .state()
+            .iter()
+            .map(|pod| {
+                let meta = &pod.metadata;
+                let pod_ref = PodRef {
+                    namespace: meta.namespace.clone().unwrap_or_default(),
+                    name: meta.name.clone().unwrap_or_default(),
+                    uid: meta.uid.clone().unwrap_or_default(),
+                };
+                (pod_ref, self.workload_of(pod))
+            })
+            .collect()
     }
 
     /// What `pod` asks for: its own role annotation, else (with ServiceAccount roles) its
