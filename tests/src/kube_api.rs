@@ -7,7 +7,10 @@
 //!
 //! It listens on the simulated node's address (`http://10.99.0.1:6443`), on a thread of its own that
 //! runs inside the node's network namespace, so the agent reaches it as it would reach a real API
-//! server, and nothing listens in the host's namespace. A test drives it directly
+//! server, and nothing listens in the host's namespace. Started with [`FakeApiServer::start_in_cluster`]
+//! it also serves HTTPS where a pod finds the cluster's `kubernetes` Service (`https://10.96.0.1:443`),
+//! with a certificate from a cluster CA of its own, so a client with in-cluster config (the
+//! ServiceAccount's token and `ca.crt`, `KUBERNETES_SERVICE_HOST`) verifies and reaches it. A test drives it directly
 //! ([`FakeApiServer::apply_pod`] and the like, as a controller would), makes trouble
 //! ([`FakeApiServer::cut_watches`], [`FakeApiServer::compact`], [`FakeApiServer::set_down`]) and
 //! checks what clients asked ([`FakeApiServer::requests`]) and posted ([`FakeApiServer::events`]).
@@ -16,7 +19,8 @@
 //! counter, as etcd keeps them: a list at an exact resourceVersion and a watch from an old one are
 //! answered from that history until [`FakeApiServer::compact`] forgets it.
 //!
-//! Left out: TLS and authentication (any request is served; kubectl sends no token over plain HTTP),
+//! Left out: client certificates and authentication (any request is served, with a token or without;
+//! kubectl sends no token over plain HTTP),
 //! protobuf and CBOR (JSON only), aggregated discovery (the legacy documents, which clients fall
 //! back to), schema validation (OpenAPI v3 only says which operations take `fieldValidation`, so
 //! kubectl leaves validation to the server), server-side apply and JSON patch (415), graceful
@@ -26,7 +30,7 @@ use std::{
     collections::BTreeMap,
     convert::Infallible,
     future::Future,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     os::fd::OwnedFd,
     path::Path,
     sync::{Arc, Condvar, Mutex, MutexGuard, mpsc},
@@ -53,7 +57,17 @@ use k8s_openapi::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value, json};
-use tokio::sync::{oneshot, watch};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{oneshot, watch},
+};
+use tokio_rustls::{
+    TlsAcceptor,
+    rustls::{
+        ServerConfig,
+        pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+    },
+};
 use tower::ServiceExt as _;
 
 use crate::{
@@ -63,6 +77,11 @@ use crate::{
 
 /// The port the API server listens on in the node, as a real one does.
 pub const API_PORT: u16 = 6443;
+
+/// The cluster's `kubernetes` Service, which pods reach the API server at (kube-proxy forwards its
+/// ClusterIP to the server; here the server listens on it, an address of the node).
+pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+pub const SERVICE_PORT: u16 = 443;
 
 /// How often an open watch that allows bookmarks gets one, without [`FakeApiServer::bookmark`].
 pub const BOOKMARK_INTERVAL: Duration = Duration::from_secs(2);
@@ -115,6 +134,10 @@ impl RequestLog {
 /// The API server. Serves until dropped.
 pub struct FakeApiServer {
     shared: Arc<Shared>,
+    /// The cluster CA's certificate (PEM), when the server also serves HTTPS at the Service address.
+    cluster_ca: Option<String>,
+    /// How many addresses it listens on.
+    endpoints: usize,
     netns: OwnedFd,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -124,8 +147,40 @@ impl FakeApiServer {
     /// Starts the server on the node's address, with the namespaces every cluster has (`default`,
     /// `kube-system`, `kube-public`, `kube-node-lease`).
     pub fn start(node: &SimNode) -> Result<Self> {
+        Self::start_with(node, None)
+    }
+
+    /// [`FakeApiServer::start`], and HTTPS at the `kubernetes` Service address ([`SERVICE_IP`], made an
+    /// address of the node), for clients with in-cluster config ([`FakeApiServer::in_cluster_env`],
+    /// [`FakeApiServer::write_service_account`]).
+    pub fn start_in_cluster(node: &SimNode) -> Result<Self> {
+        // kube-proxy's part: the Service's ClusterIP reaches the server.
+        let cgroup = node.cgroup("system.slice/kube-proxy.service")?;
+        let mut add_address = node.command(&cgroup, "ip")?;
+        add_address.args(["addr", "add", &format!("{SERVICE_IP}/32"), "dev", "lo"]);
+        let status = add_address.status().context("cannot run ip")?;
+        anyhow::ensure!(status.success(), "{add_address:?} failed: {status}");
+        let (cluster_ca, acceptor) = cluster_tls()?;
+        let service = Endpoint {
+            addr: Self::service_addr(),
+            listener: node.bind_tcp(Self::service_addr())?,
+            tls: Some(acceptor),
+        };
+        let mut server = Self::start_with(node, Some(service))?;
+        server.cluster_ca = Some(cluster_ca);
+        Ok(server)
+    }
+
+    fn start_with(node: &SimNode, service: Option<Endpoint>) -> Result<Self> {
         let listener = node.bind_tcp(Self::addr())?;
         let netns = network_namespace_of(&listener)?;
+        let plain = Endpoint {
+            addr: Self::addr(),
+            listener,
+            tls: None,
+        };
+        let endpoints: Vec<Endpoint> = std::iter::once(plain).chain(service).collect();
+        let endpoint_count = endpoints.len();
         let shared = Arc::new(Shared::new());
         for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             shared
@@ -141,7 +196,7 @@ impl FakeApiServer {
             .spawn(move || match runtime_in(&thread_netns) {
                 Ok(runtime) => {
                     let _ = started_tx.send(Ok(()));
-                    runtime.block_on(serve(serving, listener, stopped));
+                    runtime.block_on(serve(serving, endpoints, stopped));
                 }
                 Err(err) => {
                     let _ = started_tx.send(Err(err));
@@ -154,6 +209,8 @@ impl FakeApiServer {
             .context("cannot run the API server in the node's network namespace")?;
         Ok(Self {
             shared,
+            cluster_ca: None,
+            endpoints: endpoint_count,
             netns,
             stop: Some(stop),
             thread: Some(thread),
@@ -170,9 +227,49 @@ impl FakeApiServer {
         format!("http://{}", Self::addr())
     }
 
-    /// The bearer token the kubeconfig carries (any token is accepted).
+    /// Where the `kubernetes` Service is, in the node (HTTPS, after [`FakeApiServer::start_in_cluster`]).
+    fn service_addr() -> SocketAddr {
+        SocketAddr::from((SERVICE_IP, SERVICE_PORT))
+    }
+
+    /// The bearer token the kubeconfig and the ServiceAccount carry (any token is accepted).
     pub fn token(&self) -> &str {
         &self.shared.token
+    }
+
+    /// The variables the kubelet puts in every container's environment for the `kubernetes` Service
+    /// (in the `default` namespace's service links, and the two `rest.InClusterConfig` reads).
+    pub fn in_cluster_env() -> Vec<(String, String)> {
+        let (ip, port) = (SERVICE_IP.to_string(), SERVICE_PORT.to_string());
+        let url = format!("tcp://{ip}:{port}");
+        [
+            ("KUBERNETES_SERVICE_HOST", ip.clone()),
+            ("KUBERNETES_SERVICE_PORT", port.clone()),
+            ("KUBERNETES_SERVICE_PORT_HTTPS", port.clone()),
+            ("KUBERNETES_PORT", url.clone()),
+            (&format!("KUBERNETES_PORT_{port}_TCP"), url),
+            (&format!("KUBERNETES_PORT_{port}_TCP_PROTO"), "tcp".to_owned()),
+            (&format!("KUBERNETES_PORT_{port}_TCP_PORT"), port.clone()),
+            (&format!("KUBERNETES_PORT_{port}_TCP_ADDR"), ip),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect()
+    }
+
+    /// Writes what the kubelet mounts at `/var/run/secrets/kubernetes.io/serviceaccount` for a pod of
+    /// `namespace`: `token` (this server's), `ca.crt` (its cluster CA) and `namespace`. Fails when the
+    /// server was not started with [`FakeApiServer::start_in_cluster`].
+    pub fn write_service_account(&self, dir: &Path, namespace: &str) -> Result<()> {
+        let ca = self
+            .cluster_ca
+            .as_ref()
+            .context("the API server serves no HTTPS: start it with start_in_cluster")?;
+        for (name, content) in [("token", self.token()), ("ca.crt", ca), ("namespace", namespace)] {
+            let path = dir.join(name);
+            std::fs::write(&path, content).with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(())
     }
 
     /// Writes a kubeconfig (JSON, which is YAML) for this server, with a bearer token, its context
@@ -237,7 +334,7 @@ impl FakeApiServer {
     }
 
     /// An outage: `true` ends every open connection at once (a watch stream breaks off mid-body) and
-    /// closes the listening socket, so every new connection is refused, as when the API server's
+    /// closes the listening sockets, so every new connection is refused, as when the API server's
     /// process is gone; clients see "connection refused" (kubectl: "The connection to the server ...
     /// was refused"). `false` listens again. Returns once the listener is closed or open again.
     pub fn set_down(&self, down: bool) {
@@ -248,11 +345,14 @@ impl FakeApiServer {
             outage.down = down;
         });
         let listening = self.shared.listening.0.lock().unwrap_or_else(|e| e.into_inner());
+        let endpoints = self.endpoints;
         let _ = self
             .shared
             .listening
             .1
-            .wait_timeout_while(listening, Duration::from_secs(10), |listening| *listening == down);
+            .wait_timeout_while(listening, Duration::from_secs(10), |open| {
+                if down { *open > 0 } else { *open < endpoints }
+            });
     }
 
     /// Ends every open watch now, cleanly (the chunked body ends): clients reconnect from the last
@@ -873,8 +973,8 @@ struct Shared {
     cuts: watch::Sender<u64>,
     bookmarks: watch::Sender<u64>,
     outage: watch::Sender<Outage>,
-    /// Whether the listening socket is open.
-    listening: (Mutex<bool>, Condvar),
+    /// How many listening sockets are open.
+    listening: (Mutex<usize>, Condvar),
     requests: Mutex<Vec<RequestLog>>,
 }
 
@@ -887,7 +987,7 @@ impl Shared {
             cuts: watch::Sender::new(0),
             bookmarks: watch::Sender::new(0),
             outage: watch::Sender::new(Outage::default()),
-            listening: (Mutex::new(false), Condvar::new()),
+            listening: (Mutex::new(0), Condvar::new()),
             requests: Mutex::default(),
         }
     }
@@ -1127,63 +1227,127 @@ fn random_uid() -> String {
 
 // ----- serving ---------------------------------------------------------------------------------
 
-/// Accepts connections until `stopped`, closing the listener while down; the runtime's end closes
-/// every connection still open.
-async fn serve(shared: Arc<Shared>, first: std::net::TcpListener, stopped: oneshot::Receiver<()>) {
+/// A listening socket: the node's address over HTTP, or the Service's over HTTPS.
+struct Endpoint {
+    addr: SocketAddr,
+    listener: std::net::TcpListener,
+    tls: Option<TlsAcceptor>,
+}
+
+/// A cluster CA of the server's own, and the server's certificate from it for the Service's address,
+/// the node's and the Service's DNS names, as a real API server's serving certificate carries them:
+/// the CA's PEM (a ServiceAccount's `ca.crt`) and what accepts TLS connections with that certificate.
+fn cluster_tls() -> Result<(String, TlsAcceptor)> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "kubernetes");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let names = [
+        SERVICE_IP.to_string(),
+        NODE_IP.to_string(),
+        "kubernetes".to_owned(),
+        "kubernetes.default".to_owned(),
+        "kubernetes.default.svc".to_owned(),
+        "kubernetes.default.svc.cluster.local".to_owned(),
+    ];
+    let mut server_params = CertificateParams::new(names)?;
+    server_params
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    let server_key = KeyPair::generate()?;
+    let server_cert = server_params.signed_by(&server_key, &ca)?;
+    let config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(server_cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+        )
+        .context("the server's certificate and key do not go together")?;
+    Ok((ca.pem(), TlsAcceptor::from(Arc::new(config))))
+}
+
+/// Accepts connections on every endpoint until `stopped`; the runtime's end closes every connection
+/// still open.
+async fn serve(shared: Arc<Shared>, endpoints: Vec<Endpoint>, stopped: oneshot::Receiver<()>) {
     let router = Router::new().fallback(handle).with_state(shared.clone());
-    let mut outage = shared.outage.subscribe();
-    let mut listener = Some(first);
-    let serving = async {
-        loop {
-            let generation = match outage.wait_for(|outage| !outage.down).await {
-                Ok(outage) => outage.generation,
-                Err(_) => return,
-            };
-            let bound = match listener.take() {
-                Some(listener) => Ok(listener),
-                None => std::net::TcpListener::bind(FakeApiServer::addr()),
-            };
-            let accepting = match bound.and_then(|listener| {
-                listener.set_nonblocking(true)?;
-                tokio::net::TcpListener::from_std(listener)
-            }) {
-                Ok(accepting) => accepting,
-                Err(err) => {
-                    eprintln!("kube api: cannot listen on {}: {err}", FakeApiServer::addr());
-                    return;
-                }
-            };
-            set_listening(&shared, true);
-            loop {
-                tokio::select! {
-                    accepted = accepting.accept() => match accepted {
-                        Ok((stream, _)) => {
-                            let outage = shared.outage.subscribe();
-                            tokio::spawn(connection(stream, router.clone(), outage, generation));
-                        }
-                        Err(err) => eprintln!("kube api: accept: {err}"),
-                    },
-                    _ = outage.wait_for(|outage| outage.down) => break,
-                }
-            }
-            drop(accepting);
-            set_listening(&shared, false);
-        }
-    };
+    let serving = futures::future::join_all(
+        endpoints
+            .into_iter()
+            .map(|endpoint| serve_endpoint(shared.clone(), router.clone(), endpoint)),
+    );
     tokio::select! {
-        () = serving => {}
+        _ = serving => {}
         _ = stopped => {}
     }
 }
 
-fn set_listening(shared: &Shared, listening: bool) {
-    *shared.listening.0.lock().unwrap_or_else(|e| e.into_inner()) = listening;
+/// Accepts connections on one endpoint, closing its listener while the server is down.
+async fn serve_endpoint(shared: Arc<Shared>, router: Router, endpoint: Endpoint) {
+    let mut outage = shared.outage.subscribe();
+    let mut listener = Some(endpoint.listener);
+    loop {
+        let generation = match outage.wait_for(|outage| !outage.down).await {
+            Ok(outage) => outage.generation,
+            Err(_) => return,
+        };
+        let bound = match listener.take() {
+            Some(listener) => Ok(listener),
+            None => std::net::TcpListener::bind(endpoint.addr),
+        };
+        let accepting = match bound.and_then(|listener| {
+            listener.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(listener)
+        }) {
+            Ok(accepting) => accepting,
+            Err(err) => {
+                eprintln!("kube api: cannot listen on {}: {err}", endpoint.addr);
+                return;
+            }
+        };
+        set_listening(&shared, true);
+        loop {
+            tokio::select! {
+                accepted = accepting.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let outage = shared.outage.subscribe();
+                        let (router, tls) = (router.clone(), endpoint.tls.clone());
+                        tokio::spawn(async move {
+                            match tls {
+                                None => connection(stream, router, outage, generation).await,
+                                Some(tls) => match tls.accept(stream).await {
+                                    Ok(stream) => connection(stream, router, outage, generation).await,
+                                    Err(err) => eprintln!("kube api: TLS handshake: {err}"),
+                                },
+                            }
+                        });
+                    }
+                    Err(err) => eprintln!("kube api: accept: {err}"),
+                },
+                _ = outage.wait_for(|outage| outage.down) => break,
+            }
+        }
+        drop(accepting);
+        set_listening(&shared, false);
+    }
+}
+
+/// Counts a listening socket opened (`true`) or closed.
+fn set_listening(shared: &Shared, opened: bool) {
+    let mut open = shared.listening.0.lock().unwrap_or_else(|e| e.into_inner());
+    if opened {
+        *open += 1;
+    } else {
+        *open -= 1;
+    }
     shared.listening.1.notify_all();
 }
 
 /// Serves one connection (HTTP/1.1, keep-alive) until it closes or an outage ends it.
 async fn connection(
-    stream: tokio::net::TcpStream,
+    stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
     router: Router,
     mut outage: watch::Receiver<Outage>,
     generation: u64,

@@ -8,11 +8,13 @@
 pub mod agent;
 pub mod bpffs;
 pub mod cgroup;
+pub mod chart;
 pub mod deployed;
 pub mod exposition;
 pub mod kernel;
 pub mod kube_api;
 pub mod kube_node;
+pub mod kubelet;
 pub mod lab;
 pub mod moto;
 pub mod netns;

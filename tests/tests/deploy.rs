@@ -3,147 +3,21 @@
 //! a kube2iam user's values and every option on, the schema refusing bad values, the base in step with
 //! the chart, and every object valid for Kubernetes 1.35.
 
-use std::{
-    collections::BTreeMap,
-    io::Write,
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-};
+use std::{collections::BTreeMap, path::Path, process::Command};
 
 use anyhow::{Context, Result, ensure};
-use interceptor_tests::python::{has_kubectl, helm, kubectl, tool};
+use interceptor_tests::{
+    chart::{
+        by_kind_and_name, chart_dir, daemonset, env, output, parse_yaml, repo, run, strings, template,
+        template_yaml, values_file,
+    },
+    kubelet,
+    python::{has_kubectl, helm, kubectl, tool},
+};
 use serde_json::{Value, json};
 
 /// The Kubernetes version the objects are validated against (the venv's kubectl's).
 const KUBERNETES_VERSION: &str = "1.35.0";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn chart() -> PathBuf {
-    repo().join("deploy/helm/interceptor")
-}
-
-fn values(name: &str) -> PathBuf {
-    chart().join("ci").join(name)
-}
-
-fn output(command: &mut Command) -> Result<Output> {
-    command.output().with_context(|| format!("running {command:?}"))
-}
-
-/// Runs `command`, its standard output when it succeeds.
-fn run(command: &mut Command) -> Result<String> {
-    let out = output(command)?;
-    ensure!(
-        out.status.success(),
-        "{command:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
-
-/// Multi-document YAML as JSON values (empty documents left out), through the venv's PyYAML.
-fn parse_yaml(yaml: &str) -> Result<Vec<Value>> {
-    let mut child = Command::new(tool("python3")?)
-        .args([
-            "-c",
-            "import json, sys, yaml\n\
-             json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout)",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("python's stdin")?
-        .write_all(yaml.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "YAML does not parse: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-/// `helm template interceptor <chart> --namespace kube-system` with `args` (values files, --set).
-fn template_yaml(args: &[&str]) -> Result<String> {
-    run(Command::new(helm()?)
-        .args(["template", "interceptor"])
-        .arg(chart())
-        .args(["--namespace", "kube-system"])
-        .args(args))
-}
-
-fn template(args: &[&str]) -> Result<Vec<Value>> {
-    parse_yaml(&template_yaml(args)?)
-}
-
-fn values_arg(name: &str) -> String {
-    values(name).display().to_string()
-}
-
-/// The objects by `kind/name`.
-fn by_kind_and_name(objects: Vec<Value>) -> BTreeMap<String, Value> {
-    objects
-        .into_iter()
-        .map(|object| {
-            let key = format!(
-                "{}/{}",
-                object["kind"].as_str().unwrap_or("?"),
-                object["metadata"]["name"].as_str().unwrap_or("?")
-            );
-            (key, object)
-        })
-        .collect()
-}
-
-fn daemonset<'a>(objects: &'a BTreeMap<String, Value>, name: &str) -> &'a Value {
-    objects
-        .get(&format!("DaemonSet/{name}"))
-        .unwrap_or_else(|| panic!("no DaemonSet/{name} in {:?}", objects.keys()))
-}
-
-fn strings(value: &Value) -> Vec<String> {
-    value
-        .as_array()
-        .unwrap_or_else(|| panic!("not an array: {value}"))
-        .iter()
-        .map(|item| {
-            item.as_str()
-                .unwrap_or_else(|| panic!("not a string: {item}"))
-                .to_string()
-        })
-        .collect()
-}
-
-/// The container's env as name -> value (or the downward API field it is taken from).
-fn env(container: &Value) -> BTreeMap<String, String> {
-    container["env"]
-        .as_array()
-        .expect("env")
-        .iter()
-        .map(|var| {
-            let name = var["name"].as_str().expect("env name").to_string();
-            let value = match var["value"].as_str() {
-                Some(value) => value.to_string(),
-                None => format!(
-                    "fieldRef:{}",
-                    var["valueFrom"]["fieldRef"]["fieldPath"]
-                        .as_str()
-                        .expect("a value or a fieldRef")
-                ),
-            };
-            (name, value)
-        })
-        .collect()
-}
 
 /// The six capabilities and the rest of the agent's security context, wherever it runs.
 fn assert_agent_security_context(container: &Value) {
@@ -270,9 +144,9 @@ fn helm_lint_strict_passes_with_default_kube2iam_and_all_on_values() -> Result<(
         Some("uninstall-values.yaml"),
     ] {
         let mut command = Command::new(helm()?);
-        command.args(["lint", "--strict"]).arg(chart());
+        command.args(["lint", "--strict"]).arg(chart_dir());
         if let Some(values) = values {
-            command.arg("--values").arg(self::values(values));
+            command.arg("--values").arg(values_file(values));
         }
         let out = run(&mut command)?;
         assert!(out.contains("0 chart(s) failed"), "{values:?}: {out}");
@@ -349,7 +223,7 @@ fn kube2iam_values_map_to_our_flags_and_notes() -> Result<()> {
     if !has_kubectl("kube2iam values") {
         return Ok(());
     }
-    let kube2iam = values_arg("kube2iam-values.yaml");
+    let kube2iam = values_file("kube2iam-values.yaml");
     let yaml = template_yaml(&["--values", &kube2iam])?;
     assert_nothing_privileged(&yaml);
     let objects = by_kind_and_name(parse_yaml(&yaml)?);
@@ -388,7 +262,7 @@ fn kube2iam_values_map_to_our_flags_and_notes() -> Result<()> {
     let install = run(Command::new(helm()?)
         .env("KUBECONFIG", "/nonexistent")
         .args(["install", "interceptor"])
-        .arg(chart())
+        .arg(chart_dir())
         .args(["--namespace", "kube-system", "--dry-run=client", "--values"])
         .arg(&kube2iam))?;
     let notes = install.split("NOTES:").nth(1).context("no NOTES")?;
@@ -406,7 +280,7 @@ fn every_option_on_renders_monitors_service_and_the_uninstall_daemonset() -> Res
     if !has_kubectl("all-on render") {
         return Ok(());
     }
-    let yaml = template_yaml(&["--values", &values_arg("all-on-values.yaml")])?;
+    let yaml = template_yaml(&["--values", &values_file("all-on-values.yaml")])?;
     assert_nothing_privileged(&yaml);
     let objects = by_kind_and_name(parse_yaml(&yaml)?);
     assert_eq!(
@@ -464,7 +338,7 @@ fn every_option_on_renders_monitors_service_and_the_uninstall_daemonset() -> Res
     }
 
     // The uninstall DaemonSet replaces the agent's: never both on a node.
-    let objects = by_kind_and_name(template(&["--values", &values_arg("uninstall-values.yaml")])?);
+    let objects = by_kind_and_name(template(&["--values", &values_file("uninstall-values.yaml")])?);
     assert!(!objects.contains_key("DaemonSet/interceptor"), "{objects:?}");
     let spec = &daemonset(&objects, "interceptor-uninstall")["spec"]["template"]["spec"];
     let init = &spec["initContainers"][0];
@@ -495,7 +369,7 @@ fn bad_values_are_rejected_by_the_schema() -> Result<()> {
         let out = output(
             Command::new(helm()?)
                 .args(["template", "interceptor"])
-                .arg(chart())
+                .arg(chart_dir())
                 .args(["--set", set]),
         )?;
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -596,7 +470,7 @@ fn every_rendered_object_passes_kubernetes_validate_strict() -> Result<()> {
         ("all-on", Some("all-on-values.yaml")),
         ("uninstall", Some("uninstall-values.yaml")),
     ] {
-        let values = values.map(values_arg);
+        let values = values.map(values_file);
         let args: Vec<&str> = match &values {
             Some(values) => vec!["--values", values],
             None => vec![],
@@ -621,11 +495,16 @@ enum AgentSubcommand {
     Agent(Box<interceptor::agent::AgentArgs>),
 }
 
-/// The DaemonSet's args as the kubelet passes them: `$(HOST_IP)` filled in from the node.
-fn parse_agent_args(args: &[String], host_ip: &str) -> Result<interceptor::agent::AgentArgs> {
+/// The agent container's args as the kubelet passes them: references expanded against its env, with
+/// `host_ip` and `NODE_NAME` from the downward API.
+fn parse_agent_args(container: &Value, host_ip: &str) -> Result<interceptor::agent::AgentArgs> {
     use clap::Parser;
-    let argv = std::iter::once("interceptor".to_string())
-        .chain(args.iter().map(|arg| arg.replace("$(HOST_IP)", host_ip)));
+    let fields = BTreeMap::from([
+        ("status.hostIP".to_owned(), host_ip.to_owned()),
+        ("spec.nodeName".to_owned(), "node-a".to_owned()),
+    ]);
+    let env = kubelet::container_env(container, &fields, &[])?;
+    let argv = std::iter::once("interceptor".to_string()).chain(kubelet::container_args(container, &env));
     let AgentSubcommand::Agent(args) = AgentCommand::try_parse_from(argv)?.command;
     Ok(*args)
 }
@@ -636,16 +515,14 @@ fn rendered_args_parse_as_the_agents_own_flags() -> Result<()> {
         return Ok(());
     }
     let host_ip = "10.0.1.23";
-    let args_of = |values: Option<&str>, name: &str| -> Result<Vec<String>> {
-        let values = values.map(values_arg);
+    let args_of = |values: Option<&str>, name: &str| -> Result<Value> {
+        let values = values.map(values_file);
         let args: Vec<&str> = match &values {
             Some(values) => vec!["--values", values],
             None => vec![],
         };
         let objects = by_kind_and_name(template(&args)?);
-        Ok(strings(
-            &daemonset(&objects, name)["spec"]["template"]["spec"]["containers"][0]["args"],
-        ))
+        Ok(daemonset(&objects, name)["spec"]["template"]["spec"]["containers"][0].clone())
     };
 
     let default = parse_agent_args(&args_of(None, "interceptor")?, host_ip)?;

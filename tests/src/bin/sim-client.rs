@@ -1,7 +1,7 @@
 //! A client the tests run inside simulated pods, for what curl cannot show: many connections in one
 //! process, many at once, held open or timed, the peer address a socket reports, UDP, a hand-made TCP
-//! segment from a raw socket, a connection made before the programs attach, and aws-sdk-rust's default
-//! credential chain.
+//! segment from a raw socket, a connection made before the programs attach, aws-sdk-rust's default
+//! credential chain, and credentials asked for without pause while the agent restarts.
 
 use std::{
     io::{Read, Write},
@@ -83,6 +83,17 @@ enum Command {
         #[arg(long)]
         path: String,
     },
+    /// Asks for credentials without pause until standard input closes, as an SDK does: the role list,
+    /// then the listed role's credentials. Each request on a new connection, or with `--keep-alive`
+    /// all on one (a new one after an error). Prints one line per attempt, with the time it ended:
+    /// `<unix µs> ok <listed role> <AccessKeyId>` or `<unix µs> err <what went wrong>`, and before the
+    /// first `ok` with an AccessKeyId, `<unix µs> creds <AccessKeyId> <SecretAccessKey> <Token>`, so
+    /// the test can ask STS whose credentials they are.
+    Load {
+        addr: SocketAddr,
+        #[arg(long)]
+        keep_alive: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -97,6 +108,7 @@ fn main() -> ExitCode {
         Command::Timed { addr, path, count } => timed(addr, &path, count),
         Command::RawSyn { src, dst, src_port } => raw_syn(src, dst, src_port),
         Command::ConnectThenGet { addr, path } => connect_then_get(addr, &path),
+        Command::Load { addr, keep_alive } => load(addr, keep_alive),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -326,4 +338,131 @@ fn connect_then_get(addr: SocketAddr, path: &str) -> Result<()> {
         _ => println!("no response"),
     }
     Ok(())
+}
+
+/// The role list below the metadata service's root.
+const ROLE_LIST: &str = "/latest/meta-data/iam/security-credentials/";
+
+fn load(addr: SocketAddr, keep_alive: bool) -> Result<()> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut connection: Option<std::io::BufReader<TcpStream>> = None;
+    let mut seen = std::collections::HashSet::new();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let outcome = credentials_once(addr, keep_alive, &mut connection);
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_micros();
+        match outcome {
+            Ok(Credentials {
+                role,
+                key,
+                secret,
+                token,
+            }) => {
+                if seen.insert(key.clone()) {
+                    writeln!(out, "{micros} creds {key} {secret} {token}")?;
+                }
+                writeln!(out, "{micros} ok {role} {key}")?;
+            }
+            Err(err) => {
+                connection = None;
+                writeln!(out, "{micros} err {}", format!("{err:#}").replace('\n', " "))?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// What one role list and one credentials request got.
+struct Credentials {
+    role: String,
+    key: String,
+    secret: String,
+    token: String,
+}
+
+fn credentials_once(
+    addr: SocketAddr,
+    keep_alive: bool,
+    connection: &mut Option<std::io::BufReader<TcpStream>>,
+) -> Result<Credentials> {
+    let role = request(addr, keep_alive, connection, ROLE_LIST)?;
+    let role = role.trim().to_owned();
+    ensure!(
+        !role.is_empty() && !role.contains(char::is_whitespace),
+        "role list {role:?}"
+    );
+    let document = request(addr, keep_alive, connection, &format!("{ROLE_LIST}{role}"))?;
+    let credentials: serde_json::Value =
+        serde_json::from_str(&document).context("credentials are not JSON")?;
+    let field = |name: &str| {
+        credentials[name]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("credentials without {name}"))
+    };
+    Ok(Credentials {
+        role,
+        key: field("AccessKeyId")?,
+        secret: field("SecretAccessKey")?,
+        token: field("Token")?,
+    })
+}
+
+/// A GET of `path` over HTTP/1.1 on the kept connection (opened when there is none), or on a new one
+/// that closes after it: the body of a 200 response.
+fn request(
+    addr: SocketAddr,
+    keep_alive: bool,
+    connection: &mut Option<std::io::BufReader<TcpStream>>,
+    path: &str,
+) -> Result<String> {
+    use std::io::BufRead;
+    if connection.is_none() || !keep_alive {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).context("connect")?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        *connection = Some(std::io::BufReader::new(stream));
+    }
+    let reader = connection.as_mut().expect("a connection was just made");
+    let close = if keep_alive { "" } else { "Connection: close\r\n" };
+    write!(
+        reader.get_mut(),
+        "GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{close}\r\n"
+    )
+    .context("send")?;
+    let mut status_line = String::new();
+    ensure!(
+        reader.read_line(&mut status_line).context("read")? > 0,
+        "closed before a response"
+    );
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        ensure!(
+            reader.read_line(&mut line).context("read")? > 0,
+            "closed in the head"
+        );
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().context("content-length")?;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).context("read body")?;
+    let status = status_line.split_whitespace().nth(1).unwrap_or("?");
+    ensure!(status == "200", "status {status}");
+    Ok(String::from_utf8(body)?)
 }
