@@ -46,6 +46,17 @@ pub fn ensure_rust_src() -> Result<()> {
     run_checked(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
 }
 
+/// A target's standard library for the toolchain that runs xtask (the image's musl build needs one).
+pub fn ensure_rust_target(target: &str) -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))
+        .context("cannot list rustup's installed targets")?;
+    if installed.lines().any(|line| line.trim() == target) {
+        return Ok(());
+    }
+    println!("xtask: installing the {target} target");
+    run_checked(Command::new("rustup").args(["target", "add", target]))
+}
+
 /// bpf-linker, built against the nightly toolchain's own LLVM so the bitcode linker runs exactly the
 /// LLVM that compiled the BPF crate. The crate's default feature wants a newer LLVM than the toolchain
 /// ships, so it is built with the feature matching the toolchain's LLVM major version, and

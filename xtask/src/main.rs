@@ -1,11 +1,14 @@
-//! Project tasks: `cargo xtask build-ebpf`, `test`, `demo`, `bench` and `fuzz`.
+//! Project tasks: `cargo xtask build-ebpf`, `test`, `demo`, `bench`, `fuzz` and `image`.
 
 mod bench;
 mod build_ebpf;
 mod demo;
 mod fuzz;
+mod image;
+mod image_check;
 mod install;
 mod kubectl;
+mod oci;
 mod python;
 mod test;
 mod vm;
@@ -33,6 +36,9 @@ enum Command {
     Bench,
     /// Run every fuzz target (cargo-fuzz, nightly) for a while and print how many inputs each ran.
     Fuzz(fuzz::Options),
+    /// Build the agent's container image (FROM scratch: the static agent and CA certificates) as an OCI
+    /// layout, target/image/interceptor-oci, and an oci-archive beside it; print its digest and size.
+    Image(image::Options),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +48,7 @@ fn main() -> ExitCode {
         Command::Demo => demo::run(),
         Command::Bench => bench::run(),
         Command::Fuzz(options) => fuzz::run(&options),
+        Command::Image(options) => image::run(&options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
