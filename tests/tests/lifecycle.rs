@@ -2,6 +2,8 @@
 //! pins them, so they outlive it, the next agent takes them over, and `interceptor uninstall` removes
 //! them.
 
+use std::time::{Duration, Instant};
+
 use interceptor::bpf::Interceptor;
 use interceptor_tests::{
     agent::{Agent, BASE_ROLE_ARN, WorkloadFile},
@@ -37,6 +39,13 @@ async fn dropping_the_handle_detaches_every_program() -> anyhow::Result<()> {
     }
 
     drop(interceptor);
+    // The links go when their last file reference does. A process another test of this binary forks
+    // at that moment holds copies of every descriptor until it execs (they are close-on-exec), so
+    // the detach may finish a moment after the drop; it must finish.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !attached(&root)?.iter().all(Vec::is_empty) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(
         attached(&root)?.iter().all(Vec::is_empty),
         "programs remain after drop: {:?}",
