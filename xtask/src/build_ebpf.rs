@@ -36,10 +36,25 @@ pub fn nightly_cargo() -> Command {
     command
 }
 
-/// `cargo` run in the workspace root.
+/// `cargo` run in the workspace root, without the package variables `cargo run` gave xtask itself:
+/// build scripts that watch them (ring's) would otherwise rerun, and rebuild everything above them,
+/// each time a build alternates between `cargo xtask` and plain `cargo`.
 pub fn workspace_cargo() -> Command {
     let mut command = Command::new("cargo");
     command.current_dir(workspace_root());
+    for (name, _) in std::env::vars_os() {
+        let is_package_variable = name.to_str().is_some_and(|name| {
+            name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    name,
+                    "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+                )
+        });
+        if is_package_variable {
+            command.env_remove(name);
+        }
+    }
     command
 }
 
