@@ -18,6 +18,7 @@ use interceptor_common::CgroupId;
 use tokio::net::TcpListener;
 
 mod kube2iam;
+mod node_taint;
 mod status;
 
 pub use self::kube2iam::Kube2iamArgs;
@@ -82,6 +83,11 @@ pub struct AgentArgs {
     /// This node's name: only pods with this spec.nodeName are served [default: $NODE_NAME]
     #[arg(long, env = "INTERCEPTOR_NODE", value_name = "NAME")]
     pub node: Option<String>,
+    /// Once ready, remove every taint with this key from the Node --node names, so pods are scheduled
+    /// to the node only once their metadata calls are served (the node registers with it). Needs the
+    /// Kubernetes source.
+    #[arg(long, env = "INTERCEPTOR_REMOVE_NODE_TAINT", value_name = "KEY")]
+    pub remove_node_taint: Option<String>,
     /// kubeconfig file for the API server [default: in-cluster config; $KUBECONFIG when set]
     #[arg(
         long,
@@ -349,6 +355,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         let telemetry = telemetry.clone();
         let pods = sources.pods.clone();
         let file = args.workloads.clone();
+        let taint_key = args.remove_node_taint.clone();
         async move {
             if let Some(pods) = &pods {
                 pods.synced().await;
@@ -356,6 +363,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             telemetry.readiness.set_workloads_synced(true);
             tracing::info!(agent_addr = %agent_addr, metrics_addr = ?metrics_addr, cgroup_root = %cgroup_root.display(),
                 exempt_cgroup_id = own_cgroup.0, workloads = ?file, kubernetes = pods.is_some(), "ready");
+            // Only now may pods come: the taint that kept them off the node goes.
+            if let (Some(key), Some(pods)) = (taint_key, &pods) {
+                node_taint::remove(pods.client(), pods.node(), &key).await;
+            }
         }
     });
     let router = imds::router(Arc::new(state));
@@ -393,6 +404,16 @@ async fn workload_sources(args: &AgentArgs, policy: &Policy, telemetry: &Telemet
         kubernetes || args.workloads.is_some(),
         "no workload source: pass --workloads FILE, or leave --kubernetes on"
     );
+    if let Some(key) = &args.remove_node_taint {
+        ensure!(
+            kubernetes,
+            "--remove-node-taint needs the Kubernetes source (the taint is on the Node --node names): leave --kubernetes on"
+        );
+        ensure!(
+            !key.is_empty(),
+            "--remove-node-taint is empty: name the taint's key"
+        );
+    }
     let file = match &args.workloads {
         Some(path) => {
             wait_for_file(path).await;

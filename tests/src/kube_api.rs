@@ -1,8 +1,9 @@
-//! A fake Kubernetes API server for the tests: pods, namespaces, service accounts and events (core/v1
-//! and events.k8s.io/v1), with the parts of the real protocol that kube's `watcher`, `reflector` and
+//! A fake Kubernetes API server for the tests: pods, namespaces, service accounts, nodes and events
+//! (core/v1 and events.k8s.io/v1), with the parts of the real protocol that kube's `watcher`, `reflector` and
 //! `events::Recorder` and kubectl use: discovery, get, list with `limit`/`continue` pagination and
 //! field and label selectors, watch (replay from a resourceVersion, bookmarks, streaming lists with
-//! `sendInitialEvents`, 410 Gone after a compaction), create, replace, merge patch and delete,
+//! `sendInitialEvents`, 410 Gone after a compaction), create, replace, merge patch, JSON patch
+//! (RFC 6902, a failed `test` answered 422 as the real server does) and delete,
 //! server-side tables and `PartialObjectMetadata`.
 //!
 //! It listens on the simulated node's address (`http://10.99.0.1:6443`), on a thread of its own that
@@ -12,7 +13,8 @@
 //! with a certificate from a cluster CA of its own, so a client with in-cluster config (the
 //! ServiceAccount's token and `ca.crt`, `KUBERNETES_SERVICE_HOST`) verifies and reaches it. A test drives it directly
 //! ([`FakeApiServer::apply_pod`] and the like, as a controller would), makes trouble
-//! ([`FakeApiServer::cut_watches`], [`FakeApiServer::compact`], [`FakeApiServer::set_down`]) and
+//! ([`FakeApiServer::cut_watches`], [`FakeApiServer::compact`], [`FakeApiServer::set_down`],
+//! [`FakeApiServer::set_failing`], [`FakeApiServer::change_node_before_next_patch`]) and
 //! checks what clients asked ([`FakeApiServer::requests`]) and posted ([`FakeApiServer::events`]).
 //!
 //! Storage is one map of JSON objects and the history of every change, under one resourceVersion
@@ -23,7 +25,7 @@
 //! kubectl sends no token over plain HTTP),
 //! protobuf and CBOR (JSON only), aggregated discovery (the legacy documents, which clients fall
 //! back to), schema validation (OpenAPI v3 only says which operations take `fieldValidation`, so
-//! kubectl leaves validation to the server), server-side apply and JSON patch (415), graceful
+//! kubectl leaves validation to the server), server-side apply (415), graceful
 //! deletion (a delete is immediate), and conversion between the two Event groups.
 
 use std::{
@@ -48,7 +50,7 @@ use axum::{
 };
 use base64::Engine as _;
 use k8s_openapi::{
-    api::core::v1::{Namespace, Pod, ServiceAccount},
+    api::core::v1::{Namespace, Node, Pod, ServiceAccount},
     apimachinery::pkg::apis::meta::v1::{
         APIGroup, APIGroupList, APIResource, APIResourceList, APIVersions, GroupVersionForDiscovery,
         ListMeta, ServerAddressByClientCIDR, Status, StatusDetails, Time,
@@ -325,6 +327,41 @@ impl FakeApiServer {
             .delete(&(SERVICE_ACCOUNTS, namespace.to_owned(), name.to_owned()))
     }
 
+    /// Creates or replaces a Node (cluster-scoped, by name), as the kubelet registers one.
+    pub fn apply_node(&self, node: Node) -> Node {
+        self.apply(NODES, node)
+    }
+
+    /// The Node `name` as stored now, if there is one.
+    pub fn node(&self, name: &str) -> Option<Node> {
+        let object = self
+            .shared
+            .state()
+            .objects
+            .get(&(NODES, String::new(), name.to_owned()))
+            .cloned();
+        object.map(|object| serde_json::from_value(object).expect("a stored Node is a Node"))
+    }
+
+    /// A race another client wins: the next PATCH of Node `node`'s name first finds `node` stored, as
+    /// if someone wrote it between the patching client's read and its write.
+    pub fn change_node_before_next_patch(&self, node: Node) {
+        let object = serde_json::to_value(node).expect("k8s-openapi objects serialize");
+        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        *self.shared.patch_race.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(((NODES, String::new(), name), object));
+    }
+
+    /// Trouble with one resource: while `failing`, every request whose path is `path` (without the
+    /// query, e.g. `/api/v1/pods`) is answered 503 ServiceUnavailable, and the rest are served.
+    pub fn set_failing(&self, path: &str, failing: bool) {
+        let mut paths = self.shared.failing.lock().unwrap_or_else(|e| e.into_inner());
+        paths.retain(|failing_path| failing_path != path);
+        if failing {
+            paths.push(path.to_owned());
+        }
+    }
+
     /// Every Event clients created, core/v1 and events.k8s.io/v1 alike, in the order they were
     /// created, each as it is stored now (as posted, with the metadata the server filled, and the
     /// patches since applied). The two groups are stored apart: the server converts neither into the
@@ -469,9 +506,10 @@ const NAMESPACES: usize = 1;
 const SERVICE_ACCOUNTS: usize = 2;
 const CORE_EVENTS: usize = 3;
 const EVENTS: usize = 4;
+const NODES: usize = 5;
 const EVENTS_GROUP: &str = "events.k8s.io";
 
-const KINDS: [Kind; 5] = [
+const KINDS: [Kind; 6] = [
     Kind {
         group: "",
         plural: "pods",
@@ -554,6 +592,15 @@ const KINDS: [Kind; 5] = [
             "reportingController",
             "type",
         ],
+    },
+    Kind {
+        group: "",
+        plural: "nodes",
+        singular: "node",
+        kind: "Node",
+        namespaced: false,
+        short_names: &["no"],
+        fields: &["metadata.name", "spec.unschedulable"],
     },
 ];
 
@@ -976,6 +1023,10 @@ struct Shared {
     /// How many listening sockets are open.
     listening: (Mutex<usize>, Condvar),
     requests: Mutex<Vec<RequestLog>>,
+    /// The object [`FakeApiServer::change_node_before_next_patch`] stores before the next PATCH of it.
+    patch_race: Mutex<Option<(Key, Value)>>,
+    /// Paths answered 503 ([`FakeApiServer::set_failing`]).
+    failing: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -989,6 +1040,8 @@ impl Shared {
             outage: watch::Sender::new(Outage::default()),
             listening: (Mutex::new(0), Condvar::new()),
             requests: Mutex::default(),
+            patch_race: Mutex::default(),
+            failing: Mutex::default(),
         }
     }
 
@@ -1138,6 +1191,18 @@ impl Shared {
         drop(state);
         self.notify(rv);
         Ok(object)
+    }
+
+    /// Stores the object a test set to win the race against the next PATCH of `key`, if any.
+    fn run_patch_race(&self, key: &Key) -> Result<(), ApiError> {
+        let mut race = self.patch_race.lock().unwrap_or_else(|e| e.into_inner());
+        match race.take() {
+            Some((raced, object)) if raced == *key => self.write(key.0, object, Origin::Test).map(drop),
+            other => {
+                *race = other;
+                Ok(())
+            }
+        }
     }
 
     /// Deletes `key` (and, for a namespace, what is in it), with a DELETED for each.
@@ -1501,8 +1566,22 @@ async fn handle(
     // Any request is served, with a token or without one: over plain HTTP kubectl sends none
     // (clientcmd adds a kubeconfig's credentials only to TLS transports), as to the old insecure port.
     let params = Params(query.clone());
-    let response =
-        route(&shared, &method, target, &params, &headers, &body).unwrap_or_else(IntoResponse::into_response);
+    let failing = shared
+        .failing
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|path| path == uri.path());
+    let response = if failing {
+        ApiError::new(
+            503,
+            "ServiceUnavailable",
+            "the server is currently unable to handle the request",
+        )
+        .into_response()
+    } else {
+        route(&shared, &method, target, &params, &headers, &body).unwrap_or_else(IntoResponse::into_response)
+    };
     shared
         .requests
         .lock()
@@ -1590,6 +1669,7 @@ fn route(
                     let object = if method == Method::PUT {
                         replacement(body, &name)?
                     } else {
+                        shared.run_patch_race(&key)?;
                         let current = shared.state().objects.get(&key).cloned();
                         patched(
                             current.ok_or_else(|| ApiError::not_found(kind, &name))?,
@@ -1642,14 +1722,18 @@ fn replacement(body: &Bytes, name: &str) -> Result<Value, ApiError> {
     Ok(object)
 }
 
-/// `current` with a PATCH applied: a JSON merge patch (a strategic merge patch is taken as one,
-/// which it is for the fields of the kinds served here but lists).
+/// `current` with a PATCH applied: a JSON patch, or a JSON merge patch (a strategic merge patch is
+/// taken as one, which it is for the fields of the kinds served here but lists).
 fn patched(mut current: Value, headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .unwrap_or("");
     let media = content_type.split(';').next().unwrap_or("").trim();
+    if media == "application/json-patch+json" {
+        json_patch_applied(&mut current, body)?;
+        return Ok(current);
+    }
     if !matches!(
         media,
         "application/merge-patch+json" | "application/strategic-merge-patch+json"
@@ -1659,13 +1743,30 @@ fn patched(mut current: Value, headers: &HeaderMap, body: &Bytes) -> Result<Valu
             "UnsupportedMediaType",
             format!(
                 "the body of the request was in an unknown format - accepted media types include: \
-                 application/merge-patch+json, application/strategic-merge-patch+json (got \
+                 application/json-patch+json, application/merge-patch+json, \
+                 application/strategic-merge-patch+json (got \
                  {content_type:?})"
             ),
         ));
     }
     merge_patch(&mut current, &parse_body(body)?);
     Ok(current)
+}
+
+/// Applies an RFC 6902 patch to `target`, all of it or (on any failed operation, a `test` whose value
+/// differs too) none of it, which the real server answers 422.
+fn json_patch_applied(target: &mut Value, body: &Bytes) -> Result<(), ApiError> {
+    let patch: json_patch::Patch = serde_json::from_slice(body).map_err(|err| {
+        ApiError::bad_request(format!(
+            "the body of the request could not be decoded as a JSON patch: {err}"
+        ))
+    })?;
+    json_patch::patch(target, &patch).map_err(|err| {
+        ApiError::invalid(format!(
+            "the server rejected our request due to an error in our request: {err}"
+        ))
+    })?;
+    check_shape(target)
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
@@ -1805,7 +1906,7 @@ fn resources(group: &str) -> APIResourceList {
             .iter()
             .filter(|kind| kind.group == group)
             .map(|kind| APIResource {
-                categories: (kind.plural != "events" && kind.plural != "namespaces")
+                categories: (!matches!(kind.plural, "events" | "namespaces" | "nodes"))
                     .then(|| vec!["all".to_owned()]),
                 kind: kind.kind.to_owned(),
                 name: kind.plural.to_owned(),
@@ -2167,6 +2268,7 @@ fn table(
         ],
         NAMESPACES => vec![name_column, column("Status", "string", "", 0), age_column],
         SERVICE_ACCOUNTS => vec![name_column, column("Secrets", "integer", "", 0), age_column],
+        NODES => vec![name_column, age_column],
         _ => vec![
             column("Last Seen", "string", "", 0),
             column("Type", "string", "", 0),
@@ -2226,6 +2328,7 @@ fn table(
                 }
                 NAMESPACES => json!([name, text("/status/phase"), age]),
                 SERVICE_ACCOUNTS => json!([name, object["secrets"].as_array().map_or(0, Vec::len), age]),
+                NODES => json!([name, age]),
                 _ => {
                     let regarding = if kind == EVENTS {
                         "regarding"

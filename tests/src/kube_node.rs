@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, ffi::OsString, path::PathBuf, process::Command}
 
 use anyhow::Result;
 use k8s_openapi::{
-    api::core::v1::{Container, Namespace, Pod, PodSpec, PodStatus, ServiceAccount},
+    api::core::v1::{Container, Namespace, Node, NodeSpec, Pod, PodSpec, PodStatus, ServiceAccount, Taint},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
@@ -40,8 +40,20 @@ impl KubeNode {
     /// Starts the stand-in, the API server, moto (unless STS is down) and the agent, with the flags of
     /// a DaemonSet on this node and `extra_args`, and waits until it is ready (its pods listed).
     pub fn start(node: SimNode, sts: Sts, extra_args: &[&str]) -> Result<Self> {
+        Self::start_with(node, sts, extra_args, |_| {})
+    }
+
+    /// [`KubeNode::start`], with `setup` run on the API server before the agent starts (objects the
+    /// agent must find there at once, such as its Node).
+    pub fn start_with(
+        node: SimNode,
+        sts: Sts,
+        extra_args: &[&str],
+        setup: impl FnOnce(&FakeApiServer),
+    ) -> Result<Self> {
         let stand_in = StandIn::start(&node)?;
         let api = FakeApiServer::start(&node)?;
+        setup(&api);
         let moto = match sts {
             Sts::Moto => Some(Moto::start(&node)?),
             Sts::Down => None,
@@ -131,6 +143,28 @@ pub fn pod_object(pod: &sim::Pod, namespace: &str, name: &str, annotations: &[(&
             phase: Some("Running".to_owned()),
             ..Default::default()
         }),
+    }
+}
+
+/// The Node object of this node ([`NODE_NAME`]), with `taints` (key, value, effect).
+pub fn node_object(taints: &[(&str, Option<&str>, &str)]) -> Node {
+    Node {
+        metadata: meta(NODE_NAME, None, &[]),
+        spec: Some(NodeSpec {
+            taints: Some(
+                taints
+                    .iter()
+                    .map(|(key, value, effect)| Taint {
+                        key: (*key).to_owned(),
+                        value: value.map(str::to_owned),
+                        effect: (*effect).to_owned(),
+                        time_added: None,
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

@@ -105,15 +105,24 @@ fn agent_container(objects: &BTreeMap<String, Value>, name: &str) -> Value {
 }
 
 fn assert_rbac_is_the_readme_block(objects: &BTreeMap<String, Value>, name: &str, account: &str) {
+    assert_rbac_is_the_readme_block_and(objects, name, account, &[]);
+}
+
+/// The README's RBAC block, then `extra` rules.
+fn assert_rbac_is_the_readme_block_and(
+    objects: &BTreeMap<String, Value>,
+    name: &str,
+    account: &str,
+    extra: &[Value],
+) {
     let role = &objects[&format!("ClusterRole/{name}")];
-    assert_eq!(
-        role["rules"],
-        json!([
-            {"apiGroups": [""], "resources": ["pods", "namespaces", "serviceaccounts"],
-             "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
-        ])
-    );
+    let mut rules = vec![
+        json!({"apiGroups": [""], "resources": ["pods", "namespaces", "serviceaccounts"],
+               "verbs": ["get", "list", "watch"]}),
+        json!({"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]}),
+    ];
+    rules.extend_from_slice(extra);
+    assert_eq!(role["rules"], json!(rules));
     let binding = &objects[&format!("ClusterRoleBinding/{name}")];
     assert_eq!(
         binding["roleRef"],
@@ -309,6 +318,7 @@ fn every_option_on_renders_monitors_service_and_the_uninstall_daemonset() -> Res
             "--metrics-addr=0.0.0.0:9282",
             "--bpffs-dir=/sys/fs/bpf/interceptor",
             "--cgroup-root=/sys/fs/cgroup/kubepods.slice",
+            "--remove-node-taint=example.com/iam-agent-not-ready",
             "--base-role-arn=arn:aws:iam::123456789012:role/",
             "--default-role=fallback",
             "--iam-role-session-ttl=30m",
@@ -319,7 +329,9 @@ fn every_option_on_renders_monitors_service_and_the_uninstall_daemonset() -> Res
     );
     assert_eq!(env(&container)["AWS_REGION"], "eu-west-1");
     assert_eq!(env(&container)["RUST_BACKTRACE"], "1");
-    assert_rbac_is_the_readme_block(&objects, "iam-agent", "iam-agent-sa");
+    // The readiness taint's removal needs its own Node, and only then.
+    let node_rule = json!({"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]});
+    assert_rbac_is_the_readme_block_and(&objects, "iam-agent", "iam-agent-sa", &[node_rule]);
     let service = &objects["Service/iam-agent-metrics"];
     assert_eq!(service["spec"]["clusterIP"], json!("None"));
     let monitor_selector = &objects["ServiceMonitor/iam-agent"]["spec"]["selector"]["matchLabels"];
@@ -365,6 +377,8 @@ fn bad_values_are_rejected_by_the_schema() -> Result<()> {
         ("extraArgs.--default-role=x", "--default-role"),
         ("updateStrategy.maxSurge=1", "maxSurge"),
         ("aws.region=us-east", "/aws/region"),
+        ("nodeTaint.remove=yes", "/nodeTaint/remove"),
+        ("nodeTaint.key=not a key", "/nodeTaint/key"),
     ] {
         let out = output(
             Command::new(helm()?)
@@ -531,6 +545,7 @@ fn rendered_args_parse_as_the_agents_own_flags() -> Result<()> {
     assert_eq!(default.bpffs_dir, Path::new("/sys/fs/bpf/interceptor"));
     assert_eq!(default.cgroup_root, None);
     assert!(!default.auto_discover_base_arn && !default.auto_discover_default_role);
+    assert_eq!(default.remove_node_taint, None);
 
     let kube2iam = parse_agent_args(&args_of(Some("kube2iam-values.yaml"), "interceptor")?, host_ip)?;
     assert!(kube2iam.auto_discover_base_arn && kube2iam.auto_discover_default_role);
@@ -548,5 +563,9 @@ fn rendered_args_parse_as_the_agents_own_flags() -> Result<()> {
     );
     assert_eq!(all_on.default_role.as_deref(), Some("fallback"));
     assert!(all_on.namespace_restrictions);
+    assert_eq!(
+        all_on.remove_node_taint.as_deref(),
+        Some("example.com/iam-agent-not-ready")
+    );
     Ok(())
 }

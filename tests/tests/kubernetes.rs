@@ -12,7 +12,9 @@ use std::{path::Path, time::Duration};
 use interceptor_tests::{
     agent::{Agent, NO_STS},
     deployed::{ROLE_LIST, Sts, aws_cli_caller_arn, body_of, curl, eventually, header_of, status_of},
-    kube_node::{KubeNode, NODE_NAME, OTHER_NODE, namespace_object, pod_object, service_account_object},
+    kube_node::{
+        KubeNode, NODE_NAME, OTHER_NODE, namespace_object, node_object, pod_object, service_account_object,
+    },
     lab::{StandIn, run},
     privileged,
     sim::{NODE_IP, Pod, SimNode},
@@ -609,5 +611,170 @@ async fn a_kube2iam_daemonsets_args_start_the_agent_with_one_warning_per_ignored
         "ok",
         "pods see the metadata service, not the agent's health"
     );
+    Ok(())
+}
+
+/// The taint nodes register with until the agent is ready (`--remove-node-taint`).
+const READINESS_TAINT: &str = "interceptor.dev/agent-not-ready";
+/// A taint of the node's own, which the agent must leave alone.
+const DEDICATED_TAINT: (&str, Option<&str>, &str) = ("dedicated", Some("gpu"), "NoSchedule");
+
+/// The keys of the node's taints, in order.
+fn taint_keys(cluster: &KubeNode) -> Vec<String> {
+    let node = cluster.api.node(NODE_NAME).expect("the node is registered");
+    let taints = node.spec.and_then(|spec| spec.taints).unwrap_or_default();
+    taints.into_iter().map(|taint| taint.key).collect()
+}
+
+async fn taint_keys_become(cluster: &KubeNode, expected: &[&str]) -> bool {
+    eventually(|| async { taint_keys(cluster) == expected }).await
+}
+
+/// The requests for the node's own Node object.
+fn node_requests(cluster: &KubeNode) -> Vec<(String, u16)> {
+    let path = format!("/api/v1/nodes/{NODE_NAME}");
+    let requests = cluster.api.requests().into_iter();
+    requests
+        .filter(|request| request.path == path)
+        .map(|request| (request.method, request.status))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_ready_the_agent_removes_its_readiness_taint_and_leaves_the_nodes_others() -> anyhow::Result<()>
+{
+    if !can_run("readiness taint") {
+        return Ok(());
+    }
+    let node = SimNode::new()?;
+    let registered = node_object(&[(READINESS_TAINT, Some("true"), "NoSchedule"), DEDICATED_TAINT]);
+    let cluster = KubeNode::start_with(
+        node,
+        Sts::Down,
+        &["--remove-node-taint", READINESS_TAINT],
+        |api| {
+            api.apply_node(registered);
+        },
+    )?;
+
+    assert!(
+        taint_keys_become(&cluster, &[DEDICATED_TAINT.0]).await,
+        "only the node's own taint is left: {:?}",
+        taint_keys(&cluster)
+    );
+    cluster.agent.wait_for_log("node taint removed")?;
+    let dedicated = &cluster
+        .api
+        .node(NODE_NAME)
+        .expect("registered")
+        .spec
+        .expect("spec")
+        .taints
+        .expect("taints")[0];
+    assert_eq!(
+        (dedicated.value.as_deref(), dedicated.effect.as_str()),
+        (DEDICATED_TAINT.1, DEDICATED_TAINT.2),
+        "the taint left is unchanged"
+    );
+    assert_eq!(
+        node_requests(&cluster),
+        [("GET".to_owned(), 200), ("PATCH".to_owned(), 200)],
+        "one read, one patch"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_taint_someone_adds_between_the_agents_read_and_its_patch_is_kept() -> anyhow::Result<()> {
+    if !can_run("readiness taint race") {
+        return Ok(());
+    }
+    let node = SimNode::new()?;
+    let readiness = (READINESS_TAINT, Some("true"), "NoSchedule");
+    let maintenance = ("example.com/maintenance", None, "NoExecute");
+    let cluster = KubeNode::start_with(
+        node,
+        Sts::Down,
+        &["--remove-node-taint", READINESS_TAINT],
+        |api| {
+            api.apply_node(node_object(&[readiness, DEDICATED_TAINT]));
+            // Someone else taints the node after the agent has read it: the agent's patch, made from what
+            // it read, must not take that taint away.
+            api.change_node_before_next_patch(node_object(&[readiness, DEDICATED_TAINT, maintenance]));
+        },
+    )?;
+
+    assert!(
+        taint_keys_become(&cluster, &[DEDICATED_TAINT.0, maintenance.0]).await,
+        "the readiness taint is gone and the new one kept: {:?}",
+        taint_keys(&cluster)
+    );
+    cluster.agent.wait_for_log("node taint removed")?;
+    assert_eq!(
+        node_requests(&cluster),
+        [
+            ("GET".to_owned(), 200),
+            ("PATCH".to_owned(), 422),
+            ("GET".to_owned(), 200),
+            ("PATCH".to_owned(), 200)
+        ],
+        "the failed test made the agent read the node again"
+    );
+    assert!(
+        cluster
+            .agent
+            .logs()
+            .iter()
+            .any(|line| line.contains("cannot remove the node taint") && line.contains("422")),
+        "the failed attempt is a warning with its error"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_that_is_not_ready_leaves_the_readiness_taint() -> anyhow::Result<()> {
+    if !can_run("readiness taint before ready") {
+        return Ok(());
+    }
+    let node = SimNode::new()?;
+    let mut cluster = KubeNode::start_with(node, Sts::Down, &[], |api| {
+        api.apply_node(node_object(&[(READINESS_TAINT, Some("true"), "NoSchedule")]));
+    })?;
+    // The agent again, with the taint to remove, while its pods cannot be listed: it attaches and
+    // listens, and is never ready.
+    cluster.agent.kill()?;
+    cluster.api.set_failing("/api/v1/pods", true);
+    let failed_lists = || {
+        let requests = cluster.api.requests().into_iter();
+        requests
+            .filter(|request| request.path == "/api/v1/pods" && request.status == 503)
+            .count()
+    };
+    let mut command = cluster.agent_command()?;
+    command.args(["--remove-node-taint", READINESS_TAINT]);
+    cluster.agent = Agent::start_until(command, "Kubernetes API")?;
+    assert!(
+        eventually(|| async { failed_lists() >= 2 }).await,
+        "the agent keeps trying to list its pods"
+    );
+    assert!(
+        !cluster
+            .agent
+            .logs()
+            .iter()
+            .any(|line| line.contains("\"message\":\"ready\"")),
+        "the agent is not ready"
+    );
+    assert_eq!(taint_keys(&cluster), [READINESS_TAINT]);
+    assert_eq!(node_requests(&cluster), [], "the agent never touched its Node");
+
+    // Ready once its pods are listed, and only then the taint goes.
+    cluster.api.set_failing("/api/v1/pods", false);
+    assert!(
+        taint_keys_become(&cluster, &[]).await,
+        "{:?}",
+        taint_keys(&cluster)
+    );
+    cluster.agent.wait_for_log("node taint removed")?;
     Ok(())
 }

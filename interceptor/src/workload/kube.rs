@@ -62,6 +62,7 @@ pub struct KubeSettings {
 
 /// The node's pods, namespaces and ServiceAccounts, as the reflectors last saw them.
 pub struct KubeWorkloads {
+    client: Client,
     settings: KubeSettings,
     pods: Arc<PodIndex>,
     pod_store: Store<Pod>,
@@ -144,7 +145,8 @@ impl KubeWorkloads {
             synced_tx.send_replace(true);
         });
         Arc::new(Self {
-            events: PodEvents::new(client, &settings.node, metrics.clone()),
+            events: PodEvents::new(client.clone(), &settings.node, metrics.clone()),
+            client,
             settings,
             pods,
             pod_store,
@@ -163,6 +165,11 @@ impl KubeWorkloads {
     /// Returns once every reflector has listed its objects once.
     pub async fn synced(&self) {
         let _ = self.synced.clone().wait_for(|synced| *synced).await;
+    }
+
+    /// The client the reflectors use, for the agent's other calls to the API server.
+    pub fn client(&self) -> Client {
+        self.client.clone()
     }
 
     /// The node this source serves the pods of.
