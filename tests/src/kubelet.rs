@@ -227,6 +227,9 @@ impl Kubelet {
     }
 }
 
+/// Where a container's program is in its own mount namespace (on the container's own /run).
+const IMAGE_PROGRAM: &str = "/run/.image-program";
+
 /// A container ready to start: its args and environment as the kubelet resolved them, and its mounts.
 pub struct Container {
     pub args: Vec<String>,
@@ -278,6 +281,10 @@ impl Container {
             // is created on the host; no kubeconfig of the host's user is in view.
             "mount -t tmpfs -o mode=0755 tmpfs /run".to_owned(),
             "mount -t tmpfs -o mode=0700 tmpfs /root".to_owned(),
+            // The program, where the image has it: in view whatever the mounts below hide (an
+            // emptyDir at /tmp hides a checkout under /tmp).
+            format!("touch {IMAGE_PROGRAM}"),
+            format!("mount --bind \"$0\" {IMAGE_PROGRAM}"),
         ];
         // Every bind's source is mounted aside first: a target may hide a source (the node's cgroup
         // tree is below the host's /sys/fs/cgroup, the bpffs and ServiceAccount dirs below /tmp).
@@ -303,7 +310,7 @@ impl Container {
                 script.push(format!("mount -t tmpfs tmpfs {}", quote(&mount.target)));
             }
         }
-        script.push("exec \"$0\" \"$@\"".to_owned());
+        script.push(format!("exec {IMAGE_PROGRAM} \"$@\""));
         Ok(script.join("\n"))
     }
 }
