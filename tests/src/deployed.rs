@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
 
 use crate::{
     agent::{Agent, BASE_ROLE_ARN, NO_STS, WorkloadFile},
@@ -120,27 +120,40 @@ impl DeployedNode {
     /// The secrets the agent serves `pod` for its role: the access key's secret and the session token
     /// of the cached set (the same set its clients got), and a fresh IMDS token.
     pub async fn secrets_served_to(&self, pod: &Pod, container: &Path) -> Result<Vec<String>> {
-        let role = body_of(&curl(pod, container, &[ROLE_LIST]).await?).to_owned();
-        let creds = curl(pod, container, &[&format!("{ROLE_LIST}{role}")]).await?;
-        let doc: serde_json::Value = serde_json::from_str(body_of(&creds))?;
-        let token = curl(
-            pod,
-            container,
-            &[
-                "-X",
-                "PUT",
-                "-H",
-                "X-aws-ec2-metadata-token-ttl-seconds: 60",
-                "http://169.254.169.254/latest/api/token",
-            ],
-        )
-        .await?;
+        let (_, doc) = credentials_served_to(pod, container).await?;
+        let token = put_token(pod, container).await?;
         Ok(vec![
             doc["SecretAccessKey"].as_str().unwrap_or_default().to_owned(),
             doc["Token"].as_str().unwrap_or_default().to_owned(),
             body_of(&token).to_owned(),
         ])
     }
+}
+
+/// The role `pod` is given (its role list) and the credentials document served for it.
+pub async fn credentials_served_to(pod: &Pod, container: &Path) -> Result<(String, serde_json::Value)> {
+    let role = body_of(&curl(pod, container, &[ROLE_LIST]).await?).to_owned();
+    let creds = curl(pod, container, &[&format!("{ROLE_LIST}{role}")]).await?;
+    ensure!(status_of(&creds) == 200, "{creds}");
+    let doc = serde_json::from_str(body_of(&creds))?;
+    Ok((role, doc))
+}
+
+/// `PUT /latest/api/token` from `pod` with a 60 s TTL, as an SDK asks for an IMDSv2 token: curl's
+/// reply (see [`status_of`], [`body_of`]).
+pub async fn put_token(pod: &Pod, container: &Path) -> Result<String> {
+    curl(
+        pod,
+        container,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "X-aws-ec2-metadata-token-ttl-seconds: 60",
+            &format!("{IMDS}/latest/api/token"),
+        ],
+    )
+    .await
 }
 
 /// The metadata address as pods call it, and the role list below it.

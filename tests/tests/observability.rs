@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use interceptor_tests::{
     agent::{Agent, BASE_ROLE_ARN, WorkloadFile},
-    deployed::{DeployedNode, IMDS, ROLE_LIST, Sts, body_of, curl, health, status_of},
+    deployed::{DeployedNode, IMDS, ROLE_LIST, Sts, body_of, curl, health, put_token, status_of},
     exposition::Samples,
     privileged,
     sim::SimNode,
@@ -67,18 +67,7 @@ async fn metrics_and_request_logs_follow_a_scripted_set_of_requests() -> anyhow:
 
     // The script: 10 redirected connections from the pods, 1 made straight to the agent from outside
     // the workload tree, and 1 from a workload that the kernel refuses.
-    let token = curl(
-        &known,
-        &a,
-        &[
-            "-X",
-            "PUT",
-            "-H",
-            "X-aws-ec2-metadata-token-ttl-seconds: 60",
-            &format!("{IMDS}/latest/api/token"),
-        ],
-    )
-    .await?;
+    let token = put_token(&known, &a).await?;
     assert_eq!(status_of(&token), 200);
     for _ in 0..2 {
         assert_eq!(status_of(&curl(&known, &a, &[ROLE_LIST]).await?), 200);

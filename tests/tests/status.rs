@@ -17,7 +17,9 @@ use aya_obj::generated::bpf_attach_type;
 use interceptor::identity;
 use interceptor_tests::{
     agent::{Agent, BASE_ROLE_ARN},
-    deployed::{DeployedNode, IMDS, ROLE_LIST, Sts, body_of, curl, eventually, status_of},
+    deployed::{
+        DeployedNode, ROLE_LIST, Sts, body_of, credentials_served_to, curl, eventually, put_token, status_of,
+    },
     kernel,
     kube_node::{KubeNode, NODE_NAME, pod_object},
     lab::{Interactive, run},
@@ -84,28 +86,13 @@ async fn status_json(node: &SimNode, args: &[&OsStr]) -> Result<Value> {
 
 /// The credentials a container gets for its role, and an IMDSv2 token: the values no report may hold.
 async fn secrets_of(pod: &Pod, container: &Path, role: &str) -> Result<Vec<String>> {
-    let listed = curl(pod, container, &[ROLE_LIST]).await?;
-    ensure!(body_of(&listed) == role, "{listed}");
-    let creds = curl(pod, container, &[&format!("{ROLE_LIST}{role}")]).await?;
-    ensure!(status_of(&creds) == 200, "{creds}");
-    let doc: Value = serde_json::from_str(body_of(&creds))?;
+    let (listed, doc) = credentials_served_to(pod, container).await?;
+    ensure!(listed == role, "the pod is given {listed}, not {role}");
     let mut secrets: Vec<String> = ["AccessKeyId", "SecretAccessKey", "Token"]
         .iter()
         .map(|field| doc[field].as_str().unwrap_or_default().to_owned())
         .collect();
-    let token = curl(
-        pod,
-        container,
-        &[
-            "-X",
-            "PUT",
-            "-H",
-            "X-aws-ec2-metadata-token-ttl-seconds: 60",
-            &format!("{IMDS}/latest/api/token"),
-        ],
-    )
-    .await?;
-    secrets.push(body_of(&token).to_owned());
+    secrets.push(body_of(&put_token(pod, container).await?).to_owned());
     ensure!(secrets.iter().all(|secret| secret.len() >= 16), "{secrets:?}");
     Ok(secrets)
 }
