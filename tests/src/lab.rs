@@ -238,19 +238,54 @@ pub struct Interactive {
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
 }
 
-impl Interactive {
-    /// Starts a prepared command with piped standard input and output; killed if dropped early.
+/// A client process started with piped standard input and output, killed if dropped early: the
+/// process, its input (closing it tells the client to stop) and its output.
+pub struct PipedChild {
+    pub child: tokio::process::Child,
+    pub stdin: Option<tokio::process::ChildStdin>,
+    pub stdout: tokio::process::ChildStdout,
+}
+
+impl PipedChild {
     pub fn spawn(command: Command) -> Result<Self> {
-        use tokio::io::AsyncBufReadExt;
         let mut command = tokio::process::Command::from(command);
         command
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true);
-        let mut child = command.spawn().context("cannot start the client")?;
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start {:?}", command.as_std().get_program()))?;
         let stdout = child.stdout.take().context("stdout is piped")?;
         Ok(Self {
             stdin: child.stdin.take(),
+            stdout,
+            child,
+        })
+    }
+}
+
+/// Closes `stdin` (the client then stops) and waits, at most `within`, for `child` to exit cleanly.
+pub async fn stop_client(
+    child: &mut tokio::process::Child,
+    stdin: &mut Option<tokio::process::ChildStdin>,
+    within: Duration,
+) -> Result<()> {
+    drop(stdin.take());
+    let status = tokio::time::timeout(within, child.wait())
+        .await
+        .with_context(|| format!("the client did not exit within {within:?}"))??;
+    ensure!(status.success(), "the client failed: {status}");
+    Ok(())
+}
+
+impl Interactive {
+    /// Starts a prepared command with piped standard input and output; killed if dropped early.
+    pub fn spawn(command: Command) -> Result<Self> {
+        use tokio::io::AsyncBufReadExt;
+        let PipedChild { child, stdin, stdout } = PipedChild::spawn(command)?;
+        Ok(Self {
+            stdin,
             lines: tokio::io::BufReader::new(stdout).lines(),
             child,
         })
@@ -274,11 +309,6 @@ impl Interactive {
 
     /// Closes the client's input (a holding client then lets go) and waits for it to exit.
     pub async fn finish(mut self) -> Result<()> {
-        drop(self.stdin.take());
-        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
-            .await
-            .context("the client did not exit within 60 s")??;
-        ensure!(status.success(), "the client failed: {status}");
-        Ok(())
+        stop_client(&mut self.child, &mut self.stdin, Duration::from_secs(60)).await
     }
 }

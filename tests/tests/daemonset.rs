@@ -23,7 +23,7 @@ use interceptor_tests::{
     kube_api::{self, FakeApiServer},
     kube_node::{NODE_NAME, pod_object},
     kubelet::{self, Kubelet},
-    lab::{StandIn, run},
+    lab::{PipedChild, StandIn, run, stop_client},
     moto::Moto,
     privileged, python,
     sim::{self, METADATA_IP, SimNode},
@@ -305,20 +305,14 @@ impl LoadClient {
         if keep_alive {
             command.arg("--keep-alive");
         }
-        let mut command = tokio::process::Command::from(command);
-        command
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command.spawn().context("cannot start sim-client load")?;
-        let stdout = child.stdout.take().context("stdout is piped")?;
+        let PipedChild { child, stdin, stdout } = PipedChild::spawn(command)?;
         let records = Arc::new(Mutex::new(Records::default()));
         let reader = tokio::spawn(read_records(stdout, records.clone()));
         Ok(Self {
             role,
             keep_alive,
             records,
-            stdin: child.stdin.take(),
+            stdin,
             child,
             reader,
         })
@@ -336,11 +330,7 @@ impl LoadClient {
 
     /// Stops the client (its input closes) and returns everything it recorded.
     async fn finish(mut self) -> Result<Records> {
-        drop(self.stdin.take());
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .context("the load client did not stop within 30 s")??;
-        ensure!(status.success(), "the load client failed: {status}");
+        stop_client(&mut self.child, &mut self.stdin, Duration::from_secs(30)).await?;
         self.reader.await??;
         Ok(std::mem::take(&mut *self.records.lock().unwrap()))
     }
