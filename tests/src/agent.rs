@@ -188,15 +188,22 @@ impl Agent {
 
     /// Waits (bounded) until a log line contains `needle`.
     pub fn wait_for_log(&self, needle: &str) -> Result<()> {
+        self.wait_for_line(needle, |line| line.contains(needle)).map(drop)
+    }
+
+    /// Waits (bounded) for the first log line that `matches`, and returns it. The agent's output is
+    /// read by another thread, so a line the agent wrote before answering a request may arrive after
+    /// the answer: a test looks for it with this, not with [`Agent::logs`].
+    pub fn wait_for_line(&self, what: &str, matches: impl Fn(&str) -> bool) -> Result<String> {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while std::time::Instant::now() < deadline {
-            if self.logs().iter().any(|line| line.contains(needle)) {
-                return Ok(());
+            if let Some(line) = self.logs().into_iter().find(|line| matches(line)) {
+                return Ok(line);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         bail!(
-            "the agent never logged {needle:?}; its log:\n{}",
+            "the agent never logged {what:?}; its log:\n{}",
             self.logs().join("\n")
         )
     }

@@ -440,12 +440,10 @@ async fn a_pod_that_asks_before_its_object_arrives_waits_for_it_and_one_that_nev
         took >= Duration::from_millis(800) && took < Duration::from_millis(2500),
         "{took:?}"
     );
+    let refusal = r#""reason":"pod_not_known""#;
     let line = cluster
         .agent
-        .logs()
-        .into_iter()
-        .find(|line| line.contains("\"reason\":\"pod_not_known\""))
-        .expect("the refusal is logged");
+        .wait_for_line(refusal, |line| line.contains(refusal))?;
     assert!(line.contains(&never.uid), "{line}");
     Ok(())
 }
@@ -453,9 +451,9 @@ async fn a_pod_that_asks_before_its_object_arrives_waits_for_it_and_one_that_nev
 /// How long the agent took to answer the request that got `role`, from its request log.
 fn request_latency(agent: &Agent, role: &str) -> Duration {
     let line = agent
-        .logs()
-        .into_iter()
-        .find(|line| line.contains("\"message\":\"metadata request\"") && line.contains(role))
+        .wait_for_line("metadata request", |line| {
+            line.contains("\"message\":\"metadata request\"") && line.contains(role)
+        })
         .expect("the request is logged");
     let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON log");
     Duration::from_micros(entry["latency_us"].as_u64().expect("latency_us"))
