@@ -1,7 +1,8 @@
 //! A client the tests run inside simulated pods, for what curl cannot show: many connections in one
 //! process, many at once, held open or timed, the peer address a socket reports, UDP, a hand-made TCP
 //! segment from a raw socket, a connection made before the programs attach, aws-sdk-rust's default
-//! credential chain, and credentials asked for without pause while the agent restarts.
+//! credential chain, credentials asked for without pause while the agent restarts, and a burst of
+//! first requests from many callers at once.
 
 use std::{
     io::{Read, Write},
@@ -94,6 +95,20 @@ enum Command {
         #[arg(long)]
         keep_alive: bool,
     },
+    /// Opens `--per-caller` connections as each caller (moving itself into the caller's cgroup before
+    /// its connects, so the kernel records that cgroup), then sends a GET of `<path-prefix><role>` on
+    /// all of them at once; prints `ok=<n> failed=<n> p50_us=<n> p99_us=<n> max_us=<n>`, each latency
+    /// from the moment the requests are released to the end of that response.
+    FanIn {
+        addr: SocketAddr,
+        #[arg(long)]
+        path_prefix: String,
+        #[arg(long)]
+        per_caller: usize,
+        /// `<cgroup directory>=<role>`, one per caller.
+        #[arg(required = true)]
+        callers: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -109,6 +124,12 @@ fn main() -> ExitCode {
         Command::RawSyn { src, dst, src_port } => raw_syn(src, dst, src_port),
         Command::ConnectThenGet { addr, path } => connect_then_get(addr, &path),
         Command::Load { addr, keep_alive } => load(addr, keep_alive),
+        Command::FanIn {
+            addr,
+            path_prefix,
+            per_caller,
+            callers,
+        } => fan_in(addr, &path_prefix, per_caller, &callers),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -264,6 +285,58 @@ fn timed(addr: SocketAddr, path: &str, count: usize) -> Result<()> {
         count - failed,
         percentile(50),
         percentile(99)
+    );
+    Ok(())
+}
+
+fn fan_in(addr: SocketAddr, path_prefix: &str, per_caller: usize, callers: &[String]) -> Result<()> {
+    ensure!(per_caller > 0, "--per-caller must be positive");
+    // Connected first, one caller after the other, while this process is single-threaded (moving a
+    // process moves all its threads); the requests then all leave at once.
+    let mut connections = Vec::with_capacity(callers.len() * per_caller);
+    for caller in callers {
+        let (cgroup, role) = caller
+            .split_once('=')
+            .with_context(|| format!("caller {caller:?} is not <cgroup>=<role>"))?;
+        let procs = std::path::Path::new(cgroup).join("cgroup.procs");
+        std::fs::write(&procs, "0").with_context(|| format!("cannot join {}", procs.display()))?;
+        for _ in 0..per_caller {
+            let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .with_context(|| format!("connect {addr} as {cgroup}"))?;
+            stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+            connections.push((stream, format!("{path_prefix}{role}")));
+        }
+    }
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(connections.len()));
+    let threads: Vec<_> = connections
+        .into_iter()
+        .map(|(mut stream, path)| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let start = Instant::now();
+                let ok = get(&mut stream, &path).is_ok();
+                (ok, start.elapsed().as_micros())
+            })
+        })
+        .collect();
+    let mut micros = Vec::with_capacity(threads.len());
+    let mut failed = 0;
+    for thread in threads {
+        let (ok, elapsed) = thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("request thread panicked"))?;
+        failed += usize::from(!ok);
+        micros.push(elapsed);
+    }
+    micros.sort_unstable();
+    let percentile = |p: usize| micros[(micros.len() * p / 100).min(micros.len() - 1)];
+    println!(
+        "ok={} failed={failed} p50_us={} p99_us={} max_us={}",
+        micros.len() - failed,
+        percentile(50),
+        percentile(99),
+        micros[micros.len() - 1]
     );
     Ok(())
 }
