@@ -209,7 +209,7 @@ impl Agent {
     }
 }
 
-fn has_message(line: &str, message: &str) -> bool {
+pub(crate) fn has_message(line: &str, message: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(line).is_ok_and(|entry| entry["message"] == message)
 }
 

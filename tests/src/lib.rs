@@ -3,9 +3,10 @@
 //! by veth pairs, with container cgroups named as the kubelet names them), and HTTP responders that play
 //! the agent and the stand-in. Nothing runs in the host's network namespace, so no packet leaves the
 //! machine. Every resource is a guard that removes itself on drop, even when a test panics, and names
-//! are unique so tests run in parallel.
+//! are unique so tests run in parallel. The benchmarks' pieces (`bench`) build on the same node.
 
 pub mod agent;
+pub mod bench;
 pub mod bpffs;
 pub mod cgroup;
 pub mod chart;

@@ -1,0 +1,74 @@
+//! What the programs cost connections they do not redirect: `connect()` to a loopback listener inside
+//! a simulated pod, with the programs detached and attached, alternating in one run, on a node of its
+//! own. Reported as the ratio attached / detached of the medians, so machine speed cancels out.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+use interceptor::bpf::Interceptor;
+use serde::Serialize;
+
+use crate::{lab::run, sim::SimNode};
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ConnectCost {
+    pub rounds: usize,
+    pub connects_per_round: usize,
+    /// Median over rounds of each round's median connect(), in µs.
+    pub detached_us: f64,
+    pub attached_us: f64,
+}
+
+impl ConnectCost {
+    pub fn ratio(&self) -> f64 {
+        self.attached_us / self.detached_us
+    }
+}
+
+/// `rounds` (odd, so the median is one of them) rounds of `connects` connects each way, timed by
+/// `sim_client connect-loop`.
+pub async fn attached_vs_detached(sim_client: &Path, rounds: usize, connects: usize) -> Result<ConnectCost> {
+    let mut node = SimNode::new()?;
+    let pod = node.pod()?;
+    let container = pod.container()?;
+    // Every connect leaves a socket in TIME_WAIT; without reuse, connects slow down past ~14k of them.
+    let mut sysctl = pod.command(&container, "sysctl")?;
+    sysctl.args(["-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    run(sysctl).await?;
+
+    let time = async || -> Result<Duration> {
+        let mut client = pod.command(&container, sim_client)?;
+        client.args(["connect-loop", "--count", &connects.to_string()]);
+        let output = run(client).await?;
+        let median = output
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("median_ns="))
+            .with_context(|| format!("no median in {output:?}"))?;
+        Ok(Duration::from_nanos(median.parse()?))
+    };
+    let (mut detached, mut attached) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // The second measurement of a round runs slower (sockets left from the first), so the order
+        // alternates between rounds.
+        if round % 2 == 0 {
+            detached.push(time().await?);
+        }
+        let interceptor = Interceptor::attach(&node.redirect_config())?;
+        attached.push(time().await?);
+        drop(interceptor);
+        if round % 2 == 1 {
+            detached.push(time().await?);
+        }
+    }
+    Ok(ConnectCost {
+        rounds,
+        connects_per_round: connects,
+        detached_us: median_micros(detached),
+        attached_us: median_micros(attached),
+    })
+}
+
+fn median_micros(mut values: Vec<Duration>) -> f64 {
+    values.sort_unstable();
+    values[values.len() / 2].as_secs_f64() * 1e6
+}

@@ -1,0 +1,181 @@
+//! wrk (Debian's package) as the load generator: one thread and a number of connections for a fixed
+//! time, run in a pod's network namespace and a cgroup the caller chooses, its report read back as
+//! numbers. With a new connection per request, wrk's latencies start when the request is written, after
+//! the connect: the connection's cost shows in requests/s, not in p50 and p99.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context, Result, ensure};
+use serde::Serialize;
+
+use crate::{lab::run, sim::Pod};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Connections {
+    /// Every connection carries request after request.
+    KeepAlive,
+    /// `Connection: close` on every request: the server closes, and wrk connects again.
+    NewPerRequest,
+}
+
+impl Connections {
+    pub fn label(self) -> &'static str {
+        match self {
+            Connections::KeepAlive => "keep-alive",
+            Connections::NewPerRequest => "new connection",
+        }
+    }
+}
+
+/// One run of wrk.
+#[derive(Clone, Copy, Debug)]
+pub struct Load<'a> {
+    pub url: &'a str,
+    pub clients: usize,
+    pub connections: Connections,
+    pub duration: Duration,
+}
+
+impl Load<'_> {
+    /// wrk with this load, in `pod`'s network and `cgroup`.
+    pub fn command(&self, pod: &Pod, cgroup: &Path) -> Result<Command> {
+        let mut command = pod.command(cgroup, "wrk")?;
+        command
+            .args(["--threads", "1", "--latency"])
+            .args(["--connections", &self.clients.to_string()])
+            .args(["--duration", &format!("{}s", self.duration.as_secs().max(1))]);
+        if self.connections == Connections::NewPerRequest {
+            command.args(["--header", "Connection: close"]);
+        }
+        command.arg(self.url);
+        Ok(command)
+    }
+
+    /// Runs wrk to the end and reads its report; fails when any response was not a success.
+    pub async fn run(&self, pod: &Pod, cgroup: &Path) -> Result<LoadResult> {
+        let report = run(self.command(pod, cgroup)?).await?;
+        let result =
+            LoadResult::parse(&report).with_context(|| format!("cannot read wrk's report:\n{report}"))?;
+        ensure!(
+            result.requests > 0 && result.non_success == 0,
+            "{} of {} responses from {} were not successes:\n{report}",
+            result.non_success,
+            result.requests,
+            self.url
+        );
+        Ok(result)
+    }
+}
+
+/// What one wrk run reported.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct LoadResult {
+    pub requests: u64,
+    pub requests_per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Responses other than 2xx and 3xx.
+    pub non_success: u64,
+    /// Connect, read, write errors and timeouts.
+    pub socket_errors: u64,
+}
+
+impl LoadResult {
+    fn parse(report: &str) -> Option<Self> {
+        let line_after = |prefix: &str| {
+            report
+                .lines()
+                .find_map(|line| line.trim().strip_prefix(prefix).map(str::trim))
+        };
+        let requests = report.lines().find_map(|line| {
+            let (count, rest) = line.trim().split_once(' ')?;
+            rest.starts_with("requests in ").then(|| count.parse().ok())?
+        })?;
+        let socket_errors = line_after("Socket errors:").map_or(Some(0), |errors| {
+            errors
+                .split(',')
+                .map(|field| field.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum()
+        })?;
+        Some(Self {
+            requests,
+            requests_per_sec: line_after("Requests/sec:")?.parse().ok()?,
+            p50_us: micros(line_after("50%")?)?,
+            p99_us: micros(line_after("99%")?)?,
+            non_success: line_after("Non-2xx or 3xx responses:").map_or(Some(0), |n| n.parse().ok())?,
+            socket_errors,
+        })
+    }
+}
+
+/// A wrk duration (`812.00us`, `1.23ms`, `2.00s`, `1.50m`) in microseconds.
+fn micros(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let scale = match unit {
+        "us" => 1.0,
+        "ms" => 1e3,
+        "s" => 1e6,
+        "m" => 60e6,
+        "h" => 3600e6,
+        _ => return None,
+    };
+    Some(number.parse::<f64>().ok()? * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPORT: &str = "Running 5s test @ http://10.99.0.1:8080/
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   135.65us   40.12us   2.10ms   90.00%
+    Req/Sec   112.34k     3.21k  118.00k    70.00%
+  Latency Distribution
+     50%  120.00us
+     75%  140.00us
+     90%  180.00us
+     99%    1.02ms
+  562345 requests in 5.00s, 450.12MB read
+  Non-2xx or 3xx responses: 3
+  Socket errors: connect 0, read 2, write 0, timeout 1
+Requests/sec: 112469.00
+Transfer/sec:     90.02MB
+";
+
+    #[test]
+    fn reads_rate_percentiles_and_errors_from_the_report() {
+        assert_eq!(
+            LoadResult::parse(REPORT),
+            Some(LoadResult {
+                requests: 562_345,
+                requests_per_sec: 112_469.0,
+                p50_us: 120.0,
+                p99_us: 1020.0,
+                non_success: 3,
+                socket_errors: 3,
+            })
+        );
+    }
+
+    #[test]
+    fn a_clean_report_has_no_error_lines() {
+        let clean: String = REPORT
+            .lines()
+            .filter(|line| !line.contains("Non-2xx") && !line.contains("Socket errors"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let result = LoadResult::parse(&clean).expect("parses");
+        assert_eq!((result.non_success, result.socket_errors), (0, 0));
+    }
+
+    #[test]
+    fn reads_every_unit_wrk_prints() {
+        assert_eq!(micros("812.00us"), Some(812.0));
+        assert_eq!(micros("1.50ms"), Some(1500.0));
+        assert_eq!(micros("2.00s"), Some(2e6));
+        assert_eq!(micros("12.3xs"), None);
+    }
+}
