@@ -1,22 +1,81 @@
-//! `cargo xtask bench`: builds the BPF object and runs the benchmarks (as root: they load the programs
-//! into the real kernel). Each reports ratios against a baseline measured in the same run.
+//! `sudo cargo xtask bench`: installs what the benchmarks run (nginx-light, wrk, iptables, moto in the
+//! venv), builds the BPF object, a release agent and the bench driver, and runs the driver
+//! (`tests/src/bin/bench.rs`): one table on standard output, the same figures as JSON under
+//! `target/bench/`. With `--perf`, records the agent under load with perf instead.
 
-use anyhow::Result;
+use std::{process::Command, time::SystemTime};
+
+use anyhow::{Context, Result};
 
 use crate::{
-    build_ebpf,
+    build_ebpf::{self, workspace_cargo, workspace_root},
     install::{ensure_commands, run_checked},
+    python,
     test::TEST_COMMANDS,
 };
 
-pub fn run() -> Result<()> {
+#[derive(clap::Args)]
+pub struct Options {
+    /// Runs of each measurement; the table shows their median, min and max.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds of each load run (at most 50).
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Instead of the benchmarks: record the agent with `perf record` while 16 keep-alive clients load
+    /// it, into target/bench/perf.data (read it with `perf report -i target/bench/perf.data`).
+    #[arg(long)]
+    perf: bool,
+}
+
+/// Commands the benchmarks run, with the Debian packages that provide them.
+const BENCH_COMMANDS: &[(&str, &str)] = &[
+    ("nginx", "nginx-light"),
+    ("wrk", "wrk"),
+    ("iptables", "iptables"),
+    ("sysctl", "procps"),
+];
+
+pub fn run(options: &Options) -> Result<()> {
     ensure_commands(TEST_COMMANDS)?;
+    ensure_commands(BENCH_COMMANDS)?;
+    if options.perf {
+        ensure_commands(&[("perf", "linux-perf")])?;
+    }
+    python::ensure_venv(python::TEST_TOOLS)?;
     build_ebpf::run()?;
-    run_checked(build_ebpf::workspace_cargo().args([
-        "bench",
+    // The agent as it runs on a node, a release build; one cargo run for it and the driver, so both
+    // share one resolution of the dependencies' features and build them once.
+    run_checked(workspace_cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "interceptor",
         "--package",
         "interceptor-tests",
-        "--bench",
-        "connect",
-    ]))
+        "--bin",
+        "interceptor",
+        "--bin",
+        "bench",
+        "--bin",
+        "sim-client",
+    ]))?;
+    let release = workspace_root().join("target/release");
+    let out = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut driver = Command::new(release.join("bench"));
+    driver
+        .env("INTERCEPTOR_AGENT_BIN", release.join("interceptor"))
+        .args(["--runs", &options.runs.to_string()])
+        .args(["--seconds", &options.seconds.to_string()]);
+    if options.perf {
+        driver.arg("--perf-record").arg(out.join("perf.data"));
+    }
+    let started = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)?
+        .as_secs();
+    driver
+        .arg("--json")
+        .arg(out.join(format!("bench-{started}.json")));
+    run_checked(&mut driver)
 }

@@ -32,8 +32,9 @@ enum Command {
     Test(test::Options),
     /// Run the main job on this machine (as root): two simulated pods get two roles from the agent.
     Demo,
-    /// Run the benchmarks (as root), each reporting ratios against a baseline from the same run.
-    Bench,
+    /// Run the benchmarks (as root) on a simulated node: one table of the agent beside baselines from
+    /// the same run, also written as JSON under target/bench/.
+    Bench(bench::Options),
     /// Run every fuzz target (cargo-fuzz, nightly) for a while and print how many inputs each ran.
     Fuzz(fuzz::Options),
     /// Build the agent's container image (FROM scratch: the static agent and CA certificates) as an OCI
@@ -46,7 +47,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf => build_ebpf::run(),
         Command::Test(options) => test::run(&options),
         Command::Demo => demo::run(),
-        Command::Bench => bench::run(),
+        Command::Bench(options) => bench::run(&options),
         Command::Fuzz(options) => fuzz::run(&options),
         Command::Image(options) => image::run(&options),
     };

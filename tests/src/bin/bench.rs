@@ -1,0 +1,836 @@
+//! `sudo cargo xtask bench`: the agent measured on a simulated node against baselines from the same run,
+//! printed as one table and written as JSON.
+//!
+//! 1. Cached credentials through the eBPF redirect, keep-alive and a new connection per request, 1 and
+//!    16 clients (wrk in a pod's namespace and container cgroup), beside nginx returning the same bytes
+//!    directly (the ceiling) and behind an iptables DNAT rule in the node's PREROUTING chain (the
+//!    kube2iam path; on a node of its own with no programs attached, so its conntrack does not tax the
+//!    other paths).
+//! 2. BPF cost: run time per connection of the agent's programs, for redirected connections and for
+//!    unrelated ones; connect() with the programs attached and detached.
+//! 3. Cold fan-in: concurrent first requests from many callers over many roles; STS calls at moto.
+//! 4. The agent's memory with 0, 110 and 1,000 pods known and 100 cached sessions, idle and after load.
+//!
+//! Every figure is the median of `--runs` runs with min and max. Nothing here is asserted: it measures.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, ensure};
+use clap::Parser;
+use interceptor_tests::{
+    agent::WorkloadFile,
+    bench::{
+        agent::BenchAgent,
+        bpf_stats::{ProgramStats, StatsEnabled},
+        connect::{ConnectCost, attached_vs_detached},
+        nginx::Nginx,
+        process::{Memory, cpu_time},
+        spread::Spread,
+        wrk::{Connections, Load, LoadResult},
+    },
+    deployed::{body_of, curl, status_of},
+    lab::{StandIn, run},
+    moto::Moto,
+    privileged,
+    sim::{METADATA_IP, NODE_IP, Pod, SimNode},
+};
+use serde::Serialize;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(about = "Benchmarks of the agent on a simulated node (as root)")]
+struct Options {
+    /// Runs of each measurement; the table shows their median, min and max.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds of each load run (at most 50).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=50))]
+    seconds: u64,
+    /// Where to write the results as JSON.
+    #[arg(long)]
+    json: PathBuf,
+    /// Instead of the benchmarks: record the agent with `perf record` into this file while it serves
+    /// 16 keep-alive clients for `--seconds`.
+    #[arg(long, value_name = "FILE")]
+    perf_record: Option<PathBuf>,
+}
+
+/// The credentials path below the metadata address; the role's name follows it.
+const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials/";
+/// Where nginx listens on each node.
+const NGINX_PORT: u16 = 8088;
+/// Callers with a role each: the fan-in asks as the first [`FAN_IN_ROLES`], the memory measurement
+/// caches a session for every one.
+const CALLERS: usize = 100;
+const FAN_IN_ROLES: usize = 50;
+const FAN_IN_PER_ROLE: usize = 10;
+const KNOWN_PODS: [usize; 3] = [0, 110, 1000];
+const CLIENT_COUNTS: [usize; 2] = [1, 16];
+const CONNECTIONS: [Connections; 2] = [Connections::KeepAlive, Connections::NewPerRequest];
+/// Unrelated connects timed for the BPF cost, and the rounds and connects of connect() attached vs
+/// detached (odd, so the median is one of the rounds).
+const UNRELATED_CONNECTS: usize = 20_000;
+const CONNECT_ROUNDS: usize = 7;
+const CONNECTS_PER_ROUND: usize = 2000;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let options = Options::parse();
+    if !privileged::can_run("bench") || !privileged::has_python_tools("bench") {
+        return ExitCode::FAILURE;
+    }
+    match bench(&options).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bench: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A pod with one container whose workload has a role of its own.
+struct Caller {
+    pod: Pod,
+    container: PathBuf,
+    role: String,
+}
+
+/// The node the agent runs on, with everything around it. Fields drop in order: nginx and moto, then
+/// the stand-in, the callers' pods, the node.
+struct AgentNode {
+    nginx: Option<Nginx>,
+    moto: Moto,
+    _stand_in: StandIn,
+    agent_cgroup: PathBuf,
+    callers: Vec<Caller>,
+    node: SimNode,
+}
+
+impl AgentNode {
+    async fn start() -> Result<Self> {
+        let mut node = SimNode::new()?;
+        let mut callers: Vec<Caller> = Vec::with_capacity(CALLERS);
+        for index in 0..CALLERS {
+            // All in one pod network, as hostNetwork pods are: 100 namespaces would measure setup.
+            let pod = match callers.first() {
+                Some(first) => node.pod_sharing(&first.pod)?,
+                None => node.pod()?,
+            };
+            let container = pod.container()?;
+            callers.push(Caller {
+                pod,
+                container,
+                role: format!("role-{index:03}"),
+            });
+        }
+        allow_time_wait_reuse(&callers[0].pod, &callers[0].container).await?;
+        Ok(Self {
+            nginx: None,
+            moto: Moto::start(&node)?,
+            _stand_in: StandIn::start(&node)?,
+            agent_cgroup: node.cgroup("system.slice/interceptor.service")?,
+            callers,
+            node,
+        })
+    }
+
+    /// The first `callers` callers' workloads, and `known - callers` more that match no cgroup.
+    fn workloads(&self, callers: usize, known: usize) -> Result<WorkloadFile> {
+        let fillers: Vec<(PathBuf, String)> = (callers..known)
+            .map(|index| {
+                let slice = format!("kubepods-besteffort.slice/kubepods-besteffort-podfiller{index}.slice");
+                (self.node.kubepods().join(slice), format!("filler-{index}"))
+            })
+            .collect();
+        let entries: Vec<(&Path, &str)> = self.callers[..callers]
+            .iter()
+            .map(|caller| (caller.container.as_path(), caller.role.as_str()))
+            .chain(fillers.iter().map(|(path, role)| (path.as_path(), role.as_str())))
+            .collect();
+        WorkloadFile::new(&entries)
+    }
+
+    fn start_agent(&self, workloads: &WorkloadFile) -> Result<BenchAgent> {
+        BenchAgent::start(
+            &self.node,
+            &self.agent_cgroup,
+            &self.moto.url(),
+            &workloads.path(),
+        )
+    }
+
+    fn caller(&self) -> &Caller {
+        &self.callers[0]
+    }
+}
+
+/// A node with no programs where 169.254.169.254:80 is DNATed to nginx, as kube2iam sets it up.
+struct DnatNode {
+    _nginx: Nginx,
+    pod: Pod,
+    container: PathBuf,
+    _node: SimNode,
+}
+
+impl DnatNode {
+    async fn start(body: &str) -> Result<Self> {
+        let mut node = SimNode::new()?;
+        let pod = node.pod()?;
+        let container = pod.container()?;
+        allow_time_wait_reuse(&pod, &container).await?;
+        let nginx = Nginx::start(&node, SocketAddrV4::new(NODE_IP, NGINX_PORT), body)?;
+        // Lives and dies with the node's namespace.
+        let mut dnat = node.command(&node.cgroup("system.slice/iptables.service")?, "iptables")?;
+        dnat.args(["-t", "nat", "-A", "PREROUTING", "-p", "tcp"])
+            .args(["-d", &format!("{METADATA_IP}/32"), "--dport", "80"])
+            .args([
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("{NODE_IP}:{NGINX_PORT}"),
+            ]);
+        run(dnat).await.context("cannot add the DNAT rule")?;
+        Ok(Self {
+            _nginx: nginx,
+            pod,
+            container,
+            _node: node,
+        })
+    }
+}
+
+/// Sockets a client closed wait in TIME_WAIT; past ~14k of them new connections crawl unless the
+/// client's namespace may reuse them.
+async fn allow_time_wait_reuse(pod: &Pod, container: &Path) -> Result<()> {
+    let mut sysctl = pod.command(container, "sysctl")?;
+    sysctl.args(["-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    run(sysctl).await.map(drop)
+}
+
+/// What a load runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Target {
+    /// The agent through the eBPF redirect.
+    Agent,
+    /// nginx at the node's address: the ceiling.
+    NginxDirect,
+    /// nginx behind the DNAT rule.
+    NginxDnat,
+}
+
+const TARGETS: [Target; 3] = [Target::Agent, Target::NginxDirect, Target::NginxDnat];
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Target::Agent => "agent via redirect",
+            Target::NginxDirect => "nginx direct (ceiling)",
+            Target::NginxDnat => "nginx via DNAT",
+        }
+    }
+}
+
+/// The URL a target's clients ask, and the pod and cgroup they run in.
+struct Route<'a> {
+    url: String,
+    pod: &'a Pod,
+    cgroup: &'a Path,
+}
+
+fn route<'a>(target: Target, agent_node: &'a AgentNode, dnat: &'a DnatNode, path: &str) -> Route<'a> {
+    let caller = agent_node.caller();
+    match target {
+        Target::Agent => Route {
+            url: format!("http://{METADATA_IP}{path}"),
+            pod: &caller.pod,
+            cgroup: &caller.container,
+        },
+        Target::NginxDirect => Route {
+            url: format!("http://{NODE_IP}:{NGINX_PORT}{path}"),
+            pod: &caller.pod,
+            cgroup: &caller.container,
+        },
+        Target::NginxDnat => Route {
+            url: format!("http://{METADATA_IP}{path}"),
+            pod: &dnat.pod,
+            cgroup: &dnat.container,
+        },
+    }
+}
+
+type LoadKey = (Connections, usize, Target);
+
+async fn bench(options: &Options) -> Result<()> {
+    let sim_client = sibling_binary("sim-client")?;
+    let duration = Duration::from_secs(options.seconds);
+    let mut agent_node = AgentNode::start().await?;
+
+    // 1. The agent knows every caller and has cached the first one's credentials.
+    let workloads = agent_node.workloads(CALLERS, CALLERS)?;
+    let agent = agent_node.start_agent(&workloads)?;
+    let caller = agent_node.caller();
+    let path = format!("{CREDENTIALS_PATH}{}", caller.role);
+    let url = format!("http://{METADATA_IP}{path}");
+    let response = curl(&caller.pod, &caller.container, &[&url]).await?;
+    ensure!(status_of(&response) == 200, "the agent refused {url}: {response}");
+    let body = body_of(&response).to_owned();
+    agent_node.nginx = Some(Nginx::start(
+        &agent_node.node,
+        SocketAddrV4::new(NODE_IP, NGINX_PORT),
+        &body,
+    )?);
+    let dnat = DnatNode::start(&body).await?;
+    for target in TARGETS {
+        let route = route(target, &agent_node, &dnat, &path);
+        let response = curl(route.pod, route.cgroup, &[&route.url]).await?;
+        ensure!(
+            body_of(&response) == body,
+            "{} answered something else: {response}",
+            target.label()
+        );
+    }
+
+    if let Some(perf_data) = &options.perf_record {
+        return perf_record(
+            &agent,
+            &route(Target::Agent, &agent_node, &dnat, &path),
+            duration,
+            perf_data,
+        )
+        .await;
+    }
+
+    let mut loads: BTreeMap<LoadKey, Vec<LoadResult>> = BTreeMap::new();
+    // The agent's CPU time (user and kernel) per request, by load.
+    let mut agent_cpu: BTreeMap<(Connections, usize), Vec<f64>> = BTreeMap::new();
+    for run_index in 0..options.runs {
+        for connections in CONNECTIONS {
+            for clients in CLIENT_COUNTS {
+                // Targets interleaved, so a drift of the machine during the run touches all alike.
+                for target in TARGETS {
+                    let route = route(target, &agent_node, &dnat, &path);
+                    let load = Load {
+                        url: &route.url,
+                        clients,
+                        connections,
+                        duration,
+                    };
+                    let cpu_before = cpu_time(agent.pid())?;
+                    let result = load.run(route.pod, route.cgroup).await?;
+                    if target == Target::Agent {
+                        let used = cpu_time(agent.pid())? - cpu_before;
+                        agent_cpu
+                            .entry((connections, clients))
+                            .or_default()
+                            .push(used.as_secs_f64() * 1e6 / result.requests as f64);
+                    }
+                    eprintln!(
+                        "bench: run {} {} {clients} client(s) {}: {:.0} req/s p50 {:.0} us p99 {:.0} us",
+                        run_index + 1,
+                        connections.label(),
+                        target.label(),
+                        result.requests_per_sec,
+                        result.p50_us,
+                        result.p99_us
+                    );
+                    loads
+                        .entry((connections, clients, target))
+                        .or_default()
+                        .push(result);
+                }
+            }
+        }
+    }
+
+    // 2. BPF cost.
+    let bpf = bpf_cost(&agent, &agent_node, &sim_client, &url, duration, options.runs).await?;
+    drop(agent);
+    let connect = attached_vs_detached(&sim_client, CONNECT_ROUNDS, CONNECTS_PER_ROUND).await?;
+
+    // 3. Cold fan-in, a new agent (so an empty cache) each run.
+    let mut fan_ins = Vec::new();
+    for _ in 0..options.runs {
+        fan_ins.push(fan_in(&agent_node, &sim_client).await?);
+    }
+
+    // 4. Memory.
+    let mut memory = Vec::new();
+    for known in KNOWN_PODS {
+        memory.push(memory_with(&agent_node, &sim_client, known, &path, duration).await?);
+    }
+
+    let report = Report {
+        runs: options.runs,
+        loads,
+        agent_cpu,
+        bpf,
+        connect,
+        fan_ins,
+        memory,
+    };
+    report.print();
+    let json = serde_json::to_string_pretty(&report.to_json(options.seconds))?;
+    std::fs::write(&options.json, json)
+        .with_context(|| format!("cannot write {}", options.json.display()))?;
+    println!("\nwritten to {}", options.json.display());
+    Ok(())
+}
+
+/// A binary built beside this one (`sim-client`).
+fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().context("executable without a directory")?.join(name);
+    ensure!(
+        path.exists(),
+        "{} is missing: build it beside {}",
+        path.display(),
+        exe.display()
+    );
+    Ok(path)
+}
+
+/// The agent's programs' run time per connection.
+#[derive(Serialize)]
+struct BpfCost {
+    /// Total of all programs per redirected connection (a credentials request on a new connection),
+    /// one figure per run.
+    redirected_ns: Vec<f64>,
+    /// Total of all programs per unrelated connection (connect to a listener in the same pod), per run.
+    unrelated_ns: Vec<f64>,
+    /// Per program, over the last run: redirected, then unrelated.
+    redirected_programs: Vec<ProgramStats>,
+    unrelated_programs: Vec<ProgramStats>,
+}
+
+async fn bpf_cost(
+    agent: &BenchAgent,
+    agent_node: &AgentNode,
+    sim_client: &Path,
+    url: &str,
+    duration: Duration,
+    runs: usize,
+) -> Result<BpfCost> {
+    let caller = agent_node.caller();
+    let _stats = StatsEnabled::enable()?;
+    let mut cost = BpfCost {
+        redirected_ns: Vec::new(),
+        unrelated_ns: Vec::new(),
+        redirected_programs: Vec::new(),
+        unrelated_programs: Vec::new(),
+    };
+    for _ in 0..runs {
+        let before = ProgramStats::of_process(agent.pid())?;
+        let load = Load {
+            url,
+            clients: 1,
+            connections: Connections::NewPerRequest,
+            duration,
+        };
+        let result = load.run(&caller.pod, &caller.container).await?;
+        let redirected = ProgramStats::since(&ProgramStats::of_process(agent.pid())?, &before);
+        cost.redirected_ns
+            .push(total_ns(&redirected) / result.requests as f64);
+        cost.redirected_programs = redirected;
+
+        let before = ProgramStats::of_process(agent.pid())?;
+        let mut client = caller.pod.command(&caller.container, sim_client)?;
+        client.args(["connect-loop", "--count", &UNRELATED_CONNECTS.to_string()]);
+        run(client).await?;
+        let unrelated = ProgramStats::since(&ProgramStats::of_process(agent.pid())?, &before);
+        cost.unrelated_ns
+            .push(total_ns(&unrelated) / UNRELATED_CONNECTS as f64);
+        cost.unrelated_programs = unrelated;
+    }
+    Ok(cost)
+}
+
+/// The run time of all `programs` together, in ns.
+fn total_ns(programs: &[ProgramStats]) -> f64 {
+    programs.iter().map(|program| program.run_time_ns).sum::<u64>() as f64
+}
+
+/// One cold burst: what the callers saw and how many AssumeRole calls reached moto.
+#[derive(Serialize)]
+struct FanIn {
+    ok: u64,
+    failed: u64,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    sts_calls: usize,
+}
+
+async fn fan_in(agent_node: &AgentNode, sim_client: &Path) -> Result<FanIn> {
+    let workloads = agent_node.workloads(FAN_IN_ROLES, FAN_IN_ROLES)?;
+    let _agent = agent_node.start_agent(&workloads)?;
+    let sts_before = agent_node.moto.assume_role_calls()?;
+    let output = burst(agent_node, sim_client, FAN_IN_ROLES, FAN_IN_PER_ROLE).await?;
+    let field = |name: &str| -> Result<f64> {
+        output
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix(name)?.strip_prefix('='))
+            .with_context(|| format!("no {name} in {output:?}"))?
+            .parse()
+            .with_context(|| format!("{name} in {output:?}"))
+    };
+    Ok(FanIn {
+        ok: field("ok")? as u64,
+        failed: field("failed")? as u64,
+        p50_us: field("p50_us")?,
+        p99_us: field("p99_us")?,
+        max_us: field("max_us")?,
+        sts_calls: agent_node.moto.assume_role_calls()? - sts_before,
+    })
+}
+
+/// `per_caller` concurrent first requests as each of the first `callers` callers, all released at
+/// once: sim-client's `fan-in` output.
+async fn burst(
+    agent_node: &AgentNode,
+    sim_client: &Path,
+    callers: usize,
+    per_caller: usize,
+) -> Result<String> {
+    let first = agent_node.caller();
+    let mut client = first.pod.command(&first.container, sim_client)?;
+    client
+        .args(["fan-in", &format!("{METADATA_IP}:80")])
+        .args(["--path-prefix", CREDENTIALS_PATH])
+        .args(["--per-caller", &per_caller.to_string()])
+        .args(
+            agent_node.callers[..callers]
+                .iter()
+                .map(|caller| format!("{}={}", caller.container.display(), caller.role)),
+        );
+    run(client).await
+}
+
+/// The agent's memory with `known` pods known: just started, with a session cached for every caller
+/// (when it knows them), and after the 16-client keep-alive load.
+#[derive(Serialize)]
+struct MemoryRun {
+    known_pods: usize,
+    cached_sessions: usize,
+    started: Memory,
+    idle: Memory,
+    after_load: Option<Memory>,
+}
+
+async fn memory_with(
+    agent_node: &AgentNode,
+    sim_client: &Path,
+    known: usize,
+    path: &str,
+    duration: Duration,
+) -> Result<MemoryRun> {
+    let callers = known.min(CALLERS);
+    let workloads = agent_node.workloads(callers, known)?;
+    let agent = agent_node.start_agent(&workloads)?;
+    let started = Memory::of(agent.pid())?;
+    if callers == 0 {
+        // Nothing to serve: every request would be refused, which is not the load of (1).
+        return Ok(MemoryRun {
+            known_pods: known,
+            cached_sessions: 0,
+            started,
+            idle: started,
+            after_load: None,
+        });
+    }
+    let output = burst(agent_node, sim_client, callers, 1).await?;
+    ensure!(
+        output.contains("failed=0"),
+        "warming the sessions failed: {output}"
+    );
+    let idle = Memory::of(agent.pid())?;
+    let caller = agent_node.caller();
+    let url = format!("http://{METADATA_IP}{path}");
+    Load {
+        url: &url,
+        clients: 16,
+        connections: Connections::KeepAlive,
+        duration,
+    }
+    .run(&caller.pod, &caller.container)
+    .await?;
+    Ok(MemoryRun {
+        known_pods: known,
+        cached_sessions: callers,
+        started,
+        idle,
+        after_load: Some(Memory::of(agent.pid())?),
+    })
+}
+
+/// Records the agent with perf (DWARF call graphs: a release build keeps no frame pointers) while 16
+/// keep-alive clients load it.
+async fn perf_record(
+    agent: &BenchAgent,
+    route: &Route<'_>,
+    duration: Duration,
+    perf_data: &Path,
+) -> Result<()> {
+    let mut perf = tokio::process::Command::new("perf");
+    perf.args(["record", "--call-graph", "dwarf,16384", "-F", "499", "-o"])
+        .arg(perf_data)
+        .args(["-p", &agent.pid().to_string(), "--", "sleep"])
+        .arg(duration.as_secs().to_string())
+        .kill_on_drop(true);
+    let recording = perf.spawn().context("cannot start perf (package linux-perf)")?;
+    let load = Load {
+        url: &route.url,
+        clients: 16,
+        connections: Connections::KeepAlive,
+        duration,
+    };
+    let result = load.run(route.pod, route.cgroup).await?;
+    let status = recording.wait_with_output().await?.status;
+    ensure!(status.success(), "perf record failed: {status}");
+    println!(
+        "recorded {} requests ({:.0} req/s) into {}",
+        result.requests,
+        result.requests_per_sec,
+        perf_data.display()
+    );
+    Ok(())
+}
+
+/// A row of the load table: its name, the figure it reads from each run, and how it shows.
+struct Measure {
+    name: &'static str,
+    of: fn(&LoadResult) -> f64,
+    show: fn(f64) -> String,
+}
+
+struct Report {
+    runs: usize,
+    loads: BTreeMap<LoadKey, Vec<LoadResult>>,
+    agent_cpu: BTreeMap<(Connections, usize), Vec<f64>>,
+    bpf: BpfCost,
+    connect: ConnectCost,
+    fan_ins: Vec<FanIn>,
+    memory: Vec<MemoryRun>,
+}
+
+impl Report {
+    fn spread(&self, key: LoadKey, of: impl Fn(&LoadResult) -> f64) -> Spread {
+        let values: Vec<f64> = self.loads[&key].iter().map(of).collect();
+        Spread::of(&values)
+    }
+
+    fn print(&self) {
+        println!("\nmachine: {} cores, kernel {}", cores(), kernel_release());
+        println!("median [min-max] of {} runs; ratios of medians", self.runs);
+        println!(
+            "\n{:<36} {:<26} {:<26} {:<26} {:>9} {:>9}",
+            "cached credentials",
+            Target::Agent.label(),
+            Target::NginxDirect.label(),
+            Target::NginxDnat.label(),
+            "agent/top",
+            "agent/dnat"
+        );
+        for connections in CONNECTIONS {
+            for clients in CLIENT_COUNTS {
+                let measures = [
+                    Measure {
+                        name: "req/s",
+                        of: |r| r.requests_per_sec,
+                        show: thousands,
+                    },
+                    Measure {
+                        name: "p50",
+                        of: |r| r.p50_us,
+                        show: micros,
+                    },
+                    Measure {
+                        name: "p99",
+                        of: |r| r.p99_us,
+                        show: micros,
+                    },
+                ];
+                for Measure { name, of, show } in measures {
+                    let spreads = TARGETS.map(|target| self.spread((connections, clients, target), of));
+                    let cell = |spread: Spread| {
+                        format!(
+                            "{} [{}-{}]",
+                            show(spread.median),
+                            show(spread.min),
+                            show(spread.max)
+                        )
+                    };
+                    println!(
+                        "{:<36} {:<26} {:<26} {:<26} {:>9.2} {:>9.2}",
+                        format!("{}, {clients} client(s) {name}", connections.label()),
+                        cell(spreads[0]),
+                        cell(spreads[1]),
+                        cell(spreads[2]),
+                        spreads[0].median / spreads[1].median,
+                        spreads[0].median / spreads[2].median,
+                    );
+                }
+            }
+        }
+        for ((connections, clients), per_request) in &self.agent_cpu {
+            let spread = Spread::of(per_request);
+            println!(
+                "agent CPU per request, {}, {clients} client(s): {:.1} us [{:.1}-{:.1}]",
+                connections.label(),
+                spread.median,
+                spread.min,
+                spread.max
+            );
+        }
+        let socket_errors: u64 = self.loads.values().flatten().map(|r| r.socket_errors).sum();
+        println!("socket errors over all load runs: {socket_errors}");
+
+        println!("\nBPF run time of the agent's programs (bpf stats)");
+        let redirected = Spread::of(&self.bpf.redirected_ns);
+        let unrelated = Spread::of(&self.bpf.unrelated_ns);
+        println!(
+            "  per redirected connection: {:.0} ns [{:.0}-{:.0}]",
+            redirected.median, redirected.min, redirected.max
+        );
+        println!(
+            "  per unrelated connection:  {:.0} ns [{:.0}-{:.0}]",
+            unrelated.median, unrelated.min, unrelated.max
+        );
+        for (kind, programs) in [
+            ("redirected", &self.bpf.redirected_programs),
+            ("unrelated", &self.bpf.unrelated_programs),
+        ] {
+            let per_program: Vec<String> = programs
+                .iter()
+                .filter(|program| program.run_count > 0)
+                .map(|program| {
+                    format!(
+                        "{} {} runs x {:.0} ns",
+                        program.name,
+                        program.run_count,
+                        program.ns_per_run()
+                    )
+                })
+                .collect();
+            println!("  last {kind} run: {}", per_program.join(", "));
+        }
+        println!(
+            "  connect() to an unrelated listener: detached {:.1} us, attached {:.1} us, ratio {:.3} \
+             (median of {} rounds x {})",
+            self.connect.detached_us,
+            self.connect.attached_us,
+            self.connect.ratio(),
+            self.connect.rounds,
+            self.connect.connects_per_round
+        );
+
+        println!(
+            "\ncold fan-in: {} first requests over {FAN_IN_ROLES} roles",
+            FAN_IN_ROLES * FAN_IN_PER_ROLE
+        );
+        for (index, run) in self.fan_ins.iter().enumerate() {
+            println!(
+                "  run {}: STS calls {}, ok {}, failed {}, p50 {}, p99 {}, max {}",
+                index + 1,
+                run.sts_calls,
+                run.ok,
+                run.failed,
+                micros(run.p50_us),
+                micros(run.p99_us),
+                micros(run.max_us)
+            );
+        }
+
+        println!("\nagent memory (MiB): VmRSS, and VmHWM (peak) in brackets");
+        println!(
+            "  {:>10} {:>8} {:>16} {:>16} {:>16}",
+            "pods known", "sessions", "started", "idle", "after load"
+        );
+        let mib = |memory: Memory| {
+            format!(
+                "{:.1} [{:.1}]",
+                memory.rss_kib as f64 / 1024.0,
+                memory.peak_kib as f64 / 1024.0
+            )
+        };
+        for run in &self.memory {
+            println!(
+                "  {:>10} {:>8} {:>16} {:>16} {:>16}",
+                run.known_pods,
+                run.cached_sessions,
+                mib(run.started),
+                mib(run.idle),
+                run.after_load.map_or_else(|| "-".to_owned(), mib)
+            );
+        }
+    }
+
+    fn to_json(&self, seconds_per_load: u64) -> serde_json::Value {
+        let loads: Vec<serde_json::Value> = self
+            .loads
+            .iter()
+            .map(|(&(connections, clients, target), runs)| {
+                let key = (connections, clients, target);
+                json!({
+                    "connections": connections,
+                    "clients": clients,
+                    "target": target,
+                    "requests_per_sec": self.spread(key, |r| r.requests_per_sec),
+                    "p50_us": self.spread(key, |r| r.p50_us),
+                    "p99_us": self.spread(key, |r| r.p99_us),
+                    "runs": runs,
+                })
+            })
+            .collect();
+        let agent_cpu: Vec<serde_json::Value> = self
+            .agent_cpu
+            .iter()
+            .map(|((connections, clients), per_request)| {
+                json!({
+                    "connections": connections,
+                    "clients": clients,
+                    "cpu_us_per_request": Spread::of(per_request),
+                    "runs": per_request,
+                })
+            })
+            .collect();
+        json!({
+            "machine": { "cores": cores(), "kernel": kernel_release() },
+            "runs": self.runs,
+            "seconds_per_load": seconds_per_load,
+            "loads": loads,
+            "agent_cpu": agent_cpu,
+            "bpf": self.bpf,
+            "connect": self.connect,
+            "fan_in": { "roles": FAN_IN_ROLES, "per_role": FAN_IN_PER_ROLE, "runs": self.fan_ins },
+            "memory": self.memory,
+        })
+    }
+}
+
+fn thousands(value: f64) -> String {
+    format!("{:.1}k", value / 1000.0)
+}
+
+fn micros(value: f64) -> String {
+    if value >= 1000.0 {
+        format!("{:.2}ms", value / 1000.0)
+    } else {
+        format!("{value:.0}us")
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, usize::from)
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "?".to_owned(), |release| release.trim().to_owned())
+}
