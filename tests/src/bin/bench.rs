@@ -9,7 +9,7 @@
 //! 2. BPF cost: run time per connection of the agent's programs, for redirected connections and for
 //!    unrelated ones; connect() with the programs attached and detached.
 //! 3. Cold fan-in: concurrent first requests from many callers over many roles; STS calls at moto.
-//! 4. The agent's memory with 0, 110 and 1,000 pods known and 100 cached sessions, idle and after load.
+//! 4. The agent's memory with 0, 110 and 1,000 pods known and 100 cached sessions, idle and under load.
 //!
 //! Every figure is the median of `--runs` runs with min and max. Nothing here is asserted: it measures.
 
@@ -513,14 +513,14 @@ async fn burst(
 }
 
 /// The agent's memory with `known` pods known: just started, with a session cached for every caller
-/// (when it knows them), and after the 16-client keep-alive load.
+/// (when it knows them), and under the 16-client keep-alive load (the median of readings during it).
 #[derive(Serialize)]
 struct MemoryRun {
     known_pods: usize,
     cached_sessions: usize,
     started: Memory,
     idle: Memory,
-    after_load: Option<Memory>,
+    under_load: Option<Memory>,
 }
 
 async fn memory_with(
@@ -541,7 +541,7 @@ async fn memory_with(
             cached_sessions: 0,
             started,
             idle: started,
-            after_load: None,
+            under_load: None,
         });
     }
     let output = burst(agent_node, sim_client, callers, 1).await?;
@@ -552,20 +552,42 @@ async fn memory_with(
     let idle = Memory::of(agent.pid())?;
     let caller = agent_node.caller();
     let url = format!("http://{METADATA_IP}{path}");
-    Load {
+    let load = Load {
         url: &url,
         clients: 16,
         connections: Connections::KeepAlive,
         duration,
-    }
-    .run(&caller.pod, &caller.container)
-    .await?;
+    };
     Ok(MemoryRun {
         known_pods: known,
         cached_sessions: callers,
         started,
         idle,
-        after_load: Some(Memory::of(agent.pid())?),
+        under_load: Some(memory_under(&load, &caller.pod, &caller.container, agent.pid()).await?),
+    })
+}
+
+/// Runs `load` while reading `pid`'s memory every 200 ms: the median VmRSS of the readings, and the
+/// VmHWM once the load is over.
+async fn memory_under(load: &Load<'_>, pod: &Pod, cgroup: &Path, pid: u32) -> Result<Memory> {
+    let period = Duration::from_millis(200);
+    let mut readings = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let running = load.run(pod, cgroup);
+    tokio::pin!(running);
+    let mut resident = Vec::new();
+    loop {
+        tokio::select! {
+            result = &mut running => {
+                result?;
+                break;
+            }
+            _ = readings.tick() => resident.push(Memory::of(pid)?.rss_kib as f64),
+        }
+    }
+    ensure!(!resident.is_empty(), "the load ended before the first reading");
+    Ok(Memory {
+        rss_kib: Spread::of(&resident).median as u64,
+        peak_kib: Memory::of(pid)?.peak_kib,
     })
 }
 
@@ -750,7 +772,7 @@ impl Report {
         println!("\nagent memory (MiB): VmRSS, and VmHWM (peak) in brackets");
         println!(
             "  {:>10} {:>8} {:>16} {:>16} {:>16}",
-            "pods known", "sessions", "started", "idle", "after load"
+            "pods known", "sessions", "started", "idle", "under load"
         );
         let mib = |memory: Memory| {
             format!(
@@ -766,7 +788,7 @@ impl Report {
                 run.cached_sessions,
                 mib(run.started),
                 mib(run.idle),
-                run.after_load.map_or_else(|| "-".to_owned(), mib)
+                run.under_load.map_or_else(|| "-".to_owned(), mib)
             );
         }
     }
