@@ -1,8 +1,9 @@
-//! The agent as the bench runs it: the tests' command line (see [`crate::agent::Agent`]) at the
-//! production log level, its log written to a file instead of kept in memory (it logs a line per
-//! request, hundreds of thousands in a run), and ready once that file says so.
+//! The agent as the bench runs it: the tests' command line (see [`crate::agent::Agent`]) with the
+//! workload source a node gives it, at the production log level (the tests' debug level logs a line
+//! per answered request), its log written to a file, and ready once that file says so.
 
 use std::{
+    ffi::OsString,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Stdio},
@@ -24,15 +25,20 @@ pub struct BenchAgent {
 }
 
 impl BenchAgent {
-    /// Starts the agent on `node` in `cgroup`, with `sts_url` as STS and `workloads` as its static
-    /// file, and waits until it is ready.
-    pub fn start(node: &SimNode, cgroup: &Path, sts_url: &str, workloads: &Path) -> Result<Self> {
+    /// Starts the agent on `node` in `cgroup`, listening on the node's agent address and attached at
+    /// its kubepods, with `source_flags` choosing where its pods come from (`--kubeconfig <file>
+    /// --node <name>` on a node) and `sts_url` as STS, and waits until it is ready: for the Kubernetes
+    /// source, once its pods are listed.
+    pub fn start(node: &SimNode, cgroup: &Path, sts_url: &str, source_flags: &[OsString]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("agent.log");
         let mut command = Agent::command_in(node, cgroup)?;
-        Agent::node_flags(&mut command, node, workloads);
-        // Later flags override earlier ones: a real STS, and the level a node runs at, not debug.
+        // Later flags override earlier ones: the level a node runs at, not the tests' debug.
         command
+            .args(["--agent-addr", &node.agent_v4().to_string()])
+            .arg("--cgroup-root")
+            .arg(node.kubepods())
+            .args(source_flags)
             .args(["--sts-endpoint", sts_url, "--base-role-arn", BASE_ROLE_ARN])
             .args(["--log-level", "info"])
             .stdin(Stdio::null())

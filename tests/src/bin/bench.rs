@@ -7,14 +7,20 @@
 //!    kube2iam path; on a node of its own with no programs attached, so its conntrack does not tax the
 //!    other paths).
 //! 2. BPF cost: run time per connection of the agent's programs, for redirected connections and for
-//!    unrelated ones; connect() with the programs attached and detached.
+//!    unrelated ones (from a pod to a listener on the node outside the workload cgroups, so only the
+//!    pod's end runs the programs); connect() there with the programs attached and detached.
 //! 3. Cold fan-in: concurrent first requests from many callers over many roles; STS calls at moto.
 //! 4. The agent's memory with 0, 110 and 1,000 pods known and 100 cached sessions, idle and under load.
+//!
+//! The agent learns its pods as on a real node: from the Kubernetes API (the tests' fake API server in
+//! the node), where every caller is a Pod object with a role annotation, beside filler pods with no
+//! cgroup for the memory measurement.
 //!
 //! Every figure is the median of `--runs` runs with min and max. Nothing here is asserted: it measures.
 
 use std::{
     collections::BTreeMap,
+    ffi::OsString,
     net::SocketAddrV4,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -24,22 +30,24 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use interceptor_tests::{
-    agent::WorkloadFile,
     bench::{
         agent::BenchAgent,
         bpf_stats::{ProgramStats, StatsEnabled},
-        connect::{ConnectCost, attached_vs_detached},
+        connect::{ConnectCost, UnrelatedListener, attached_vs_detached},
         nginx::Nginx,
         process::{Memory, cpu_time},
         spread::Spread,
         wrk::{Connections, Load, LoadResult},
     },
     deployed::{body_of, curl, status_of},
+    kube_api::FakeApiServer,
+    kube_node::{NODE_NAME, namespace_object, pod_object},
     lab::{StandIn, run},
     moto::Moto,
     privileged,
     sim::{METADATA_IP, NODE_IP, Pod, SimNode},
 };
+use k8s_openapi::api::core::v1::Pod as PodObject;
 use serde::Serialize;
 use serde_json::json;
 
@@ -71,6 +79,11 @@ const CALLERS: usize = 100;
 const FAN_IN_ROLES: usize = 50;
 const FAN_IN_PER_ROLE: usize = 10;
 const KNOWN_PODS: [usize; 3] = [0, 110, 1000];
+/// The annotation that gives a pod its role (kube2iam's).
+const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
+/// Where the callers' Pod objects are, and the fillers' (spread over a few, as a node's pods are).
+const CALLER_NAMESPACE: &str = "bench";
+const FILLER_NAMESPACES: [&str; 4] = ["shop", "payments", "batch", "monitoring"];
 const CLIENT_COUNTS: [usize; 2] = [1, 16];
 const CONNECTIONS: [Connections; 2] = [Connections::KeepAlive, Connections::NewPerRequest];
 /// Unrelated connects timed for the BPF cost, and the rounds and connects of connect() attached vs
@@ -98,15 +111,35 @@ async fn main() -> ExitCode {
 struct Caller {
     pod: Pod,
     container: PathBuf,
+    /// Its Pod object's name, in [`CALLER_NAMESPACE`].
+    name: String,
     role: String,
 }
 
+impl Caller {
+    /// Its Pod object: the UID of its cgroup's pod, so the agent finds it from a connection's cgroup,
+    /// and its role annotated.
+    fn object(&self) -> PodObject {
+        pod_object(
+            &self.pod,
+            CALLER_NAMESPACE,
+            &self.name,
+            &[(ROLE_ANNOTATION, &self.role)],
+        )
+    }
+}
+
 /// The node the agent runs on, with everything around it. Fields drop in order: nginx and moto, then
-/// the stand-in, the callers' pods, the node.
+/// the API server, the stand-in, the kubeconfig, the callers' pods, the node.
 struct AgentNode {
     nginx: Option<Nginx>,
     moto: Moto,
+    api: FakeApiServer,
     _stand_in: StandIn,
+    /// Holds the kubeconfig that `source_flags` name.
+    _kubeconfig_dir: tempfile::TempDir,
+    /// The agent's workload source: this node's pods from the API server.
+    source_flags: Vec<OsString>,
     agent_cgroup: PathBuf,
     callers: Vec<Caller>,
     node: SimNode,
@@ -126,43 +159,68 @@ impl AgentNode {
             callers.push(Caller {
                 pod,
                 container,
+                name: format!("caller-{index:03}"),
                 role: format!("role-{index:03}"),
             });
         }
         allow_time_wait_reuse(&callers[0].pod, &callers[0].container).await?;
+        let api = FakeApiServer::start(&node)?;
+        let kubeconfig_dir = tempfile::tempdir()?;
+        let kubeconfig = kubeconfig_dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig)?;
         Ok(Self {
             nginx: None,
             moto: Moto::start(&node)?,
+            api,
             _stand_in: StandIn::start(&node)?,
+            _kubeconfig_dir: kubeconfig_dir,
+            source_flags: vec![
+                "--kubeconfig".into(),
+                kubeconfig.into(),
+                "--node".into(),
+                NODE_NAME.into(),
+            ],
             agent_cgroup: node.cgroup("system.slice/interceptor.service")?,
             callers,
             node,
         })
     }
 
-    /// The first `callers` callers' workloads, and `known - callers` more that match no cgroup.
-    fn workloads(&self, callers: usize, known: usize) -> Result<WorkloadFile> {
-        let fillers: Vec<(PathBuf, String)> = (callers..known)
-            .map(|index| {
-                let slice = format!("kubepods-besteffort.slice/kubepods-besteffort-podfiller{index}.slice");
-                (self.node.kubepods().join(slice), format!("filler-{index}"))
-            })
-            .collect();
-        let entries: Vec<(&Path, &str)> = self.callers[..callers]
-            .iter()
-            .map(|caller| (caller.container.as_path(), caller.role.as_str()))
-            .chain(fillers.iter().map(|(path, role)| (path.as_path(), role.as_str())))
-            .collect();
-        WorkloadFile::new(&entries)
-    }
-
-    fn start_agent(&self, workloads: &WorkloadFile) -> Result<BenchAgent> {
+    /// Starts an agent that finds the first `callers` callers and `known - callers` fillers on this
+    /// node in the API server, and nothing else.
+    fn start_agent(&self, callers: usize, known: usize) -> Result<BenchAgent> {
+        self.set_known_pods(callers, known);
         BenchAgent::start(
             &self.node,
             &self.agent_cgroup,
             &self.moto.url(),
-            &workloads.path(),
+            &self.source_flags,
         )
+    }
+
+    /// Makes the Pod objects in the API server the first `callers` callers' and `known - callers`
+    /// fillers', in namespaces emptied first (deleting a namespace deletes its pods).
+    fn set_known_pods(&self, callers: usize, known: usize) {
+        for namespace in std::iter::once(CALLER_NAMESPACE).chain(FILLER_NAMESPACES) {
+            self.api.delete_namespace(namespace);
+            self.api.apply_namespace(namespace_object(namespace, &[]));
+        }
+        for caller in &self.callers[..callers] {
+            self.api.apply_pod(caller.object());
+        }
+        for index in 0..known - callers {
+            self.api.apply_pod(self.filler_object(index));
+        }
+    }
+
+    /// A Pod object on this node with a role of its own and no cgroup: it only adds to what the agent
+    /// knows. Without a UID, the API server gives it a random one, as it does every new pod.
+    fn filler_object(&self, index: usize) -> PodObject {
+        let namespace = FILLER_NAMESPACES[index % FILLER_NAMESPACES.len()];
+        let name = format!("filler-{index:04}");
+        let mut object = pod_object(&self.caller().pod, namespace, &name, &[(ROLE_ANNOTATION, &name)]);
+        object.metadata.uid = None;
+        object
     }
 
     fn caller(&self) -> &Caller {
@@ -273,8 +331,7 @@ async fn bench(options: &Options) -> Result<()> {
     let mut agent_node = AgentNode::start().await?;
 
     // 1. The agent knows every caller and has cached the first one's credentials.
-    let workloads = agent_node.workloads(CALLERS, CALLERS)?;
-    let agent = agent_node.start_agent(&workloads)?;
+    let agent = agent_node.start_agent(CALLERS, CALLERS)?;
     let caller = agent_node.caller();
     let path = format!("{CREDENTIALS_PATH}{}", caller.role);
     let url = format!("http://{METADATA_IP}{path}");
@@ -402,7 +459,8 @@ struct BpfCost {
     /// Total of all programs per redirected connection (a credentials request on a new connection),
     /// one figure per run.
     redirected_ns: Vec<f64>,
-    /// Total of all programs per unrelated connection (connect to a listener in the same pod), per run.
+    /// Total of all programs per unrelated connection (a pod's connect to a listener on the node outside
+    /// the workload cgroups, whose end runs none of them), per run.
     unrelated_ns: Vec<f64>,
     /// Per program, over the last run: redirected, then unrelated.
     redirected_programs: Vec<ProgramStats>,
@@ -418,6 +476,7 @@ async fn bpf_cost(
     runs: usize,
 ) -> Result<BpfCost> {
     let caller = agent_node.caller();
+    let listener = UnrelatedListener::start(&agent_node.node)?;
     let _stats = StatsEnabled::enable()?;
     let mut cost = BpfCost {
         redirected_ns: Vec::new(),
@@ -441,7 +500,9 @@ async fn bpf_cost(
 
         let before = ProgramStats::of_process(agent.pid())?;
         let mut client = caller.pod.command(&caller.container, sim_client)?;
-        client.args(["connect-loop", "--count", &UNRELATED_CONNECTS.to_string()]);
+        client
+            .args(["connect-loop", "--to", &listener.addr().to_string()])
+            .args(["--count", &UNRELATED_CONNECTS.to_string()]);
         run(client).await?;
         let unrelated = ProgramStats::since(&ProgramStats::of_process(agent.pid())?, &before);
         cost.unrelated_ns
@@ -468,8 +529,7 @@ struct FanIn {
 }
 
 async fn fan_in(agent_node: &AgentNode, sim_client: &Path) -> Result<FanIn> {
-    let workloads = agent_node.workloads(FAN_IN_ROLES, FAN_IN_ROLES)?;
-    let _agent = agent_node.start_agent(&workloads)?;
+    let _agent = agent_node.start_agent(FAN_IN_ROLES, FAN_IN_ROLES)?;
     let sts_before = agent_node.moto.assume_role_calls()?;
     let output = burst(agent_node, sim_client, FAN_IN_ROLES, FAN_IN_PER_ROLE).await?;
     let field = |name: &str| -> Result<f64> {
@@ -512,8 +572,9 @@ async fn burst(
     run(client).await
 }
 
-/// The agent's memory with `known` pods known: just started, with a session cached for every caller
-/// (when it knows them), and under the 16-client keep-alive load (the median of readings during it).
+/// The agent's memory with `known` pods known (Pod objects on its node: the callers first, then
+/// fillers): just started, with a session cached for every caller (when it knows them), and under the
+/// 16-client keep-alive load (the median of readings during it).
 #[derive(Serialize)]
 struct MemoryRun {
     known_pods: usize,
@@ -531,8 +592,7 @@ async fn memory_with(
     duration: Duration,
 ) -> Result<MemoryRun> {
     let callers = known.min(CALLERS);
-    let workloads = agent_node.workloads(callers, known)?;
-    let agent = agent_node.start_agent(&workloads)?;
+    let agent = agent_node.start_agent(callers, known)?;
     let started = Memory::of(agent.pid())?;
     if callers == 0 {
         // Nothing to serve: every request would be refused, which is not the load of (1).

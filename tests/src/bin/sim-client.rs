@@ -6,7 +6,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     os::fd::{AsRawFd, FromRawFd},
     process::ExitCode,
     time::{Duration, Instant},
@@ -49,8 +49,10 @@ enum Command {
         #[arg(long)]
         endpoint: String,
     },
-    /// Times `count` connects to a listener of its own on 127.0.0.1; prints `median_ns=<n> mean_ns=<n>`.
+    /// Times `count` connects to `to`, each closed at once; prints `median_ns=<n> mean_ns=<n>`.
     ConnectLoop {
+        #[arg(long)]
+        to: SocketAddr,
         #[arg(long)]
         count: usize,
     },
@@ -118,7 +120,7 @@ fn main() -> ExitCode {
         Command::Udp { addr, payload } => udp(addr, &payload),
         Command::ConcurrentGet { addr, path, count } => concurrent_get(addr, &path, count),
         Command::CallerIdentity { endpoint } => caller_identity(&endpoint),
-        Command::ConnectLoop { count } => connect_loop(count),
+        Command::ConnectLoop { to, count } => connect_loop(to, count),
         Command::Hold { addr, count } => hold(addr, count),
         Command::Timed { addr, path, count } => timed(addr, &path, count),
         Command::RawSyn { src, dst, src_port } => raw_syn(src, dst, src_port),
@@ -231,18 +233,17 @@ fn udp(addr: SocketAddr, payload: &str) -> Result<()> {
     Ok(())
 }
 
-fn connect_loop(count: usize) -> Result<()> {
+/// `to` is a listener elsewhere, outside the pod's cgroup: one of this process's own would run the
+/// agent's programs on the accepting end too, and the figure would be that of two ends, not one.
+fn connect_loop(to: SocketAddr, count: usize) -> Result<()> {
     ensure!(count > 0, "--count must be positive");
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    std::thread::spawn(move || listener.incoming().for_each(drop));
     let mut nanos: Vec<u128> = (0..count)
         .map(|_| {
             let start = Instant::now();
-            TcpStream::connect(addr).map(|_| start.elapsed().as_nanos())
+            TcpStream::connect(to).map(|_| start.elapsed().as_nanos())
         })
         .collect::<Result<_, _>>()
-        .with_context(|| format!("connect {addr}"))?;
+        .with_context(|| format!("connect {to}"))?;
     nanos.sort_unstable();
     let mean = nanos.iter().sum::<u128>() / nanos.len() as u128;
     println!("median_ns={} mean_ns={mean}", nanos[nanos.len() / 2]);
