@@ -12,7 +12,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use globset::{Glob, GlobBuilder, GlobMatcher};
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
@@ -125,6 +125,12 @@ pub enum StaticFileError {
         #[source]
         source: globset::Error,
     },
+    #[error("workload file {path}: its cgroup globs cannot be matched together (too many or too large)")]
+    Globs {
+        path: PathBuf,
+        #[source]
+        source: globset::Error,
+    },
     #[error("workload file {path}, entry {index}: `role` is empty (leave it out for the default role)")]
     EmptyRole { path: PathBuf, index: usize },
 }
@@ -154,7 +160,11 @@ struct StaticEntry {
 /// The parsed file: each glob with the workload it names. Public for the fuzz target of the parser.
 #[derive(Debug, Default)]
 pub struct Table {
-    entries: Vec<(GlobMatcher, Arc<Workload>)>,
+    /// Entry `i`'s glob is glob `i` of the set.
+    entries: Vec<(Glob, Arc<Workload>)>,
+    /// All globs in one matcher: one pass over a path finds every entry that matches it (exact paths
+    /// by a hash lookup), where a matcher per entry cost a regex run per entry and ancestor.
+    globs: GlobSet,
 }
 
 impl Table {
@@ -164,26 +174,33 @@ impl Table {
             path: path.to_owned(),
             source,
         })?;
-        let entries = file
+        let entries: Vec<(Glob, Arc<Workload>)> = file
             .workload
             .into_iter()
             .enumerate()
             .map(|(index, entry)| Self::entry(path, index, entry))
             .collect::<Result<_, _>>()?;
-        Ok(Self { entries })
+        let mut globs = GlobSetBuilder::new();
+        for (glob, _) in &entries {
+            globs.add(glob.clone());
+        }
+        let globs = globs.build().map_err(|source| StaticFileError::Globs {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self { entries, globs })
     }
 
     fn entry(
         path: &Path,
         index: usize,
         entry: StaticEntry,
-    ) -> Result<(GlobMatcher, Arc<Workload>), StaticFileError> {
+    ) -> Result<(Glob, Arc<Workload>), StaticFileError> {
         let glob = entry.cgroup.trim_matches('/');
         // `*` stays within one path segment; `**` crosses them.
-        let matcher = GlobBuilder::new(glob)
+        let compiled = GlobBuilder::new(glob)
             .literal_separator(true)
             .build()
-            .map(|glob: Glob| glob.compile_matcher())
             .map_err(|source| StaticFileError::Glob {
                 path: path.to_owned(),
                 index,
@@ -212,7 +229,7 @@ impl Table {
             name,
             pod: None,
         };
-        Ok((matcher, Arc::new(workload)))
+        Ok((compiled, Arc::new(workload)))
     }
 
     /// The workload of `cgroup`: an entry for a cgroup covers the cgroups below it, so the entry may
@@ -234,10 +251,8 @@ impl Table {
     }
 
     fn first_entry_matching(&self, cgroup: &str) -> Option<Arc<Workload>> {
-        self.entries
-            .iter()
-            .find(|(matcher, _)| matcher.is_match(cgroup))
-            .map(|(_, workload)| workload.clone())
+        let first = self.globs.matches(cgroup).into_iter().min()?;
+        Some(self.entries[first].1.clone())
     }
 }
 
@@ -358,7 +373,7 @@ impl StaticWorkloads {
         self.table()
             .entries
             .iter()
-            .map(|(matcher, workload)| (matcher.glob().glob().to_owned(), workload.clone()))
+            .map(|(glob, workload)| (glob.glob().to_owned(), workload.clone()))
             .collect()
     }
 
