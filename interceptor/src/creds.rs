@@ -8,13 +8,14 @@
 use std::{
     collections::HashMap,
     fmt,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
     time::{Duration, SystemTime},
 };
 
 pub mod metrics;
 
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use bytes::Bytes;
 use tokio::{
     sync::{Semaphore, watch},
     task::JoinSet,
@@ -45,13 +46,34 @@ impl fmt::Debug for Secret {
 }
 
 /// One set of temporary credentials.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Credentials {
     pub access_key_id: String,
     pub secret_access_key: Secret,
     pub session_token: Secret,
     pub issued: SystemTime,
     pub expiration: SystemTime,
+    /// The set as the metadata API serves it, rendered there on first use.
+    pub documents: Documents,
+}
+
+/// A set's two documents (plain and extended) as the metadata API serves them, each rendered by its
+/// first serve and then served as it is: a set never changes, so neither do its documents, and
+/// rendering the JSON and times on every request was a tenth of the agent's time per cached request.
+/// `Debug` never shows them: they hold the secret.
+#[derive(Default)]
+pub struct Documents([OnceLock<Bytes>; 2]);
+
+impl Documents {
+    pub fn get_or_render(&self, extended: bool, render: impl FnOnce() -> Bytes) -> Bytes {
+        self.0[usize::from(extended)].get_or_init(render).clone()
+    }
+}
+
+impl fmt::Debug for Documents {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<rendered on use>")
+    }
 }
 
 impl Credentials {
@@ -201,6 +223,7 @@ impl AssumeRole for StsAssumeRole {
             session_token: Secret::new(creds.session_token().to_owned()),
             issued,
             expiration,
+            documents: Documents::default(),
         })
     }
 }
@@ -564,6 +587,7 @@ mod tests {
             session_token: Secret::new("token".to_owned()),
             issued,
             expiration: issued + lifetime,
+            documents: Documents::default(),
         }
     }
 

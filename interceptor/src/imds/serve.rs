@@ -2,7 +2,12 @@
 //! redirected connections once, at accept, and every request on it carries the answer as a [`Caller`].
 //! A connection over the [`ConnectionLimits`] is closed at once.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use axum::{Router, http::Request};
 use hyper::body::Incoming;
@@ -14,14 +19,32 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use super::{ImdsMetrics, limits::ConnectionLimits};
-use crate::bpf::{Attribution, Interceptor};
+use crate::{
+    bpf::{Attribution, Interceptor},
+    identity::CgroupPath,
+};
 
 /// Who is on the other end of a connection, as far as the agent knows.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Caller {
     pub peer: SocketAddr,
     /// `None`: the kernel did not redirect this connection, so nobody knows who made it.
     pub attribution: Option<Attribution>,
+    /// The attributed cgroup's path, once a request of this connection has resolved it. Shared by the
+    /// connection's requests: the cgroup is the one the kernel recorded at connect, so its path cannot
+    /// change for the connection, and a keep-alive request does not check it again (a `stat` of the
+    /// path, an eighth of the agent's time per cached-credentials request).
+    pub cgroup_path: Arc<OnceLock<CgroupPath>>,
+}
+
+impl Caller {
+    pub fn new(peer: SocketAddr, attribution: Option<Attribution>) -> Self {
+        Self {
+            peer,
+            attribution,
+            cgroup_path: Arc::default(),
+        }
+    }
 }
 
 /// The kernel's record of redirected connections (the BPF maps), or a stand-in.
@@ -78,9 +101,10 @@ pub async fn serve(
                 continue;
             }
         };
-        let caller = Caller { peer, attribution };
+        let caller = Caller::new(peer, attribution);
+        let service_caller = caller.clone();
         let service = router.clone().map_request(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(caller);
+            request.extensions_mut().insert(service_caller.clone());
             request
         });
         tokio::spawn(async move {

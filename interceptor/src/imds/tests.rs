@@ -21,7 +21,7 @@ use tower::ServiceExt;
 
 use super::{upstream::UpstreamReply, *};
 use crate::{
-    creds::{AssumeRole, Secret, StsError},
+    creds::{AssumeRole, Documents, Secret, StsError},
     identity::{CgroupError, CgroupPath},
     policy::{BaseArn, RoleRequest},
     workload::WorkloadError,
@@ -92,6 +92,7 @@ impl AssumeRole for Sts {
             session_token: Secret::new(format!("token-of-{}", session.role.name())),
             issued,
             expiration: issued + duration,
+            documents: Documents::default(),
         })
     }
 }
@@ -157,16 +158,16 @@ impl Api {
 
     async fn send(&self, from: Option<CgroupId>, request: Request<Body>) -> Reply {
         let mut request = request;
-        request.extensions_mut().insert(Caller {
-            peer: SocketAddr::from(([10, 0, 0, 7], 40000)),
-            attribution: from.map(|cgroup_id| Attribution {
+        request.extensions_mut().insert(Caller::new(
+            SocketAddr::from(([10, 0, 0, 7], 40000)),
+            from.map(|cgroup_id| Attribution {
                 cgroup_id,
                 socket_cookie: SocketCookie(1),
                 netns_cookie: NetnsCookie(1),
                 pid: 1,
                 original_dst: crate::bpf::METADATA_V4,
             }),
-        });
+        ));
         let response = self.router.clone().oneshot(request).await.unwrap();
         let (parts, body) = response.into_parts();
         Reply {
