@@ -89,7 +89,11 @@ fn with_command(mut args: Vec<OsString>) -> Vec<OsString> {
 
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     telemetry::init_tracing(args.log_format, &args.log_filter())?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.get())
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(agent::run(args)).inspect_err(|err| {
         // The log is where operators look; standard error gets the plain line too.
         tracing::error!(error = format!("{err:#}"), "agent failed");
