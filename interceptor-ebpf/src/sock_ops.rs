@@ -39,6 +39,15 @@ pub fn file_connection(ctx: SockOpsContext) -> u32 {
 }
 
 fn file_by_tuple(ctx: &SockOpsContext) {
+    // Every TCP connect of a workload comes here; only those the connect hook sent to the agent have a
+    // record to file. Checked first, from the context alone, so an unrelated connection costs no
+    // helper call and no map lookup. (Should a socket redirected once connect elsewhere after a connect
+    // that failed before its SYN, its record stays until the socket closes or the LRU drops it: it is
+    // keyed by that socket's cookie, which no other socket ever has.)
+    let key = connection_key(ctx);
+    if !is_agent(&key.server) {
+        return;
+    }
     // SAFETY: the helper takes the program's own context.
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: a lookup with a key of the map's type; the value is copied out at once.
@@ -48,12 +57,6 @@ fn file_by_tuple(ctx: &SockOpsContext) {
     // Ask for the state callbacks first, so the close that deletes the records is seen whatever
     // happens next. The flag is per socket: only redirected sockets pay for it.
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-    let key = connection_key(ctx);
-    if !is_agent(&key.server) {
-        // A socket redirected once, now connecting elsewhere: its record says nothing of this connection.
-        let _ = CONNECTS_BY_COOKIE.remove(socket_cookie);
-        return;
-    }
     if CONNECTS_BY_TUPLE.insert(key, record, 0).is_err() {
         count(Counter::TupleFailed);
         error!(
