@@ -3,7 +3,7 @@
 //! (`tests/src/bin/bench.rs`): one table on standard output, the same figures as JSON under
 //! `target/bench/`. With `--perf`, records the agent under load with perf instead.
 
-use std::{process::Command, time::SystemTime};
+use std::{path::PathBuf, process::Command, time::SystemTime};
 
 use anyhow::{Context, Result};
 
@@ -26,6 +26,10 @@ pub struct Options {
     /// it, into target/bench/perf.data (read it with `perf report -i target/bench/perf.data`).
     #[arg(long)]
     perf: bool,
+    /// Measure this agent binary instead of a release build of the workspace's: an older build to
+    /// compare with, or the static musl binary the image ships (`cargo xtask image --profile release`).
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
 }
 
 /// Commands the benchmarks run, with the Debian packages that provide them.
@@ -63,9 +67,13 @@ pub fn run(options: &Options) -> Result<()> {
     let release = workspace_root().join("target/release");
     let out = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let agent = match &options.agent {
+        Some(path) => std::path::absolute(path).with_context(|| format!("bad --agent {}", path.display()))?,
+        None => release.join("interceptor"),
+    };
     let mut driver = Command::new(release.join("bench"));
     driver
-        .env("INTERCEPTOR_AGENT_BIN", release.join("interceptor"))
+        .env("INTERCEPTOR_AGENT_BIN", agent)
         .args(["--runs", &options.runs.to_string()])
         .args(["--seconds", &options.seconds.to_string()]);
     if options.perf {

@@ -3,7 +3,9 @@
 
 use std::{
     net::SocketAddrV4,
+    path::PathBuf,
     process::{Child, Stdio},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, ensure};
@@ -14,6 +16,7 @@ use crate::sim::SimNode;
 /// kills whatever is left.
 pub struct Nginx {
     master: Child,
+    cgroup: PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -64,12 +67,26 @@ http {{
             .stderr(Stdio::null())
             .spawn()
             .context("cannot start nginx (package nginx-light)")?;
-        let nginx = Self { master, dir };
+        let nginx = Self { master, cgroup, dir };
         node.wait_for_listener(addr.into()).with_context(|| {
             let log = std::fs::read_to_string(nginx.dir.path().join("error.log")).unwrap_or_default();
             format!("nginx did not start listening; its error log:\n{log}")
         })?;
         Ok(nginx)
+    }
+}
+
+impl Nginx {
+    /// CPU time the master and its workers have used so far: their cgroup's `usage_usec`.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let path = self.cgroup.join("cpu.stat");
+        let stat =
+            std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let usec = stat
+            .lines()
+            .find_map(|line| line.strip_prefix("usage_usec ")?.parse().ok())
+            .with_context(|| format!("no usage_usec in {}", path.display()))?;
+        Ok(Duration::from_micros(usec))
     }
 }
 

@@ -20,6 +20,14 @@ impl Memory {
         Self::parse(&status).with_context(|| format!("no VmRSS and VmHWM in {path}"))
     }
 
+    /// Sets `pid`'s `VmHWM` back to its `VmRSS` (proc(5), `clear_refs` value 5), so the next reading's
+    /// peak is the peak since now: the agent's start (parsing the kernel's BTF to load its programs)
+    /// otherwise outweighs anything it does later.
+    pub fn reset_peak(pid: u32) -> Result<()> {
+        let path = format!("/proc/{pid}/clear_refs");
+        std::fs::write(&path, "5").with_context(|| format!("cannot write {path}"))
+    }
+
     fn parse(status: &str) -> Option<Self> {
         let field = |name: &str| {
             status.lines().find_map(|line| {

@@ -226,6 +226,11 @@ impl AgentNode {
     fn caller(&self) -> &Caller {
         &self.callers[0]
     }
+
+    /// The node's nginx; started once the agent's reply is known, before any load.
+    fn nginx(&self) -> &Nginx {
+        self.nginx.as_ref().expect("nginx starts before the loads")
+    }
 }
 
 /// A node with no programs where 169.254.169.254:80 is DNATed to nginx, as kube2iam sets it up.
@@ -365,8 +370,8 @@ async fn bench(options: &Options) -> Result<()> {
     }
 
     let mut loads: BTreeMap<LoadKey, Vec<LoadResult>> = BTreeMap::new();
-    // The agent's CPU time (user and kernel) per request, by load.
-    let mut agent_cpu: BTreeMap<(Connections, usize), Vec<f64>> = BTreeMap::new();
+    // CPU time (user and kernel) per request of the agent and of nginx direct, by load.
+    let mut cpu: BTreeMap<LoadKey, Vec<f64>> = BTreeMap::new();
     for run_index in 0..options.runs {
         for connections in CONNECTIONS {
             for clients in CLIENT_COUNTS {
@@ -379,14 +384,19 @@ async fn bench(options: &Options) -> Result<()> {
                         connections,
                         duration,
                     };
-                    let cpu_before = cpu_time(agent.pid())?;
+                    let server_cpu = || -> Result<Option<Duration>> {
+                        match target {
+                            Target::Agent => cpu_time(agent.pid()).map(Some),
+                            Target::NginxDirect => agent_node.nginx().cpu_time().map(Some),
+                            Target::NginxDnat => Ok(None),
+                        }
+                    };
+                    let cpu_before = server_cpu()?;
                     let result = load.run(route.pod, route.cgroup).await?;
-                    if target == Target::Agent {
-                        let used = cpu_time(agent.pid())? - cpu_before;
-                        agent_cpu
-                            .entry((connections, clients))
+                    if let (Some(before), Some(after)) = (cpu_before, server_cpu()?) {
+                        cpu.entry((connections, clients, target))
                             .or_default()
-                            .push(used.as_secs_f64() * 1e6 / result.requests as f64);
+                            .push((after - before).as_secs_f64() * 1e6 / result.requests as f64);
                     }
                     eprintln!(
                         "bench: run {} {} {clients} client(s) {}: {:.0} req/s p50 {:.0} us p99 {:.0} us",
@@ -426,7 +436,7 @@ async fn bench(options: &Options) -> Result<()> {
     let report = Report {
         runs: options.runs,
         loads,
-        agent_cpu,
+        cpu,
         bpf,
         connect,
         fan_ins,
@@ -628,8 +638,9 @@ async fn memory_with(
 }
 
 /// Runs `load` while reading `pid`'s memory every 200 ms: the median VmRSS of the readings, and the
-/// VmHWM once the load is over.
+/// peak from the start of the load to its end.
 async fn memory_under(load: &Load<'_>, pod: &Pod, cgroup: &Path, pid: u32) -> Result<Memory> {
+    Memory::reset_peak(pid)?;
     let period = Duration::from_millis(200);
     let mut readings = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let running = load.run(pod, cgroup);
@@ -694,7 +705,7 @@ struct Measure {
 struct Report {
     runs: usize,
     loads: BTreeMap<LoadKey, Vec<LoadResult>>,
-    agent_cpu: BTreeMap<(Connections, usize), Vec<f64>>,
+    cpu: BTreeMap<LoadKey, Vec<f64>>,
     bpf: BpfCost,
     connect: ConnectCost,
     fan_ins: Vec<FanIn>,
@@ -760,11 +771,12 @@ impl Report {
                 }
             }
         }
-        for ((connections, clients), per_request) in &self.agent_cpu {
+        for ((connections, clients, target), per_request) in &self.cpu {
             let spread = Spread::of(per_request);
             println!(
-                "agent CPU per request, {}, {clients} client(s): {:.1} us [{:.1}-{:.1}]",
+                "CPU per request, {}, {clients} client(s), {}: {:.1} us [{:.1}-{:.1}]",
                 connections.label(),
+                target.label(),
                 spread.median,
                 spread.min,
                 spread.max
@@ -829,7 +841,10 @@ impl Report {
             );
         }
 
-        println!("\nagent memory (MiB): VmRSS, and VmHWM (peak) in brackets");
+        println!(
+            "\nagent memory (MiB): VmRSS, and in brackets the peak (VmHWM): since the start for started and \
+             idle (the start parses the kernel's BTF), since the load began for under load"
+        );
         println!(
             "  {:>10} {:>8} {:>16} {:>16} {:>16}",
             "pods known", "sessions", "started", "idle", "under load"
@@ -870,13 +885,14 @@ impl Report {
                 })
             })
             .collect();
-        let agent_cpu: Vec<serde_json::Value> = self
-            .agent_cpu
+        let cpu: Vec<serde_json::Value> = self
+            .cpu
             .iter()
-            .map(|((connections, clients), per_request)| {
+            .map(|((connections, clients, target), per_request)| {
                 json!({
                     "connections": connections,
                     "clients": clients,
+                    "target": target,
                     "cpu_us_per_request": Spread::of(per_request),
                     "runs": per_request,
                 })
@@ -887,7 +903,7 @@ impl Report {
             "runs": self.runs,
             "seconds_per_load": seconds_per_load,
             "loads": loads,
-            "agent_cpu": agent_cpu,
+            "cpu": cpu,
             "bpf": self.bpf,
             "connect": self.connect,
             "fan_in": { "roles": FAN_IN_ROLES, "per_role": FAN_IN_PER_ROLE, "runs": self.fan_ins },
