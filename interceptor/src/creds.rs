@@ -133,6 +133,32 @@ const LAST_RESORT_REMAINING: Duration = Duration::from_secs(5 * 60);
 /// request that started it, so botocore's next attempt finds the set in the cache.
 pub const STS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The background task's wait before it retries a session whose last call failed: doubling from the
+/// first to the last, each scaled by a random factor in [1/2, 1) (jitter), so that the sessions of a
+/// node, or of nodes, that failed together (STS down, throttling) do not retry together. Requests are
+/// not held back by it: a pod's own request still calls (one call per session at a time), unless
+/// `--iam-role-error-ttl` remembers the failure.
+const RETRY_FIRST: Duration = Duration::from_secs(15);
+const RETRY_LAST: Duration = Duration::from_secs(10 * 60);
+
+/// The wait after the `failures`-th failure in a row (from 1), before jitter.
+pub fn retry_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    RETRY_FIRST.saturating_mul(1 << doublings).min(RETRY_LAST)
+}
+
+/// `delay` scaled by `1/2 + random/2`, with `random` in [0, 1).
+fn jittered(delay: Duration, random: f64) -> Duration {
+    delay.mul_f64(0.5 + random.clamp(0.0, 1.0) / 2.0)
+}
+
+/// A uniform number in [0, 1) from the kernel's random source.
+fn random_fraction() -> f64 {
+    let mut bytes = [0u8; 4];
+    getrandom::fill(&mut bytes).expect("the kernel's random source is available");
+    f64::from(u32::from_ne_bytes(bytes)) / (f64::from(u32::MAX) + 1.0)
+}
+
 /// How many background refreshes call STS at once: enough that a few hung calls hold up no other
 /// session, few enough that a node with thousands of sessions does not flood STS when they come due
 /// together (after an outage, say).
@@ -275,6 +301,14 @@ struct SlotState {
     /// The last call's failure, answered without calling STS again until the time given
     /// (`--iam-role-error-ttl`).
     failure: Option<(StsError, SystemTime)>,
+    /// Failed calls in a row, and when the background task may try again.
+    retry: Option<Retry>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Retry {
+    failures: u32,
+    not_before: tokio::time::Instant,
 }
 
 impl SlotState {
@@ -316,11 +350,19 @@ impl Slot {
             Ok(creds) => {
                 state.current = Some(creds.clone());
                 state.failure = None;
+                state.retry = None;
             }
-            Err(err) if !error_ttl.is_zero() => {
-                state.failure = Some((err.clone(), SystemTime::now() + error_ttl));
+            Err(err) => {
+                if !error_ttl.is_zero() {
+                    state.failure = Some((err.clone(), SystemTime::now() + error_ttl));
+                }
+                let failures = state.retry.map_or(1, |retry| retry.failures.saturating_add(1));
+                state.retry = Some(Retry {
+                    failures,
+                    not_before: tokio::time::Instant::now()
+                        + jittered(retry_delay(failures), random_fraction()),
+                });
             }
-            Err(_) => {}
         }
         state.in_flight = None;
     }
@@ -484,10 +526,14 @@ impl CredentialCache {
             .collect()
     }
 
-    /// Starts a call for `session` unless one is in flight.
+    /// Starts a call for `session` unless one is in flight, its failure is remembered, or its last
+    /// failure's retry delay has not passed.
     fn start_refresh(self: &Arc<Self>, session: &SessionKey, slot: &Arc<Slot>) -> Option<Flight> {
         let mut state = slot.state();
-        if state.flight().is_some() || state.remembered_failure(SystemTime::now()).is_some() {
+        let backing_off = state
+            .retry
+            .is_some_and(|retry| tokio::time::Instant::now() < retry.not_before);
+        if state.flight().is_some() || state.remembered_failure(SystemTime::now()).is_some() || backing_off {
             return None;
         }
         Some(self.start_flight(session, slot, &mut state))
@@ -1024,6 +1070,77 @@ mod tests {
             metric(&cache, "credential_refreshes_total{result=\"error\"}"),
             Some(4.0)
         );
+    }
+
+    #[test]
+    fn retries_wait_twice_as_long_after_each_failure_up_to_ten_minutes_scaled_by_jitter() {
+        let delays: Vec<Duration> = (1..=8).map(retry_delay).collect();
+        assert_eq!(
+            delays,
+            [15, 30, 60, 120, 240, 480, 600, 600].map(Duration::from_secs)
+        );
+        assert_eq!(retry_delay(u32::MAX), RETRY_LAST);
+        assert_eq!(jittered(60 * SECOND, 0.0), 30 * SECOND);
+        assert_eq!(jittered(60 * SECOND, 0.5), 45 * SECOND);
+        assert!(jittered(60 * SECOND, random_fraction()) < 60 * SECOND);
+    }
+
+    /// The background task's calls for a session whose calls fail (STS down, the role not assumable),
+    /// one check every 15 s as the agent runs it, over `checks` checks.
+    async fn background_calls_while_failing(
+        sts: &Arc<FakeSts>,
+        cache: &Arc<CredentialCache>,
+        checks: u32,
+    ) -> usize {
+        let before = sts.calls();
+        for _ in 0..checks {
+            cache.refresh_due().await;
+            tokio::time::advance(15 * SECOND).await;
+        }
+        sts.calls() - before
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_session_is_retried_in_the_background_with_backoff_not_on_every_check() {
+        let sts = FakeSts::new(HOUR);
+        sts.fail.store(true, Ordering::SeqCst);
+        let cache = cache(&sts);
+        let app = session("app");
+        // A pod asked once and its call failed: the session has no set.
+        assert!(cache.get(&app).await.is_err());
+        assert_eq!(sts.calls(), 1);
+        // Within the first retry's wait (at least 7.5 s), the background task does not call.
+        cache.refresh_due().await;
+        tokio::time::advance(7 * SECOND).await;
+        cache.refresh_due().await;
+        assert_eq!(sts.calls(), 1);
+        // Over an hour of checks: the waits double to 10 minutes (each 1/2 to 1 of that), so 10 to 17
+        // calls, where a call on every check would be 240.
+        let calls = background_calls_while_failing(&sts, &cache, 240).await;
+        assert!((10..=17).contains(&calls), "{calls} calls in an hour");
+        // A request still calls when its pod asks: one call, not held back by the background's wait.
+        assert!(cache.get(&app).await.is_err());
+        assert_eq!(sts.calls(), 1 + calls + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_ends_the_backoff() {
+        let sts = FakeSts::new(HOUR);
+        sts.fail.store(true, Ordering::SeqCst);
+        let cache = cache(&sts);
+        let app = session("app");
+        assert!(cache.get(&app).await.is_err());
+        background_calls_while_failing(&sts, &cache, 240).await;
+        sts.fail.store(false, Ordering::SeqCst);
+        assert!(cache.get(&app).await.is_ok());
+        assert_eq!(cache.slot(&app).state().retry, None);
+        // The next failure waits the first delay again, not ten minutes.
+        sts.fail.store(true, Ordering::SeqCst);
+        cache.slot(&app).state().current = None;
+        assert!(cache.get(&app).await.is_err());
+        let retry = cache.slot(&app).state().retry.expect("a failure sets a retry");
+        assert_eq!(retry.failures, 1);
+        assert!(retry.not_before <= tokio::time::Instant::now() + RETRY_FIRST);
     }
 
     #[tokio::test(start_paused = true)]
