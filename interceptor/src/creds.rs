@@ -142,7 +142,7 @@ const RETRY_FIRST: Duration = Duration::from_secs(15);
 const RETRY_LAST: Duration = Duration::from_secs(10 * 60);
 
 /// The wait after the `failures`-th failure in a row (from 1), before jitter.
-pub fn retry_delay(failures: u32) -> Duration {
+fn retry_delay(failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
     RETRY_FIRST.saturating_mul(1 << doublings).min(RETRY_LAST)
 }

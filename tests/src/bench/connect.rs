@@ -5,13 +5,14 @@
 //! what a pod pays, not twice that. Reported as the ratio attached / detached of the medians, so
 //! machine speed cancels out.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path};
 
 use anyhow::{Context, Result};
 use interceptor::bpf::Interceptor;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
+use super::{output_field, spread::Spread};
 use crate::{
     lab::run,
     sim::{NODE_IP, SimNode},
@@ -76,17 +77,14 @@ pub async fn attached_vs_detached(sim_client: &Path, rounds: usize, connects: us
     sysctl.args(["-qw", "net.ipv4.tcp_tw_reuse=1"]);
     run(sysctl).await?;
 
-    let time = async || -> Result<Duration> {
+    // The median connect() of one round, in µs.
+    let time = async || -> Result<f64> {
         let mut client = pod.command(&container, sim_client)?;
         client
             .args(["connect-loop", "--to", &listener.addr().to_string()])
             .args(["--count", &connects.to_string()]);
         let output = run(client).await?;
-        let median = output
-            .split_whitespace()
-            .find_map(|field| field.strip_prefix("median_ns="))
-            .with_context(|| format!("no median in {output:?}"))?;
-        Ok(Duration::from_nanos(median.parse()?))
+        Ok(output_field(&output, "median_ns")? / 1000.0)
     };
     let (mut detached, mut attached) = (Vec::new(), Vec::new());
     for round in 0..rounds {
@@ -105,12 +103,7 @@ pub async fn attached_vs_detached(sim_client: &Path, rounds: usize, connects: us
     Ok(ConnectCost {
         rounds,
         connects_per_round: connects,
-        detached_us: median_micros(detached),
-        attached_us: median_micros(attached),
+        detached_us: Spread::of(&detached).median,
+        attached_us: Spread::of(&attached).median,
     })
-}
-
-fn median_micros(mut values: Vec<Duration>) -> f64 {
-    values.sort_unstable();
-    values[values.len() / 2].as_secs_f64() * 1e6
 }

@@ -10,3 +10,15 @@ pub mod nginx;
 pub mod process;
 pub mod spread;
 pub mod wrk;
+
+use anyhow::{Context, Result};
+
+/// The number `sim-client` prints as `name=<number>` among the fields of its output.
+pub fn output_field(output: &str, name: &str) -> Result<f64> {
+    output
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix(name)?.strip_prefix('='))
+        .with_context(|| format!("no {name} in {output:?}"))?
+        .parse()
+        .with_context(|| format!("{name} in {output:?}"))
+}

@@ -35,6 +35,7 @@ use interceptor_tests::{
         bpf_stats::{ProgramStats, StatsEnabled},
         connect::{ConnectCost, UnrelatedListener, attached_vs_detached},
         nginx::Nginx,
+        output_field,
         process::{Memory, cpu_time},
         spread::Spread,
         wrk::{Connections, Load, LoadResult},
@@ -542,14 +543,7 @@ async fn fan_in(agent_node: &AgentNode, sim_client: &Path) -> Result<FanIn> {
     let _agent = agent_node.start_agent(FAN_IN_ROLES, FAN_IN_ROLES)?;
     let sts_before = agent_node.moto.assume_role_calls()?;
     let output = burst(agent_node, sim_client, FAN_IN_ROLES, FAN_IN_PER_ROLE).await?;
-    let field = |name: &str| -> Result<f64> {
-        output
-            .split_whitespace()
-            .find_map(|field| field.strip_prefix(name)?.strip_prefix('='))
-            .with_context(|| format!("no {name} in {output:?}"))?
-            .parse()
-            .with_context(|| format!("{name} in {output:?}"))
-    };
+    let field = |name: &str| output_field(&output, name);
     Ok(FanIn {
         ok: field("ok")? as u64,
         failed: field("failed")? as u64,
