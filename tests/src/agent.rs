@@ -32,19 +32,7 @@ impl Agent {
         if let Some(binary) = std::env::var_os("INTERCEPTOR_AGENT_BIN") {
             return Ok(PathBuf::from(binary));
         }
-        let exe = std::env::current_exe()?;
-        let mut dir = exe.parent().context("executable without a directory")?;
-        if dir.ends_with("deps") {
-            dir = dir.parent().context("deps without a parent")?;
-        }
-        let binary = dir.join("interceptor");
-        if !binary.exists() {
-            bail!(
-                "{} is missing: build it with `cargo build -p interceptor`",
-                binary.display()
-            );
-        }
-        Ok(binary)
+        crate::built_binary("interceptor")
     }
 
     /// The agent's own credentials and region come from the environment, as they would from a node's

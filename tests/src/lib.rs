@@ -10,6 +10,7 @@ pub mod bench;
 pub mod bpffs;
 pub mod cgroup;
 pub mod chart;
+pub mod daemonset_node;
 pub mod deployed;
 pub mod exposition;
 pub mod kernel;
@@ -17,6 +18,7 @@ pub mod kube_api;
 pub mod kube_node;
 pub mod kubelet;
 pub mod lab;
+pub mod load;
 pub mod moto;
 pub mod netns;
 pub mod privileged;
@@ -34,4 +36,21 @@ pub fn unique_name(prefix: &str) -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// A binary of the workspace that `cargo build` put beside the running test or tool.
+pub fn built_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("executable without a directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps without a parent")?;
+    }
+    let binary = dir.join(name);
+    anyhow::ensure!(
+        binary.exists(),
+        "{} is missing: build it with `cargo build --all-targets`",
+        binary.display()
+    );
+    Ok(binary)
 }

@@ -1,7 +1,9 @@
-//! STS in trouble: a TCP proxy in the simulated node that forwards to moto until it is told to hang,
-//! and from then on accepts connections, and keeps those already open, without ever answering, as an
-//! STS endpoint in trouble does. It listens on the node's address as moto does, on a thread of its own
-//! inside the node's network namespace, so it reaches moto the way the agent would.
+//! STS in trouble: a TCP proxy in the simulated node that forwards to moto until it is told otherwise:
+//! to hang (accept connections, and keep those already open, without ever answering, as an STS
+//! endpoint in trouble does), to be down (every connection reset at once, as a stopped server's
+//! host answers), or to throttle (every request answered 400 `Throttling`, as STS does over its
+//! rate), and back. It listens on the node's address as moto does, on a thread of its own inside the
+//! node's network namespace, so it reaches moto the way the agent would.
 
 use std::{
     io,
@@ -16,7 +18,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio::{
-    io::AsyncReadExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::{oneshot, watch},
 };
@@ -28,9 +30,22 @@ use crate::{
 
 pub const STS_PROXY_PORT: u16 = 5001;
 
+/// What the proxy does with connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StsMode {
+    /// Forwards them to moto.
+    Forward,
+    /// Holds them and never answers.
+    Hang,
+    /// Resets them.
+    Down,
+    /// Answers every request 400 `Throttling`.
+    Throttle,
+}
+
 /// Serves until dropped.
 pub struct StsProxy {
-    hang: watch::Sender<bool>,
+    mode: watch::Sender<StsMode>,
     held: Arc<AtomicUsize>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -42,13 +57,13 @@ impl StsProxy {
     pub fn start(node: &SimNode, upstream: SocketAddr) -> Result<Self> {
         let listener = node.bind_tcp(Self::addr())?;
         let netns = network_namespace_of(&listener)?;
-        let (hang, hung) = watch::channel(false);
+        let (mode, modes) = watch::channel(StsMode::Forward);
         let held = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = oneshot::channel();
         let (started_tx, started) = mpsc::channel();
         let proxy = Proxy {
             upstream,
-            hung,
+            modes,
             held: held.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -68,7 +83,7 @@ impl StsProxy {
             .context("the STS proxy's thread ended before it started")?
             .context("cannot run the STS proxy in the node's network namespace")?;
         Ok(Self {
-            hang,
+            mode,
             held,
             stop: Some(stop),
             thread: Some(thread),
@@ -84,10 +99,9 @@ impl StsProxy {
         format!("http://{}", Self::addr())
     }
 
-    /// From now on nothing more comes from STS: new connections are accepted and held, open ones are
-    /// cut from moto and held.
-    pub fn hang(&self) {
-        self.hang.send_replace(true);
+    /// From now on connections are handled as `mode` says; a change cuts open connections from moto.
+    pub fn set_mode(&self, mode: StsMode) {
+        self.mode.send_replace(mode);
     }
 
     /// How many connections the proxy has held without answering so far.
@@ -107,13 +121,18 @@ impl Drop for StsProxy {
     }
 }
 
-/// What each connection needs: where moto is, whether STS hangs, and the count of held connections.
+/// What each connection needs: where moto is, what STS does now, and the count of held connections.
 #[derive(Clone)]
 struct Proxy {
     upstream: SocketAddr,
-    hung: watch::Receiver<bool>,
+    modes: watch::Receiver<StsMode>,
     held: Arc<AtomicUsize>,
 }
+
+/// STS's answer over its request rate, as the Query API words it.
+const THROTTLING: &str = "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+    <Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error>\
+    <RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ErrorResponse>";
 
 impl Proxy {
     /// Accepts connections until `stopped`; the runtime's end closes every connection still open.
@@ -137,22 +156,63 @@ impl Proxy {
         }
     }
 
-    /// Forwards `client` to moto until STS hangs, then holds it: reads and drops whatever the client
-    /// sends and never answers, until the client gives up.
+    /// Handles `client` as the mode of the moment says. A change of mode cuts a forwarded connection
+    /// from moto, and the client is then handled as the new mode says.
     async fn relay(mut self, mut client: TcpStream) {
-        if !*self.hung.borrow() {
-            let upstream = self.upstream;
-            let forwarding = async {
-                let mut moto = TcpStream::connect(upstream).await?;
-                tokio::io::copy_bidirectional(&mut client, &mut moto).await
-            };
-            tokio::select! {
-                _ = forwarding => return, // one side closed
-                _ = self.hung.wait_for(|hung| *hung) => {}
+        loop {
+            let mode = *self.modes.borrow_and_update();
+            match mode {
+                StsMode::Forward => {
+                    let upstream = self.upstream;
+                    let forwarding = async {
+                        let mut moto = TcpStream::connect(upstream).await?;
+                        tokio::io::copy_bidirectional(&mut client, &mut moto).await
+                    };
+                    tokio::select! {
+                        _ = forwarding => return, // one side closed
+                        _ = self.modes.changed() => continue,
+                    }
+                }
+                StsMode::Hang => return self.hold(client).await,
+                StsMode::Down => {
+                    // A reset, not an orderly close: what a client gets from a port nobody listens on.
+                    let _ = client.set_zero_linger();
+                    return;
+                }
+                StsMode::Throttle => {
+                    if read_request_head(&mut client).await.is_ok() {
+                        let answer = format!(
+                            "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\
+                             Connection: close\r\n\r\n{THROTTLING}",
+                            THROTTLING.len()
+                        );
+                        let _ = client.write_all(answer.as_bytes()).await;
+                    }
+                    return;
+                }
             }
         }
+    }
+
+    /// Reads and drops whatever the client sends and never answers, until the client gives up.
+    async fn hold(&self, mut client: TcpStream) {
         self.held.fetch_add(1, Ordering::SeqCst);
         let mut discarded = [0u8; 4096];
         while matches!(client.read(&mut discarded).await, Ok(read) if read > 0) {}
     }
+}
+
+/// Reads until the end of a request's head (the body, if any, is left unread: the answer closes the
+/// connection).
+async fn read_request_head(client: &mut TcpStream) -> io::Result<()> {
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+        let read = client.read(&mut buffer).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buffer[..read]);
+    }
+    Ok(())
 }

@@ -14,7 +14,7 @@ use interceptor_tests::{
     moto::MOTO_PORT,
     privileged,
     sim::{NODE_IP, Pod, SimNode},
-    sts_proxy::StsProxy,
+    sts_proxy::{StsMode, StsProxy},
 };
 
 fn can_run(test: &str) -> bool {
@@ -60,7 +60,7 @@ async fn when_sts_hangs_a_cached_set_is_served_at_once_and_a_new_session_gets_a_
     assert!(key.starts_with("ASIA"), "{first}");
     assert_eq!(t.moto().assume_role_calls()?, 1);
 
-    proxy.hang();
+    proxy.set_mode(StsMode::Hang);
 
     // (a) The cached set, still fit, is served as before: within botocore's 1 s.
     let (again, took) = credentials(&cached, &cached_container, "cached").await?;

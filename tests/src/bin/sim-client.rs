@@ -88,7 +88,8 @@ enum Command {
     },
     /// Asks for credentials without pause until standard input closes, as an SDK does: the role list,
     /// then the listed role's credentials. Each request on a new connection, or with `--keep-alive`
-    /// all on one (a new one after an error). Prints one line per attempt, with the time it ended:
+    /// all on one (a new one after an error), `--pause-ms` apart. With `--imds-v2`, every request carries a session token,
+    /// fetched with a PUT first and again after any error, as the SDKs do. Prints one line per attempt, with the time it ended:
     /// `<unix µs> ok <listed role> <AccessKeyId>` or `<unix µs> err <what went wrong>`, and before the
     /// first `ok` with an AccessKeyId, `<unix µs> creds <AccessKeyId> <SecretAccessKey> <Token>`, so
     /// the test can ask STS whose credentials they are.
@@ -96,6 +97,11 @@ enum Command {
         addr: SocketAddr,
         #[arg(long)]
         keep_alive: bool,
+        #[arg(long)]
+        imds_v2: bool,
+        /// Pause between attempts, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
     },
     /// Opens `--per-caller` connections as each caller (moving itself into the caller's cgroup before
     /// its connects, so the kernel records that cgroup), then sends a GET of `<path-prefix><role>` on
@@ -125,7 +131,12 @@ fn main() -> ExitCode {
         Command::Timed { addr, path, count } => timed(addr, &path, count),
         Command::RawSyn { src, dst, src_port } => raw_syn(src, dst, src_port),
         Command::ConnectThenGet { addr, path } => connect_then_get(addr, &path),
-        Command::Load { addr, keep_alive } => load(addr, keep_alive),
+        Command::Load {
+            addr,
+            keep_alive,
+            imds_v2,
+            pause_ms,
+        } => load(addr, keep_alive, imds_v2, Duration::from_millis(pause_ms)),
         Command::FanIn {
             addr,
             path_prefix,
@@ -417,7 +428,7 @@ fn connect_then_get(addr: SocketAddr, path: &str) -> Result<()> {
 /// The role list below the metadata service's root.
 const ROLE_LIST: &str = "/latest/meta-data/iam/security-credentials/";
 
-fn load(addr: SocketAddr, keep_alive: bool) -> Result<()> {
+fn load(addr: SocketAddr, keep_alive: bool, imds_v2: bool, pause: Duration) -> Result<()> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     std::thread::spawn({
         let stop = stop.clone();
@@ -426,11 +437,17 @@ fn load(addr: SocketAddr, keep_alive: bool) -> Result<()> {
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     });
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut connection: Option<std::io::BufReader<TcpStream>> = None;
+    let mut out = std::io::LineWriter::new(std::io::stdout().lock());
+    let mut session = MetadataSession {
+        addr,
+        keep_alive,
+        imds_v2,
+        connection: None,
+        token: None,
+    };
     let mut seen = std::collections::HashSet::new();
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        let outcome = credentials_once(addr, keep_alive, &mut connection);
+        let outcome = session.credentials();
         let micros = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_micros();
@@ -447,10 +464,11 @@ fn load(addr: SocketAddr, keep_alive: bool) -> Result<()> {
                 writeln!(out, "{micros} ok {role} {key}")?;
             }
             Err(err) => {
-                connection = None;
+                session.reset();
                 writeln!(out, "{micros} err {}", format!("{err:#}").replace('\n', " "))?;
             }
         }
+        std::thread::sleep(pause);
     }
     out.flush()?;
     Ok(())
@@ -464,79 +482,114 @@ struct Credentials {
     token: String,
 }
 
-fn credentials_once(
+/// A client of the metadata service as an SDK is one: its kept connection and IMDSv2 token, if any.
+struct MetadataSession {
     addr: SocketAddr,
     keep_alive: bool,
-    connection: &mut Option<std::io::BufReader<TcpStream>>,
-) -> Result<Credentials> {
-    let role = request(addr, keep_alive, connection, ROLE_LIST)?;
-    let role = role.trim().to_owned();
-    ensure!(
-        !role.is_empty() && !role.contains(char::is_whitespace),
-        "role list {role:?}"
-    );
-    let document = request(addr, keep_alive, connection, &format!("{ROLE_LIST}{role}"))?;
-    let credentials: serde_json::Value =
-        serde_json::from_str(&document).context("credentials are not JSON")?;
-    let field = |name: &str| {
-        credentials[name]
-            .as_str()
-            .map(str::to_owned)
-            .with_context(|| format!("credentials without {name}"))
-    };
-    Ok(Credentials {
-        role,
-        key: field("AccessKeyId")?,
-        secret: field("SecretAccessKey")?,
-        token: field("Token")?,
-    })
+    imds_v2: bool,
+    connection: Option<std::io::BufReader<TcpStream>>,
+    token: Option<String>,
 }
 
-/// A GET of `path` over HTTP/1.1 on the kept connection (opened when there is none), or on a new one
-/// that closes after it: the body of a 200 response.
-fn request(
-    addr: SocketAddr,
-    keep_alive: bool,
-    connection: &mut Option<std::io::BufReader<TcpStream>>,
-    path: &str,
-) -> Result<String> {
-    use std::io::BufRead;
-    if connection.is_none() || !keep_alive {
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).context("connect")?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        *connection = Some(std::io::BufReader::new(stream));
+impl MetadataSession {
+    /// After an error an SDK starts over: a new connection, and a new token.
+    fn reset(&mut self) {
+        self.connection = None;
+        self.token = None;
     }
-    let reader = connection.as_mut().expect("a connection was just made");
-    let close = if keep_alive { "" } else { "Connection: close\r\n" };
-    write!(
-        reader.get_mut(),
-        "GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{close}\r\n"
-    )
-    .context("send")?;
-    let mut status_line = String::new();
-    ensure!(
-        reader.read_line(&mut status_line).context("read")? > 0,
-        "closed before a response"
-    );
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
+
+    /// The role list, then the listed role's credentials.
+    fn credentials(&mut self) -> Result<Credentials> {
+        let role = self.get(ROLE_LIST)?;
+        let role = role.trim().to_owned();
         ensure!(
-            reader.read_line(&mut line).context("read")? > 0,
-            "closed in the head"
+            !role.is_empty() && !role.contains(char::is_whitespace),
+            "role list {role:?}"
         );
-        if line.trim().is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().context("content-length")?;
-        }
+        let document = self.get(&format!("{ROLE_LIST}{role}"))?;
+        let credentials: serde_json::Value =
+            serde_json::from_str(&document).context("credentials are not JSON")?;
+        let field = |name: &str| {
+            credentials[name]
+                .as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("credentials without {name}"))
+        };
+        Ok(Credentials {
+            role,
+            key: field("AccessKeyId")?,
+            secret: field("SecretAccessKey")?,
+            token: field("Token")?,
+        })
     }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).context("read body")?;
-    let status = status_line.split_whitespace().nth(1).unwrap_or("?");
-    ensure!(status == "200", "status {status}");
-    Ok(String::from_utf8(body)?)
+
+    /// A GET of `path`, with the session's token when it uses IMDSv2 (fetched first if it has none).
+    fn get(&mut self, path: &str) -> Result<String> {
+        let token_header = if self.imds_v2 {
+            let token = match self.token.take() {
+                Some(token) => token,
+                None => self
+                    .request(
+                        "PUT",
+                        "/latest/api/token",
+                        "X-aws-ec2-metadata-token-ttl-seconds: 21600\r\n",
+                    )
+                    .context("token")?,
+            };
+            let header = format!("X-aws-ec2-metadata-token: {token}\r\n");
+            self.token = Some(token);
+            header
+        } else {
+            String::new()
+        };
+        self.request("GET", path, &token_header)
+    }
+
+    /// One request over HTTP/1.1 on the kept connection (opened when there is none), or on a new one
+    /// that closes after it: the body of a 200 response.
+    fn request(&mut self, method: &str, path: &str, headers: &str) -> Result<String> {
+        use std::io::BufRead;
+        if self.connection.is_none() || !self.keep_alive {
+            let stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)).context("connect")?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            self.connection = Some(std::io::BufReader::new(stream));
+        }
+        let reader = self.connection.as_mut().expect("a connection was just made");
+        let close = if self.keep_alive {
+            ""
+        } else {
+            "Connection: close\r\n"
+        };
+        write!(
+            reader.get_mut(),
+            "{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{headers}{close}\r\n"
+        )
+        .context("send")?;
+        let mut status_line = String::new();
+        ensure!(
+            reader.read_line(&mut status_line).context("read")? > 0,
+            "closed before a response"
+        );
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            ensure!(
+                reader.read_line(&mut line).context("read")? > 0,
+                "closed in the head"
+            );
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().context("content-length")?;
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).context("read body")?;
+        let status = status_line.split_whitespace().nth(1).unwrap_or("?");
+        ensure!(status == "200", "status {status}");
+        Ok(String::from_utf8(body)?)
+    }
 }
