@@ -131,16 +131,26 @@ impl DaemonSetNode {
     /// The DaemonSet's restart: the agent is killed (SIGKILL), the kubelet removes its container's
     /// cgroup, and a new container of the same pod starts in a new one. Returns once it is ready.
     pub fn restart_agent(&mut self) -> Result<()> {
+        self.restart_agent_while(|_| {})
+    }
+
+    /// [`Self::restart_agent`], with `meanwhile` run on a thread of its own from the kill on, while
+    /// the new agent starts (to bring back an API server that was gone, say); returns once both ended.
+    pub fn restart_agent_while(&mut self, meanwhile: impl FnOnce(&FakeApiServer) + Send) -> Result<()> {
         self.agent.kill()?;
         std::fs::remove_dir(&self.agent_cgroup)
             .with_context(|| format!("cannot remove {}", self.agent_cgroup.display()))?;
         self.agent_cgroup = self.agent_pod.container()?;
-        self.agent = start_agent(
-            &self.node,
-            &self.agent_container,
-            &self.agent_cgroup,
-            &self.base_env,
-        )?;
+        let api = &self.api;
+        self.agent = std::thread::scope(|scope| {
+            scope.spawn(move || meanwhile(api));
+            start_agent(
+                &self.node,
+                &self.agent_container,
+                &self.agent_cgroup,
+                &self.base_env,
+            )
+        })?;
         Ok(())
     }
 

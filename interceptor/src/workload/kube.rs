@@ -345,6 +345,23 @@ impl ReflectorLabels {
     }
 }
 
+/// When a watch fails (the API server unreachable, a 410 Gone), the reflector retries after 0.25 s,
+/// doubling to at most 1.5 s, each wait plus up to as much again at random, and back to 0.25 s once a
+/// watch succeeds. kube-runtime's default climbs to 30 s: after a few failures a pod created meanwhile
+/// stays unknown to the agent, and refused, for tens of seconds after the API server is back, long
+/// after the kubelet started it. With waits of 1.5 to 3 s, 5,000 nodes make about 2,200 attempts a
+/// second at an API server that is down (each a refused connection), and list their own pods within
+/// 3 s of its return (docs/scale.md).
+fn watch_backoff() -> watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_millis(1500))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
 /// A reflector's store and whether it has listed once.
 type Reflected<K> = (Store<K>, tokio::sync::watch::Receiver<bool>);
 
@@ -367,7 +384,7 @@ where
     let reader = store.clone();
     tokio::spawn(async move {
         let stream = watcher(api, config)
-            .default_backoff()
+            .backoff(watch_backoff())
             .modify(slim)
             .reflect(writer);
         futures::pin_mut!(stream);

@@ -12,3 +12,20 @@ fn session_names_keep_the_pod_whole() {
     assert_eq!(session_name("team", &long_pod), "p".repeat(64));
     assert_eq!(session_name("", "web"), "web");
 }
+
+#[test]
+fn a_failing_watch_is_retried_within_three_seconds_however_long_it_fails() {
+    let waits: Vec<Duration> = watch_backoff().take(50).collect();
+    assert_eq!(waits.len(), 50, "the backoff never gives up");
+    assert!(
+        waits[0] <= Duration::from_millis(500),
+        "first wait {:?}",
+        waits[0]
+    );
+    let longest = waits.iter().max().copied().unwrap_or_default();
+    assert!(longest <= Duration::from_secs(3), "longest wait {longest:?}");
+    assert!(
+        longest >= Duration::from_millis(1500),
+        "it never backed off: {longest:?}"
+    );
+}
