@@ -46,7 +46,7 @@ pub enum StsMode {
 /// Serves until dropped.
 pub struct StsProxy {
     mode: watch::Sender<StsMode>,
-    held: Arc<AtomicUsize>,
+    handled: Arc<[AtomicUsize; 4]>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -58,13 +58,13 @@ impl StsProxy {
         let listener = node.bind_tcp(Self::addr())?;
         let netns = network_namespace_of(&listener)?;
         let (mode, modes) = watch::channel(StsMode::Forward);
-        let held = Arc::new(AtomicUsize::new(0));
+        let handled = Arc::new(Default::default());
         let (stop, stopped) = oneshot::channel();
         let (started_tx, started) = mpsc::channel();
         let proxy = Proxy {
             upstream,
             modes,
-            held: held.clone(),
+            handled: Arc::clone(&handled),
         };
         let thread = std::thread::Builder::new()
             .name("sts-proxy".to_owned())
@@ -84,7 +84,7 @@ impl StsProxy {
             .context("cannot run the STS proxy in the node's network namespace")?;
         Ok(Self {
             mode,
-            held,
+            handled,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -104,9 +104,10 @@ impl StsProxy {
         self.mode.send_replace(mode);
     }
 
-    /// How many connections the proxy has held without answering so far.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::SeqCst)
+    /// How many connections the proxy has handled as `mode` says so far: forwarded, held without an
+    /// answer, reset, or answered `Throttling` (one call each: the answer closes the connection).
+    pub fn handled(&self, mode: StsMode) -> usize {
+        self.handled[mode as usize].load(Ordering::SeqCst)
     }
 }
 
@@ -121,12 +122,12 @@ impl Drop for StsProxy {
     }
 }
 
-/// What each connection needs: where moto is, what STS does now, and the count of held connections.
+/// What each connection needs: where moto is, what STS does now, and the counts of connections handled.
 #[derive(Clone)]
 struct Proxy {
     upstream: SocketAddr,
     modes: watch::Receiver<StsMode>,
-    held: Arc<AtomicUsize>,
+    handled: Arc<[AtomicUsize; 4]>,
 }
 
 /// STS's answer over its request rate, as the Query API words it.
@@ -161,6 +162,7 @@ impl Proxy {
     async fn relay(mut self, mut client: TcpStream) {
         loop {
             let mode = *self.modes.borrow_and_update();
+            self.handled[mode as usize].fetch_add(1, Ordering::SeqCst);
             match mode {
                 StsMode::Forward => {
                     let upstream = self.upstream;
@@ -196,7 +198,6 @@ impl Proxy {
 
     /// Reads and drops whatever the client sends and never answers, until the client gives up.
     async fn hold(&self, mut client: TcpStream) {
-        self.held.fetch_add(1, Ordering::SeqCst);
         let mut discarded = [0u8; 4096];
         while matches!(client.read(&mut discarded).await, Ok(read) if read > 0) {}
     }

@@ -333,6 +333,14 @@ async fn under_every_fault_at_once_no_pod_gets_another_identity_and_all_recover_
 
     let (cluster, finished, faults) = chaos.finish().await?;
     print_counts(&finished, &faults);
+    let proxy = cluster.sts_proxy.as_ref().context("the STS proxy")?;
+    println!(
+        "STS: {} AssumeRole calls answered by moto; {} connections reset while it was down, {} calls \
+         answered Throttling",
+        cluster.moto.assume_role_calls()?,
+        proxy.handled(StsMode::Down),
+        proxy.handled(StsMode::Throttle)
+    );
     assert_only_own_credentials(&cluster, &finished).await?;
     assert_eq!(
         cluster.stand_in.tcp_accepted(),
