@@ -4,13 +4,14 @@
 //! gets and what it must never get: another pod's role, the default role in place of a refusal, or
 //! anything for a pod that is gone, finished, elsewhere or not known.
 //!
-//! Only the first two tests need Python (the AWS CLI, moto as STS); the others read the role list, which
-//! needs no STS, so they also run in the kernel matrix.
+//! Only the tests that fetch credentials need Python (the AWS CLI, moto as STS); the others read the
+//! role list, which needs no STS, so they also run in the kernel matrix.
 
 use std::{path::Path, time::Duration};
 
 use interceptor_tests::{
     agent::{Agent, NO_STS},
+    bench::output_field,
     deployed::{ROLE_LIST, Sts, aws_cli_caller_arn, body_of, curl, eventually, header_of, status_of},
     kube_node::{
         KubeNode, NODE_NAME, OTHER_NODE, namespace_object, node_object, pod_object, service_account_object,
@@ -774,5 +775,68 @@ async fn an_agent_that_is_not_ready_leaves_the_readiness_taint() -> anyhow::Resu
         taint_keys(&cluster)
     );
     cluster.agent.wait_for_log("node taint removed")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_first_requests_from_many_pods_of_one_role_makes_one_call_per_session()
+-> anyhow::Result<()> {
+    if !can_run_with_python("burst of pods for one role") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    // Ten pods of a CronJob that name one session (the annotation in its pod template), and five
+    // pods of the same role with their own sessions (the default `<namespace>.<pod>`).
+    let sharing: Vec<Pod> = (0..10).map(|_| node.pod()).collect::<anyhow::Result<_>>()?;
+    let own: Vec<Pod> = (0..5).map(|_| node.pod()).collect::<anyhow::Result<_>>()?;
+    let cluster = KubeNode::start(node, Sts::Moto, &[])?;
+    let session_key = "iam.amazonaws.com/session-name";
+    for (index, pod) in sharing.iter().enumerate() {
+        cluster.api.apply_pod(pod_object(
+            pod,
+            "jobs",
+            &format!("nightly-{index}"),
+            &[(ROLE_KEY, "batch-runner"), (session_key, "nightly")],
+        ));
+    }
+    for (index, pod) in own.iter().enumerate() {
+        cluster.api.apply_pod(pod_object(
+            pod,
+            "jobs",
+            &format!("worker-{index}"),
+            &[(ROLE_KEY, "batch-runner")],
+        ));
+    }
+    let mut callers = Vec::new();
+    for pod in sharing.iter().chain(&own) {
+        let container = pod.container()?;
+        assert!(
+            role_list_becomes(pod, &container, (200, "batch-runner")).await,
+            "a pod was never known"
+        );
+        callers.push(format!("{}=batch-runner", container.display()));
+    }
+    assert_eq!(
+        cluster.moto().assume_role_calls()?,
+        0,
+        "the role list needs no STS"
+    );
+
+    // Ten first requests from each of the fifteen pods, all released at once.
+    let first = &sharing[0];
+    let mut command = first.command(&first.container()?, env!("CARGO_BIN_EXE_sim-client"))?;
+    command
+        .args(["fan-in", "169.254.169.254:80"])
+        .args(["--path-prefix", "/latest/meta-data/iam/security-credentials/"])
+        .args(["--per-caller", "10"])
+        .args(&callers);
+    let output = run(command).await?;
+    let counts = (output_field(&output, "ok")?, output_field(&output, "failed")?);
+    assert_eq!(counts, (150.0, 0.0), "{output}");
+    assert_eq!(
+        cluster.moto().assume_role_calls()?,
+        1 + own.len(),
+        "one call for the shared session, one for each pod's own"
+    );
     Ok(())
 }
