@@ -44,7 +44,8 @@ impl Drop for CgroupTree {
     }
 }
 
-fn remove_tree(dir: &Path) -> io::Result<()> {
+/// Removes `dir` and every cgroup below it, deepest first, killing the processes left in each.
+pub fn remove_tree(dir: &Path) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         if entry.file_type()?.is_dir() {

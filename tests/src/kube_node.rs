@@ -113,13 +113,21 @@ impl KubeNode {
     }
 }
 
-/// The Pod object of a simulated pod: `namespace/name` on `node`, with `annotations`, Running.
+/// The Pod object of a simulated pod: `namespace/name` on this node ([`NODE_NAME`]), with
+/// `annotations`, Running.
 pub fn pod_object(pod: &sim::Pod, namespace: &str, name: &str, annotations: &[(&str, &str)]) -> Pod {
+    let mut object = object_only_pod(namespace, name, annotations);
+    object.metadata.uid = Some(pod.uid.clone());
+    object
+}
+
+/// A Pod object with no pod on the node behind it (no cgroup, no network), as [`pod_object`] makes
+/// one but without a UID: the API server gives it one.
+pub fn object_only_pod(namespace: &str, name: &str, annotations: &[(&str, &str)]) -> Pod {
     Pod {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             namespace: Some(namespace.to_owned()),
-            uid: Some(pod.uid.clone()),
             annotations: Some(
                 annotations
                     .iter()

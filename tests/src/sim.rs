@@ -280,6 +280,13 @@ impl Pod {
         Ok(dir)
     }
 
+    /// Removes the pod's cgroups, as the kubelet does once the pod is gone (a process still in one is
+    /// killed first). Its network goes with the last pod sharing it.
+    pub fn remove(self) -> Result<()> {
+        crate::cgroup::remove_tree(&self.slice)
+            .with_context(|| format!("cannot remove {}", self.slice.display()))
+    }
+
     /// A command in this pod's network namespace and the given cgroup (a container's, or any other).
     pub fn command(&self, cgroup_dir: &Path, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
         self.network.netns.command(cgroup_dir, program)
