@@ -80,7 +80,10 @@ async fn when_sts_hangs_a_cached_set_is_served_at_once_and_a_new_session_gets_a_
         took >= STS_CALL_TIMEOUT && took < STS_CALL_TIMEOUT + Duration::from_secs(1),
         "took {took:?}"
     );
-    assert!(proxy.handled(StsMode::Hang) >= 1, "the agent's call never reached the hung STS");
+    assert!(
+        proxy.handled(StsMode::Hang) >= 1,
+        "the agent's call never reached the hung STS"
+    );
     assert_eq!(
         t.moto().assume_role_calls()?,
         1,

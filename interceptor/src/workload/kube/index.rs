@@ -2,7 +2,7 @@
 //! a static pod's config hash from its mirror pod), rebuilt from the pod reflector's store after each
 //! change, and the bounded wait for a pod the API server has not delivered yet. Pods deleted recently
 //! are remembered, so a request from a container that outlives its pod is refused at once instead of
-//! waiting, and no mirror claim takes a deleted pod's UID over while its containers run on.
+//! waiting.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -20,13 +20,12 @@ use super::{KubeMetrics, MIRROR_KEY};
 use crate::{identity::PodUid, workload::WorkloadError};
 
 /// Deleted pods remembered (UIDs never come back, so this only decides how long "deleted" beats
-/// "not known yet", and how long no mirror claim may take a deleted pod's UID: 4,096 deletions on this
-/// node, far longer than the grace period its containers may outlive it by).
+/// "not known yet").
 const DELETED_REMEMBERED: NonZeroUsize = NonZeroUsize::new(4096).expect("non-zero");
 
 pub struct PodIndex {
     by_uid: RwLock<HashMap<PodUid, Entry>>,
-    deleted: Mutex<LruCache<PodUid, Deleted>>,
+    deleted: Mutex<LruCache<PodUid, ()>>,
     /// Bumped on every change, so waiters look again.
     changes: watch::Sender<u64>,
     metrics: KubeMetrics,
@@ -40,18 +39,6 @@ enum Entry {
     /// an ordinary annotation that anyone who can create pods may write: a second claim must not give
     /// the static pod's containers another pod's role, so the hash names nobody until one claim is left.
     Contested,
-}
-
-/// What a UID gone from the store named.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Deleted {
-    /// A pod, by its own UID. Its containers run on through their grace period, and anyone who can
-    /// create pods can write a mirror annotation naming the UID (it was in the API for all to read):
-    /// a claim must not hand those containers the claimant's role.
-    Pod,
-    /// A static pod, by its mirror's hash: the kubelet creates a deleted mirror again, and it names
-    /// the static pod again.
-    Mirror,
 }
 
 impl PodIndex {
@@ -73,21 +60,12 @@ impl PodIndex {
         }
         let pods = store.state();
         self.metrics.set_pods(pods.len());
-        let mut fresh = by_own_uid(&pods);
+        let fresh = index(&pods);
         let mut by_uid = self.by_uid.write().unwrap_or_else(|e| e.into_inner());
         let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
-        // Gone from the store: deleted, whether the watch said so or a re-list showed it. Pods by
-        // their own UID first, so that not even a claim in this same change takes one over.
-        for (uid, entry) in by_uid.iter() {
-            if is_own_uid(uid, entry) && !fresh.contains_key(uid) {
-                deleted.put(uid.clone(), Deleted::Pod);
-            }
-        }
-        add_mirror_claims(&mut fresh, &pods, |hash| {
-            deleted.peek(hash) == Some(&Deleted::Pod)
-        });
+        // Gone from the store: deleted, whether the watch said so or a re-list showed it.
         for gone in by_uid.keys().filter(|uid| !fresh.contains_key(*uid)) {
-            deleted.get_or_insert(gone.clone(), || Deleted::Mirror);
+            deleted.put(gone.clone(), ());
         }
         *by_uid = fresh;
         drop((by_uid, deleted));
@@ -151,33 +129,22 @@ impl PodIndex {
     }
 }
 
-/// Every pod by its own UID.
-fn by_own_uid(pods: &[Arc<Pod>]) -> HashMap<PodUid, Entry> {
-    pods.iter()
-        .filter_map(|pod| Some((own_uid(pod)?, Entry::Pod(pod.clone()))))
-        .collect()
-}
-
-fn own_uid(pod: &Pod) -> Option<PodUid> {
-    PodUid::parse(pod.metadata.uid.as_deref()?)
-}
-
-/// Whether `entry` is the pod whose own UID is `uid` (not a static pod found by its mirror's hash).
-fn is_own_uid(uid: &PodUid, entry: &Entry) -> bool {
-    matches!(entry, Entry::Pod(pod) if own_uid(pod).as_ref() == Some(uid))
-}
-
-/// Adds each pod to `by_uid` (which holds every pod by its own UID) by its mirror hash, when exactly
-/// one pod claims that hash, no pod has it as its own UID and no deleted pod had (`deleted_pod`).
-fn add_mirror_claims(
-    by_uid: &mut HashMap<PodUid, Entry>,
-    pods: &[Arc<Pod>],
-    deleted_pod: impl Fn(&PodUid) -> bool,
-) {
+/// Every pod by its own UID, and by its mirror hash when exactly one pod claims that hash and no pod has
+/// it as its own UID.
+fn index(pods: &[Arc<Pod>]) -> HashMap<PodUid, Entry> {
+    let mut by_uid: HashMap<PodUid, Entry> = pods
+        .iter()
+        .filter_map(|pod| {
+            Some((
+                PodUid::parse(pod.metadata.uid.as_deref()?)?,
+                Entry::Pod(pod.clone()),
+            ))
+        })
+        .collect();
     let own_uids: HashSet<PodUid> = by_uid.keys().cloned().collect();
     for pod in pods {
         let Some(hash) = mirror_hash(pod) else { continue };
-        if own_uids.contains(&hash) || deleted_pod(&hash) {
+        if own_uids.contains(&hash) {
             continue;
         }
         by_uid
@@ -185,10 +152,19 @@ fn add_mirror_claims(
             .and_modify(|entry| *entry = Entry::Contested)
             .or_insert_with(|| Entry::Pod(pod.clone()));
     }
+    by_uid
 }
 
+/// The static pod a mirror pod names: the kubelet's config hash, 32 hex digits. A UUID-shaped value is
+/// no hash the kubelet makes, and it is the shape of every other pod's UID (the API server makes them):
+/// a claim to a pod deleted while its containers run on through their grace period would hand them
+/// the claimant's role.
 fn mirror_hash(pod: &Pod) -> Option<PodUid> {
-    PodUid::parse(pod.metadata.annotations.as_ref()?.get(MIRROR_KEY)?)
+    let hash = pod.metadata.annotations.as_ref()?.get(MIRROR_KEY)?;
+    if hash.contains('-') {
+        return None;
+    }
+    PodUid::parse(hash)
 }
 
 #[cfg(test)]
@@ -282,26 +258,24 @@ mod tests {
     }
 
     #[test]
-    fn a_deleted_pods_uid_stays_deleted_whatever_claims_it_and_a_re_created_mirror_counts_again() {
+    fn a_mirror_annotation_shaped_like_a_pod_uid_claims_nothing_not_even_a_deleted_pods() {
         let mut fed = Fed::new();
         let victim = "88888888-8888-4888-8888-888888888888";
         let claimant = pod("claimant", "99999999-9999-4999-8999-999999999999", Some(victim));
-        fed.send(watcher::Event::Apply(claimant.clone()));
         fed.send(watcher::Event::Apply(pod("victim", victim, None)));
         // Its containers run on through their grace period: what they ask must not reach the claimant.
         fed.send(watcher::Event::Delete(pod("victim", victim, None)));
-        assert!(fed.name_of(victim).unwrap_err().contains("deleted"));
         fed.send(watcher::Event::Apply(claimant));
         assert!(fed.name_of(victim).unwrap_err().contains("deleted"));
 
-        // A static pod's mirror, deleted and created again by the kubelet (with a new UID), is its own.
-        let mirror = pod("proxy", "11111111-1111-4111-8111-111111111111", Some(HASH));
-        fed.send(watcher::Event::Apply(mirror.clone()));
-        fed.send(watcher::Event::Delete(mirror));
-        assert!(fed.name_of(HASH).unwrap_err().contains("deleted"));
-        let mirror_again = pod("proxy", "22222222-2222-4222-8222-222222222222", Some(HASH));
-        fed.send(watcher::Event::Apply(mirror_again));
-        assert_eq!(fed.name_of(HASH), Ok(Some("proxy".to_owned())));
+        // An agent that never saw the deletion (it restarted since) knows nothing of it.
+        let mut restarted = Fed::new();
+        restarted.send(watcher::Event::Apply(pod(
+            "claimant",
+            "99999999-9999-4999-8999-999999999999",
+            Some(victim),
+        )));
+        assert_eq!(restarted.name_of(victim), Ok(None));
     }
 
     #[test]
