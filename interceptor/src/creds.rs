@@ -107,6 +107,10 @@ pub fn fit_to_serve(creds: &Credentials, now: SystemTime) -> bool {
     creds.remaining(now) >= creds.min_remaining()
 }
 
+/// How often the agent's background task looks for sets due for refresh
+/// ([`CredentialCache::spawn_refresher`]).
+pub const REFRESH_CHECK: Duration = Duration::from_secs(15);
+
 /// How long before a set turns unfit to serve the background task replaces it, when the set is fit
 /// for long enough: time for several more checks and calls if the first refresh fails.
 const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
@@ -157,6 +161,30 @@ fn random_fraction() -> f64 {
     let mut bytes = [0u8; 4];
     getrandom::fill(&mut bytes).expect("the kernel's random source is available");
     f64::from(u32::from_ne_bytes(bytes)) / (f64::from(u32::MAX) + 1.0)
+}
+
+/// What the cache's schedule reads besides tokio's clock: the time of day that sets' issue and expiry
+/// are measured in, and the random fractions that jitter retries. The agent's is
+/// [`SystemTiming`]; the tests' follows tokio's paused clock and draws a fixed sequence, so that hours
+/// of sessions run in a moment, the same way every run.
+trait Timing: Send + Sync {
+    fn now(&self) -> SystemTime;
+
+    /// A uniform number in [0, 1).
+    fn random_fraction(&self) -> f64;
+}
+
+/// The system's clock and the kernel's random source.
+struct SystemTiming;
+
+impl Timing for SystemTiming {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+
+    fn random_fraction(&self) -> f64 {
+        random_fraction()
+    }
 }
 
 /// How many background refreshes call STS at once: enough that a few hung calls hold up no other
@@ -343,8 +371,9 @@ impl Slot {
     }
 
     /// Keeps what a call brought and ends its flight: from here on callers see the new set, or start
-    /// another call (after `error_ttl`, when the call failed).
-    fn land(&self, fetched: &Fetched, error_ttl: Duration) {
+    /// another call (after `error_ttl`, when the call failed). The wait before the background task
+    /// retries is drawn here, once per failed call.
+    fn land(&self, fetched: &Fetched, error_ttl: Duration, timing: &dyn Timing) {
         let mut state = self.state();
         match fetched {
             Ok(creds) => {
@@ -354,13 +383,13 @@ impl Slot {
             }
             Err(err) => {
                 if !error_ttl.is_zero() {
-                    state.failure = Some((err.clone(), SystemTime::now() + error_ttl));
+                    state.failure = Some((err.clone(), timing.now() + error_ttl));
                 }
                 let failures = state.retry.map_or(1, |retry| retry.failures.saturating_add(1));
                 state.retry = Some(Retry {
                     failures,
                     not_before: tokio::time::Instant::now()
-                        + jittered(retry_delay(failures), random_fraction()),
+                        + jittered(retry_delay(failures), timing.random_fraction()),
                 });
             }
         }
@@ -399,6 +428,7 @@ pub struct CredentialCache {
     max_sessions: usize,
     slots: Mutex<HashMap<SessionKey, Arc<Slot>>>,
     metrics: CacheMetrics,
+    timing: Arc<dyn Timing>,
 }
 
 impl CredentialCache {
@@ -412,7 +442,15 @@ impl CredentialCache {
             max_sessions,
             slots: Mutex::new(HashMap::new()),
             metrics: CacheMetrics::default(),
+            timing: Arc::new(SystemTiming),
         }
+    }
+
+    /// Reads the time of day and draws its jitter from `timing` instead of the system's.
+    #[cfg(test)]
+    fn with_timing(mut self, timing: Arc<dyn Timing>) -> Self {
+        self.timing = timing;
+        self
     }
 
     /// Gives every STS call `timeout` instead of [`STS_CALL_TIMEOUT`].
@@ -438,7 +476,7 @@ impl CredentialCache {
     /// on its own, so a caller that gives up does not cancel it.
     pub async fn get(self: &Arc<Self>, session: &SessionKey) -> Result<Arc<Credentials>, StsError> {
         let slot = self.slot(session);
-        let now = SystemTime::now();
+        let now = self.timing.now();
         slot.touch(now);
         let lookup = self.lookup(session, &slot, now);
         self.metrics.lookup(lookup.result());
@@ -482,7 +520,7 @@ impl CredentialCache {
     /// nobody asked for in two session lifetimes. Returns once every refresh it started has landed, each
     /// within the STS timeout.
     pub async fn refresh_due(self: &Arc<Self>) {
-        let now = SystemTime::now();
+        let now = self.timing.now();
         let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REFRESHES));
         let mut refreshes = JoinSet::new();
         for (session, slot) in self.drop_idle(now) {
@@ -533,7 +571,7 @@ impl CredentialCache {
         let backing_off = state
             .retry
             .is_some_and(|retry| tokio::time::Instant::now() < retry.not_before);
-        if state.flight().is_some() || state.remembered_failure(SystemTime::now()).is_some() || backing_off {
+        if state.flight().is_some() || state.remembered_failure(self.timing.now()).is_some() || backing_off {
             return None;
         }
         Some(self.start_flight(session, slot, &mut state))
@@ -553,7 +591,7 @@ impl CredentialCache {
         let (cache, session, slot) = (self.clone(), session.clone(), slot.clone());
         tokio::spawn(async move {
             let fetched = cache.assume_role(&session).await;
-            slot.land(&fetched, cache.error_ttl);
+            slot.land(&fetched, cache.error_ttl, cache.timing.as_ref());
             land.send_replace(Some(fetched));
         });
         flight
@@ -642,6 +680,64 @@ mod tests {
             role: RoleArn::parse(&format!("arn:aws:iam::123456789012:role/{role}")).unwrap(),
             external_id: None,
             session_name: SessionName::sanitize("test"),
+        }
+    }
+
+    /// Timing for tests on tokio's paused clock: the time of day follows it from a fixed origin, so
+    /// that `tokio::time::advance` ages sets too, and draws come from a fixed sequence, or are all zero,
+    /// which is the schedule without jitter.
+    pub(super) struct PausedTiming {
+        origin: SystemTime,
+        started: Instant,
+        draws: Draws,
+    }
+
+    enum Draws {
+        Zero,
+        /// SplitMix64's state.
+        Seeded(Mutex<u64>),
+    }
+
+    impl PausedTiming {
+        pub(super) fn seeded(seed: u64) -> Arc<Self> {
+            Self::new(Draws::Seeded(Mutex::new(seed)))
+        }
+
+        pub(super) fn without_jitter() -> Arc<Self> {
+            Self::new(Draws::Zero)
+        }
+
+        fn new(draws: Draws) -> Arc<Self> {
+            Arc::new(Self {
+                origin: SystemTime::UNIX_EPOCH,
+                started: Instant::now(),
+                draws,
+            })
+        }
+
+        /// Time on tokio's clock since this timing was made.
+        pub(super) fn elapsed(&self) -> Duration {
+            self.started.elapsed()
+        }
+    }
+
+    impl Timing for PausedTiming {
+        fn now(&self) -> SystemTime {
+            self.origin + self.elapsed()
+        }
+
+        fn random_fraction(&self) -> f64 {
+            let Draws::Seeded(state) = &self.draws else {
+                return 0.0;
+            };
+            let mut state = state.lock().unwrap();
+            *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = *state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            // The top 53 bits, as many as an f64 holds exactly.
+            (z >> 11) as f64 / (1u64 << 53) as f64
         }
     }
 
@@ -1141,6 +1237,58 @@ mod tests {
         let retry = cache.slot(&app).state().retry.expect("a failure sets a retry");
         assert_eq!(retry.failures, 1);
         assert!(retry.not_before <= tokio::time::Instant::now() + RETRY_FIRST);
+    }
+
+    /// 20 sessions whose first calls failed together, drawing their waits from `timing`, with STS
+    /// still failing: the most background calls one check makes in the second half hour.
+    async fn most_retries_at_one_check(timing: Arc<PausedTiming>) -> usize {
+        let sts = FakeSts::new(HOUR);
+        sts.fail.store(true, Ordering::SeqCst);
+        let cache = Arc::new(CredentialCache::new(sts.clone(), HOUR, 100).with_timing(timing));
+        for n in 0..20 {
+            assert!(cache.get(&session(&format!("app{n}"))).await.is_err());
+        }
+        let mut most = 0;
+        for check in 0..240 {
+            let before = sts.calls();
+            cache.refresh_due().await;
+            if check >= 120 {
+                most = most.max(sts.calls() - before);
+            }
+            tokio::time::advance(REFRESH_CHECK).await;
+        }
+        most
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_that_failed_together_are_retried_at_different_checks() {
+        // Without jitter every wait would be the same, and the 20 would retry together for ever.
+        assert_eq!(
+            most_retries_at_one_check(PausedTiming::without_jitter()).await,
+            20
+        );
+        let most = most_retries_at_one_check(PausedTiming::seeded(1)).await;
+        assert!(most <= 5, "{most} of 20 sessions retried at one check");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_requests_while_sts_refuses_makes_one_call_and_all_hear_its_answer() {
+        let sts = FakeSts::new(HOUR);
+        sts.fail.store(true, Ordering::SeqCst);
+        sts.answer_after(100 * Duration::from_millis(1));
+        let cache = cache(&sts);
+        let burst: Vec<_> = (0..100)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&session("app")).await })
+            })
+            .collect();
+        for request in burst {
+            let err = request.await.unwrap().unwrap_err();
+            assert!(err.to_string().ends_with("failed: down"), "{err}");
+        }
+        assert_eq!(sts.calls(), 1);
+        assert_eq!(sts.most_running.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]
