@@ -14,6 +14,8 @@ use std::{
 };
 
 pub mod metrics;
+#[cfg(test)]
+mod simulation;
 
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use bytes::Bytes;
