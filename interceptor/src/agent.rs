@@ -24,7 +24,7 @@ mod status;
 pub use self::kube2iam::Kube2iamArgs;
 use crate::{
     bpf::{Interceptor, RedirectConfig, metrics::BpfCollector},
-    creds::{CredentialCache, StsAssumeRole},
+    creds::{CredentialCache, REFRESH_CHECK, StsAssumeRole},
     identity::{self, CgroupPaths},
     imds::{
         self, ImdsMetrics, ImdsState,
@@ -244,7 +244,6 @@ const MAX_SESSIONS: usize = 10_000;
 const WORKLOAD_FILE_CHECK: Duration = Duration::from_secs(1);
 /// The SDKs give up on the metadata service after 1 to 5 seconds; a longer wait only hides a problem.
 const MAX_POD_WAIT: Duration = Duration::from_secs(5);
-const CREDENTIAL_REFRESH_CHECK: Duration = Duration::from_secs(15);
 const NODE_CREDENTIALS_CHECK: Duration = Duration::from_secs(30);
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -324,7 +323,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {agent_addr}"))?;
     let _workload_watch = sources.file.as_ref().map(|file| file.watch(WORKLOAD_FILE_CHECK));
-    let _refresher = creds.spawn_refresher(CREDENTIAL_REFRESH_CHECK);
+    let _refresher = creds.spawn_refresher(REFRESH_CHECK);
     let metrics = ImdsMetrics::default();
     telemetry.register(|registry| metrics.register(registry));
     let recent = Arc::new(RecentRequests::default());

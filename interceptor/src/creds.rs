@@ -1,9 +1,10 @@
 //! creds: temporary credentials for each session ([`SessionKey`]), from STS AssumeRole signed with the
 //! agent's own credentials. The cache makes one STS call per key at a time however many callers wait,
 //! gives every call [`STS_CALL_TIMEOUT`], and refreshes sessions in the background well before they
-//! expire, many at once so that one hung call stalls no other session. A set with less than 20 minutes
-//! left is served only while a fresh one is being fetched: a request waits for STS only when its
-//! session has no usable set at all.
+//! expire, each set at a point drawn for it ([`RefreshWindow`]) so that sets issued together are not
+//! refreshed together, many at once so that one hung call stalls no other session. A set with less
+//! than 20 minutes left is served only while a fresh one is being fetched: a request waits for STS
+//! only when its session has no usable set at all.
 
 use std::{
     collections::HashMap,
@@ -13,6 +14,8 @@ use std::{
 };
 
 pub mod metrics;
+#[cfg(test)]
+mod simulation;
 
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use bytes::Bytes;
@@ -107,18 +110,57 @@ pub fn fit_to_serve(creds: &Credentials, now: SystemTime) -> bool {
     creds.remaining(now) >= creds.min_remaining()
 }
 
+/// How often the agent's background task looks for sets due for refresh
+/// ([`CredentialCache::spawn_refresher`]).
+pub const REFRESH_CHECK: Duration = Duration::from_secs(15);
+
 /// How long before a set turns unfit to serve the background task replaces it, when the set is fit
 /// for long enough: time for several more checks and calls if the first refresh fails.
 const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 
-/// When the background task replaces a set: halfway through its life or [`REFRESH_MARGIN`] before it
-/// turns unfit, whichever comes first, but never before halfway through the time it is fit. The floor
-/// is for short sessions: a 15-minute one (kube2iam's default) is fit for 5 minutes, so it is refreshed
-/// once, 2.5 minutes in, with 2.5 minutes to spare, instead of on every check.
-pub fn refresh_at(creds: &Credentials) -> SystemTime {
-    let fit_for = creds.fit_for();
-    let before_unfit = fit_for.saturating_sub(REFRESH_MARGIN);
-    creds.issued + before_unfit.min(creds.lifetime() / 2).max(fit_for / 2)
+/// How much earlier than its latest point a set may be refreshed, as a fraction of the time from its
+/// issue to that point. Sets issued together (a node's, when its agent starts and its pods first ask; a
+/// cluster's, when STS comes back) would otherwise be refreshed together, every half-lifetime, for as
+/// long as they live. A quarter spreads an hour's sets over 7.5 minutes, at the cost of one refresh in
+/// seven more (one every 26 minutes on average instead of every 30).
+const REFRESH_JITTER: f64 = 0.25;
+
+/// When the background task may replace a set, as a span of time; each set is refreshed at a point
+/// drawn in it once, when the set lands ([`RefreshWindow::at`]).
+///
+/// The latest point: halfway through the set's life or [`REFRESH_MARGIN`] before it turns unfit,
+/// whichever comes first, but never before halfway through the time it is fit. The floor is for short
+/// sessions: a 15-minute one (kube2iam's default) is fit for 5 minutes, so it is refreshed once, 2.5
+/// minutes in, with 2.5 minutes to spare, instead of on every check. The earliest point:
+/// [`REFRESH_JITTER`] of the latest one's age before it, and never before the floor either. Earlier
+/// only, so a set is still replaced before it turns unfit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RefreshWindow {
+    earliest: SystemTime,
+    latest: SystemTime,
+}
+
+impl RefreshWindow {
+    fn of(creds: &Credentials) -> Self {
+        let fit_for = creds.fit_for();
+        let floor = fit_for / 2;
+        let latest = fit_for
+            .saturating_sub(REFRESH_MARGIN)
+            .min(creds.lifetime() / 2)
+            .max(floor);
+        let earliest = latest.mul_f64(1.0 - REFRESH_JITTER).max(floor);
+        Self {
+            earliest: creds.issued + earliest,
+            latest: creds.issued + latest,
+        }
+    }
+
+    /// The point `random` (in [0, 1)) of the way back from the latest point to the earliest: 0 is the
+    /// latest.
+    fn at(&self, random: f64) -> SystemTime {
+        let span = self.latest.duration_since(self.earliest).unwrap_or_default();
+        self.latest - span.mul_f64(random.clamp(0.0, 1.0))
+    }
 }
 
 /// A set no longer fit to serve is still served, at once, while a fresh one is fetched, if it has this
@@ -157,6 +199,30 @@ fn random_fraction() -> f64 {
     let mut bytes = [0u8; 4];
     getrandom::fill(&mut bytes).expect("the kernel's random source is available");
     f64::from(u32::from_ne_bytes(bytes)) / (f64::from(u32::MAX) + 1.0)
+}
+
+/// What the cache's schedule reads besides tokio's clock: the time of day that sets' issue and expiry
+/// are measured in, and the random fractions that jitter refreshes and retries. The agent's is
+/// [`SystemTiming`]; the tests' follows tokio's paused clock and draws a fixed sequence, so that hours
+/// of sessions run in a moment, the same way every run.
+trait Timing: Send + Sync {
+    fn now(&self) -> SystemTime;
+
+    /// A uniform number in [0, 1).
+    fn random_fraction(&self) -> f64;
+}
+
+/// The system's clock and the kernel's random source.
+struct SystemTiming;
+
+impl Timing for SystemTiming {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+
+    fn random_fraction(&self) -> f64 {
+        random_fraction()
+    }
 }
 
 /// How many background refreshes call STS at once: enough that a few hung calls hold up no other
@@ -296,13 +362,27 @@ struct Slot {
 
 #[derive(Default)]
 struct SlotState {
-    current: Option<Arc<Credentials>>,
+    current: Option<Held>,
     in_flight: Option<Flight>,
     /// The last call's failure, answered without calling STS again until the time given
     /// (`--iam-role-error-ttl`).
     failure: Option<(StsError, SystemTime)>,
     /// Failed calls in a row, and when the background task may try again.
     retry: Option<Retry>,
+}
+
+/// The set a slot serves, and when the background task replaces it: a point of its [`RefreshWindow`]
+/// drawn when it landed.
+struct Held {
+    set: Arc<Credentials>,
+    refresh_at: SystemTime,
+}
+
+impl Held {
+    fn new(set: Arc<Credentials>, random: f64) -> Self {
+        let refresh_at = RefreshWindow::of(&set).at(random);
+        Self { set, refresh_at }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -330,8 +410,13 @@ impl Slot {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn current(&self) -> Option<Arc<Credentials>> {
-        self.state().current.clone()
+    /// Whether the background task should call for this slot at `now`: it holds no set, or its set's
+    /// refresh point has come.
+    fn refresh_due(&self, now: SystemTime) -> bool {
+        self.state()
+            .current
+            .as_ref()
+            .is_none_or(|held| now >= held.refresh_at)
     }
 
     fn touch(&self, now: SystemTime) {
@@ -343,24 +428,25 @@ impl Slot {
     }
 
     /// Keeps what a call brought and ends its flight: from here on callers see the new set, or start
-    /// another call (after `error_ttl`, when the call failed).
-    fn land(&self, fetched: &Fetched, error_ttl: Duration) {
+    /// another call (after `error_ttl`, when the call failed). The set's refresh point, or the wait
+    /// before the background task retries, is drawn here, once per call.
+    fn land(&self, fetched: &Fetched, error_ttl: Duration, timing: &dyn Timing) {
         let mut state = self.state();
         match fetched {
             Ok(creds) => {
-                state.current = Some(creds.clone());
+                state.current = Some(Held::new(creds.clone(), timing.random_fraction()));
                 state.failure = None;
                 state.retry = None;
             }
             Err(err) => {
                 if !error_ttl.is_zero() {
-                    state.failure = Some((err.clone(), SystemTime::now() + error_ttl));
+                    state.failure = Some((err.clone(), timing.now() + error_ttl));
                 }
                 let failures = state.retry.map_or(1, |retry| retry.failures.saturating_add(1));
                 state.retry = Some(Retry {
                     failures,
                     not_before: tokio::time::Instant::now()
-                        + jittered(retry_delay(failures), random_fraction()),
+                        + jittered(retry_delay(failures), timing.random_fraction()),
                 });
             }
         }
@@ -399,6 +485,7 @@ pub struct CredentialCache {
     max_sessions: usize,
     slots: Mutex<HashMap<SessionKey, Arc<Slot>>>,
     metrics: CacheMetrics,
+    timing: Arc<dyn Timing>,
 }
 
 impl CredentialCache {
@@ -412,7 +499,15 @@ impl CredentialCache {
             max_sessions,
             slots: Mutex::new(HashMap::new()),
             metrics: CacheMetrics::default(),
+            timing: Arc::new(SystemTiming),
         }
+    }
+
+    /// Reads the time of day and draws its jitter from `timing` instead of the system's.
+    #[cfg(test)]
+    fn with_timing(mut self, timing: Arc<dyn Timing>) -> Self {
+        self.timing = timing;
+        self
     }
 
     /// Gives every STS call `timeout` instead of [`STS_CALL_TIMEOUT`].
@@ -438,7 +533,7 @@ impl CredentialCache {
     /// on its own, so a caller that gives up does not cancel it.
     pub async fn get(self: &Arc<Self>, session: &SessionKey) -> Result<Arc<Credentials>, StsError> {
         let slot = self.slot(session);
-        let now = SystemTime::now();
+        let now = self.timing.now();
         slot.touch(now);
         let lookup = self.lookup(session, &slot, now);
         self.metrics.lookup(lookup.result());
@@ -453,7 +548,7 @@ impl CredentialCache {
     /// flight.
     fn lookup(self: &Arc<Self>, session: &SessionKey, slot: &Arc<Slot>, now: SystemTime) -> Lookup {
         let mut state = slot.state();
-        let current = state.current.clone();
+        let current = state.current.as_ref().map(|held| held.set.clone());
         if let Some(creds) = current.as_ref().filter(|creds| fit_to_serve(creds, now)) {
             return Lookup::Hit(creds.clone());
         }
@@ -482,12 +577,11 @@ impl CredentialCache {
     /// nobody asked for in two session lifetimes. Returns once every refresh it started has landed, each
     /// within the STS timeout.
     pub async fn refresh_due(self: &Arc<Self>) {
-        let now = SystemTime::now();
+        let now = self.timing.now();
         let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REFRESHES));
         let mut refreshes = JoinSet::new();
         for (session, slot) in self.drop_idle(now) {
-            let due = slot.current().is_none_or(|creds| now >= refresh_at(&creds));
-            if !due {
+            if !slot.refresh_due(now) {
                 continue;
             }
             let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -533,7 +627,7 @@ impl CredentialCache {
         let backing_off = state
             .retry
             .is_some_and(|retry| tokio::time::Instant::now() < retry.not_before);
-        if state.flight().is_some() || state.remembered_failure(SystemTime::now()).is_some() || backing_off {
+        if state.flight().is_some() || state.remembered_failure(self.timing.now()).is_some() || backing_off {
             return None;
         }
         Some(self.start_flight(session, slot, &mut state))
@@ -553,7 +647,7 @@ impl CredentialCache {
         let (cache, session, slot) = (self.clone(), session.clone(), slot.clone());
         tokio::spawn(async move {
             let fetched = cache.assume_role(&session).await;
-            slot.land(&fetched, cache.error_ttl);
+            slot.land(&fetched, cache.error_ttl, cache.timing.as_ref());
             land.send_replace(Some(fetched));
         });
         flight
@@ -612,7 +706,7 @@ fn evict_least_recently_used(slots: &mut HashMap<SessionKey, Arc<Slot>>) {
 #[cfg(test)]
 mod tests {
     use std::{
-        collections::HashSet,
+        collections::{BTreeMap, HashSet},
         sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     };
 
@@ -642,6 +736,64 @@ mod tests {
             role: RoleArn::parse(&format!("arn:aws:iam::123456789012:role/{role}")).unwrap(),
             external_id: None,
             session_name: SessionName::sanitize("test"),
+        }
+    }
+
+    /// Timing for tests on tokio's paused clock: the time of day follows it from a fixed origin, so
+    /// that `tokio::time::advance` ages sets too, and draws come from a fixed sequence, or are all zero,
+    /// which is the schedule without jitter.
+    pub(super) struct PausedTiming {
+        origin: SystemTime,
+        started: Instant,
+        draws: Draws,
+    }
+
+    enum Draws {
+        Zero,
+        /// SplitMix64's state.
+        Seeded(Mutex<u64>),
+    }
+
+    impl PausedTiming {
+        pub(super) fn seeded(seed: u64) -> Arc<Self> {
+            Self::new(Draws::Seeded(Mutex::new(seed)))
+        }
+
+        pub(super) fn without_jitter() -> Arc<Self> {
+            Self::new(Draws::Zero)
+        }
+
+        fn new(draws: Draws) -> Arc<Self> {
+            Arc::new(Self {
+                origin: SystemTime::UNIX_EPOCH,
+                started: Instant::now(),
+                draws,
+            })
+        }
+
+        /// Time on tokio's clock since this timing was made.
+        pub(super) fn elapsed(&self) -> Duration {
+            self.started.elapsed()
+        }
+    }
+
+    impl Timing for PausedTiming {
+        fn now(&self) -> SystemTime {
+            self.origin + self.elapsed()
+        }
+
+        fn random_fraction(&self) -> f64 {
+            let Draws::Seeded(state) = &self.draws else {
+                return 0.0;
+            };
+            let mut state = state.lock().unwrap();
+            *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = *state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            // The top 53 bits, as many as an f64 holds exactly.
+            (z >> 11) as f64 / (1u64 << 53) as f64
         }
     }
 
@@ -748,16 +900,18 @@ mod tests {
         Arc::new(CredentialCache::new(sts.clone(), sts.lifetime, 100))
     }
 
-    /// Puts `set` in `session`'s slot as if a call had brought it, and marks the session used now.
+    /// Puts `set` in `session`'s slot as if a call had brought it, to be refreshed at the latest point
+    /// of its window, and marks the session used now.
     fn put(cache: &CredentialCache, session: &SessionKey, set: Credentials) {
         let slot = cache.slot(session);
         slot.touch(SystemTime::now());
-        slot.state().current = Some(Arc::new(set));
+        slot.state().current = Some(Held::new(Arc::new(set), 0.0));
     }
 
     fn key_of(cache: &CredentialCache, session: &SessionKey) -> Option<String> {
-        let set = cache.slot(session).current()?;
-        Some(set.access_key_id.clone())
+        let slot = cache.slot(session);
+        let state = slot.state();
+        Some(state.current.as_ref()?.set.access_key_id.clone())
     }
 
     /// The answer of the call in flight for `session`.
@@ -791,26 +945,98 @@ mod tests {
         assert!(!fit_to_serve(&creds(now - 6 * MINUTE, 15 * MINUTE), now));
     }
 
-    #[test]
-    fn refresh_comes_halfway_and_before_the_set_turns_unfit() {
+    /// The refresh window of a set of `lifetime`, as times after its issue.
+    fn window_after_issue(lifetime: Duration) -> (Duration, Duration) {
         let issued = SystemTime::UNIX_EPOCH;
-        // One hour: unfit at 40 minutes; halfway comes first.
-        assert_eq!(refresh_at(&creds(issued, HOUR)), issued + 30 * MINUTE);
-        // 12 hours: unfit at 11h40m, so refresh at 11h35m would be later than halfway (6h).
-        assert_eq!(refresh_at(&creds(issued, 12 * HOUR)), issued + 6 * HOUR);
-        // 30 minutes: unfit at 10 minutes (two thirds remain = 20), refresh at 5 minutes.
-        assert_eq!(refresh_at(&creds(issued, 30 * MINUTE)), issued + 5 * MINUTE);
+        let window = RefreshWindow::of(&creds(issued, lifetime));
+        let after_issue = |at: SystemTime| at.duration_since(issued).unwrap();
+        (after_issue(window.earliest), after_issue(window.latest))
+    }
+
+    #[test]
+    fn refresh_comes_by_halfway_and_before_the_set_turns_unfit_up_to_a_quarter_earlier() {
+        // One hour: unfit at 40 minutes; halfway comes first, and a quarter earlier is 22.5 minutes.
+        assert_eq!(window_after_issue(HOUR), (22 * MINUTE + 30 * SECOND, 30 * MINUTE));
+        // 12 hours: unfit at 11h40m, so halfway (6h) comes first; a quarter earlier (4.5h) would be
+        // before halfway through the time it is fit (5h50m), the floor.
+        assert_eq!(window_after_issue(12 * HOUR), (5 * HOUR + 50 * MINUTE, 6 * HOUR));
+        // 45 minutes: unfit at 25 minutes, 5 minutes before that comes before halfway (22.5).
+        assert_eq!(window_after_issue(45 * MINUTE), (15 * MINUTE, 20 * MINUTE));
+        // 30 minutes: unfit at 10 minutes (two thirds remain = 20); the floor, 5 minutes, leaves no span.
+        assert_eq!(window_after_issue(30 * MINUTE), (5 * MINUTE, 5 * MINUTE));
+    }
+
+    #[test]
+    fn every_draw_refreshes_a_set_within_its_window_while_it_is_fit_and_not_before_the_floor() {
+        for lifetime in [15 * MINUTE, 30 * MINUTE, 45 * MINUTE, HOUR, 12 * HOUR] {
+            let set = creds(SystemTime::UNIX_EPOCH, lifetime);
+            let window = RefreshWindow::of(&set);
+            assert_eq!(
+                window.at(0.0),
+                window.latest,
+                "a draw of 0 is the schedule without jitter"
+            );
+            let floor = set.issued + set.fit_for() / 2;
+            for random in [0.0, 0.25, 0.5, 0.999, 1.0, -1.0, 2.0] {
+                let at = window.at(random);
+                assert!(
+                    (window.earliest..=window.latest).contains(&at),
+                    "{lifetime:?} {random}"
+                );
+                assert!(at >= floor, "{lifetime:?} refreshed before the floor");
+                assert!(fit_to_serve(&set, at), "{lifetime:?} unfit at its refresh point");
+            }
+        }
+    }
+
+    /// When `count` sets of an hour, all issued at one moment, come due, drawing from `timing`: how
+    /// many at each 15-second check of the background task, by the check's time after their issue.
+    fn due_per_check(count: usize, timing: &PausedTiming) -> BTreeMap<Duration, usize> {
+        let check = REFRESH_CHECK.as_secs();
+        let issued = SystemTime::UNIX_EPOCH;
+        let set: Fetched = Ok(Arc::new(creds(issued, HOUR)));
+        let mut due = BTreeMap::new();
+        for _ in 0..count {
+            let slot = Slot::default();
+            slot.land(&set, Duration::ZERO, timing);
+            let refresh_at = slot.state().current.as_ref().unwrap().refresh_at;
+            let after_issue = refresh_at.duration_since(issued).unwrap().as_secs();
+            *due.entry(Duration::from_secs(after_issue.div_ceil(check) * check))
+                .or_insert(0) += 1;
+        }
+        due
+    }
+
+    #[test]
+    fn sets_issued_together_come_due_spread_over_their_window_not_at_one_check() {
+        let without_jitter = due_per_check(110, &PausedTiming::without_jitter());
+        assert_eq!(without_jitter, BTreeMap::from([(30 * MINUTE, 110)]));
+        let jittered = due_per_check(110, &PausedTiming::seeded(1));
+        let (first, last) = (jittered.keys().next().unwrap(), jittered.keys().last().unwrap());
+        assert!(
+            *first >= 22 * MINUTE + 30 * SECOND && *last <= 30 * MINUTE,
+            "{jittered:?}"
+        );
+        // 31 checks in 7.5 minutes, 3.5 sets each on average.
+        assert!(jittered.len() >= 25, "{} checks: {jittered:?}", jittered.len());
+        assert!(jittered.values().all(|&due| due <= 10), "{jittered:?}");
     }
 
     #[test]
     fn a_fifteen_minute_set_is_refreshed_halfway_through_the_five_minutes_it_is_fit() {
         let issued = SystemTime::UNIX_EPOCH;
         let set = creds(issued, 15 * MINUTE);
-        assert_eq!(refresh_at(&set), issued + 2 * MINUTE + 30 * SECOND);
+        let refresh_at = issued + 2 * MINUTE + 30 * SECOND;
+        let window = RefreshWindow::of(&set);
+        assert_eq!(
+            (window.earliest, window.latest),
+            (refresh_at, refresh_at),
+            "no span to jitter"
+        );
         // Fit until 5 minutes in: 2.5 minutes for the refresh to land, many 15-second checks.
-        assert!(fit_to_serve(&set, refresh_at(&set)));
-        assert!(fit_to_serve(&set, refresh_at(&set) + 2 * MINUTE + 30 * SECOND));
-        assert!(!fit_to_serve(&set, refresh_at(&set) + 2 * MINUTE + 31 * SECOND));
+        assert!(fit_to_serve(&set, refresh_at));
+        assert!(fit_to_serve(&set, refresh_at + 2 * MINUTE + 30 * SECOND));
+        assert!(!fit_to_serve(&set, refresh_at + 2 * MINUTE + 31 * SECOND));
     }
 
     #[tokio::test]
@@ -1141,6 +1367,58 @@ mod tests {
         let retry = cache.slot(&app).state().retry.expect("a failure sets a retry");
         assert_eq!(retry.failures, 1);
         assert!(retry.not_before <= tokio::time::Instant::now() + RETRY_FIRST);
+    }
+
+    /// 20 sessions whose first calls failed together, drawing their waits from `timing`, with STS
+    /// still failing: the most background calls one check makes in the second half hour.
+    async fn most_retries_at_one_check(timing: Arc<PausedTiming>) -> usize {
+        let sts = FakeSts::new(HOUR);
+        sts.fail.store(true, Ordering::SeqCst);
+        let cache = Arc::new(CredentialCache::new(sts.clone(), HOUR, 100).with_timing(timing));
+        for n in 0..20 {
+            assert!(cache.get(&session(&format!("app{n}"))).await.is_err());
+        }
+        let mut most = 0;
+        for check in 0..240 {
+            let before = sts.calls();
+            cache.refresh_due().await;
+            if check >= 120 {
+                most = most.max(sts.calls() - before);
+            }
+            tokio::time::advance(REFRESH_CHECK).await;
+        }
+        most
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_that_failed_together_are_retried_at_different_checks() {
+        // Without jitter every wait would be the same, and the 20 would retry together for ever.
+        assert_eq!(
+            most_retries_at_one_check(PausedTiming::without_jitter()).await,
+            20
+        );
+        let most = most_retries_at_one_check(PausedTiming::seeded(1)).await;
+        assert!(most <= 5, "{most} of 20 sessions retried at one check");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_requests_while_sts_refuses_makes_one_call_and_all_hear_its_answer() {
+        let sts = FakeSts::new(HOUR);
+        sts.fail.store(true, Ordering::SeqCst);
+        sts.answer_after(100 * Duration::from_millis(1));
+        let cache = cache(&sts);
+        let burst: Vec<_> = (0..100)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&session("app")).await })
+            })
+            .collect();
+        for request in burst {
+            let err = request.await.unwrap().unwrap_err();
+            assert!(err.to_string().ends_with("failed: down"), "{err}");
+        }
+        assert_eq!(sts.calls(), 1);
+        assert_eq!(sts.most_running.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]
