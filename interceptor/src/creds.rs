@@ -177,16 +177,31 @@ pub const STS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The background task's wait before it retries a session whose last call failed: doubling from the
 /// first to the last, each scaled by a random factor in [1/2, 1) (jitter), so that the sessions of a
-/// node, or of nodes, that failed together (STS down, throttling) do not retry together. Requests are
-/// not held back by it: a pod's own request still calls (one call per session at a time), unless
-/// `--iam-role-error-ttl` remembers the failure.
+/// node, or of nodes, that failed together (STS down, throttling) do not retry together.
 const RETRY_FIRST: Duration = Duration::from_secs(15);
 const RETRY_LAST: Duration = Duration::from_secs(10 * 60);
 
-/// The wait after the `failures`-th failure in a row (from 1), before jitter.
-fn retry_delay(failures: u32) -> Duration {
+/// Requests back off too, more briefly: after a failed call, the session's requests get its failure
+/// (a 503 with Retry-After) without a call for a wait doubling from the first to the last, jittered
+/// the same way. While STS is down or throttling, a session whose pods ask without pause calls about
+/// once a second instead of as fast as the calls fail, and its pods are served again within
+/// [`REQUEST_RETRY_LAST`] (and the call) of STS's return. `--iam-role-error-ttl`, when longer, wins.
+const REQUEST_RETRY_FIRST: Duration = Duration::from_millis(250);
+const REQUEST_RETRY_LAST: Duration = Duration::from_secs(2);
+
+/// The wait after the `failures`-th failure in a row (from 1), before jitter: `first`, doubled with
+/// each further failure, at most `last`.
+fn backoff(failures: u32, first: Duration, last: Duration) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
-    RETRY_FIRST.saturating_mul(1 << doublings).min(RETRY_LAST)
+    first.saturating_mul(1 << doublings).min(last)
+}
+
+fn retry_delay(failures: u32) -> Duration {
+    backoff(failures, RETRY_FIRST, RETRY_LAST)
+}
+
+fn request_retry_delay(failures: u32) -> Duration {
+    backoff(failures, REQUEST_RETRY_FIRST, REQUEST_RETRY_LAST)
 }
 
 /// `delay` scaled by `1/2 + random/2`, with `random` in [0, 1).
@@ -365,9 +380,9 @@ struct SlotState {
     current: Option<Held>,
     in_flight: Option<Flight>,
     /// The last call's failure, answered without calling STS again until the time given
-    /// (`--iam-role-error-ttl`).
+    /// (`--iam-role-error-ttl`) or while the requests' backoff lasts.
     failure: Option<(StsError, SystemTime)>,
-    /// Failed calls in a row, and when the background task may try again.
+    /// Failed calls in a row, and when the background task and requests may try again.
     retry: Option<Retry>,
 }
 
@@ -385,10 +400,12 @@ impl Held {
     }
 }
 
+/// Failed calls in a row, and when the background task, and a request, may call again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Retry {
     failures: u32,
     not_before: tokio::time::Instant,
+    requests_not_before: tokio::time::Instant,
 }
 
 impl SlotState {
@@ -396,12 +413,13 @@ impl SlotState {
         self.in_flight.clone().filter(Flight::is_alive)
     }
 
-    /// The failure still remembered at `now`.
+    /// The failure still remembered at `now`: within the error TTL, or the requests' backoff.
     fn remembered_failure(&self, now: SystemTime) -> Option<StsError> {
-        self.failure
-            .as_ref()
-            .filter(|(_, until)| now < *until)
-            .map(|(err, _)| err.clone())
+        let (err, until) = self.failure.as_ref()?;
+        let backing_off = self
+            .retry
+            .is_some_and(|retry| tokio::time::Instant::now() < retry.requests_not_before);
+        (now < *until || backing_off).then(|| err.clone())
     }
 }
 
@@ -428,8 +446,9 @@ impl Slot {
     }
 
     /// Keeps what a call brought and ends its flight: from here on callers see the new set, or start
-    /// another call (after `error_ttl`, when the call failed). The set's refresh point, or the wait
-    /// before the background task retries, is drawn here, once per call.
+    /// another call (when the call failed: after `error_ttl` and the requests' backoff). The set's
+    /// refresh point, or the waits before the background task and requests call again, are drawn here,
+    /// once per call.
     fn land(&self, fetched: &Fetched, error_ttl: Duration, timing: &dyn Timing) {
         let mut state = self.state();
         match fetched {
@@ -439,14 +458,14 @@ impl Slot {
                 state.retry = None;
             }
             Err(err) => {
-                if !error_ttl.is_zero() {
-                    state.failure = Some((err.clone(), timing.now() + error_ttl));
-                }
+                state.failure = Some((err.clone(), timing.now() + error_ttl));
                 let failures = state.retry.map_or(1, |retry| retry.failures.saturating_add(1));
+                let now = tokio::time::Instant::now();
                 state.retry = Some(Retry {
                     failures,
-                    not_before: tokio::time::Instant::now()
-                        + jittered(retry_delay(failures), timing.random_fraction()),
+                    not_before: now + jittered(retry_delay(failures), timing.random_fraction()),
+                    requests_not_before: now
+                        + jittered(request_retry_delay(failures), timing.random_fraction()),
                 });
             }
         }
@@ -719,6 +738,7 @@ mod tests {
     const HOUR: Duration = Duration::from_secs(3600);
     const MINUTE: Duration = Duration::from_secs(60);
     const SECOND: Duration = Duration::from_secs(1);
+    const MILLISECOND: Duration = Duration::from_millis(1);
 
     fn creds(issued: SystemTime, lifetime: Duration) -> Credentials {
         Credentials {
@@ -1088,8 +1108,8 @@ mod tests {
         assert_eq!(sts.calls(), 2, "another role is another session");
     }
 
-    #[tokio::test]
-    async fn sts_failure_without_a_usable_set_is_an_error_and_is_not_cached() {
+    #[tokio::test(start_paused = true)]
+    async fn sts_failure_without_a_usable_set_is_an_error_remembered_only_while_requests_back_off() {
         let sts = FakeSts::new(HOUR);
         sts.fail.store(true, Ordering::SeqCst);
         let cache = cache(&sts);
@@ -1100,7 +1120,31 @@ mod tests {
         );
         assert_eq!(metric(&cache, &sts_calls("app", "error")), Some(1.0));
         sts.fail.store(false, Ordering::SeqCst);
+        // Within the first wait (1/2 to 1 of 250 ms), the failure is the answer, without a call.
+        assert!(cache.get(&session("app")).await.is_err());
+        assert_eq!(sts.calls(), 1);
+        tokio::time::advance(REQUEST_RETRY_FIRST).await;
         assert_eq!(cache.get(&session("app")).await.unwrap().access_key_id, "ASIA1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_asking_without_pause_while_sts_fails_call_about_once_a_second() {
+        let sts = FakeSts::new(HOUR);
+        sts.fail.store(true, Ordering::SeqCst);
+        let cache = cache(&sts);
+        let app = session("app");
+        // A pod asking every 10 ms for a minute: 6,000 requests.
+        for _ in 0..6000 {
+            assert!(cache.get(&app).await.is_err());
+            tokio::time::advance(10 * MILLISECOND).await;
+        }
+        // The waits double to 2 s, each 1/2 to 1 of that: 30 to 60 calls, and a few on the way there.
+        let calls = sts.calls();
+        assert!((30..=66).contains(&calls), "{calls} calls in a minute");
+        // STS is back: a request calls again within the longest wait.
+        sts.fail.store(false, Ordering::SeqCst);
+        tokio::time::advance(REQUEST_RETRY_LAST).await;
+        assert!(cache.get(&app).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -1122,10 +1166,11 @@ mod tests {
         // SystemTime does not follow tokio's paused clock: end the TTL by rewriting the slot's deadline.
         let slot = cache.slot(&session("app"));
         slot.state().failure.as_mut().unwrap().1 = SystemTime::now();
+        tokio::time::advance(REQUEST_RETRY_FIRST).await;
         assert_eq!(cache.get(&session("app")).await.unwrap().access_key_id, "ASIA2");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_set_past_fit_is_served_at_once_while_it_has_five_minutes_left() {
         let sts = FakeSts::new(HOUR);
         sts.fail.store(true, Ordering::SeqCst);
@@ -1140,7 +1185,9 @@ mod tests {
         );
         assert!(landed(&cache, &key).await.is_err());
         assert_eq!(sts.calls(), 1);
-        // 4 minutes left: the request waits for STS, and STS's error is the answer.
+        // 4 minutes left: once the requests' backoff ends, the request waits for STS, and STS's error
+        // is the answer.
+        tokio::time::advance(REQUEST_RETRY_FIRST).await;
         put(&cache, &key, creds(SystemTime::now() - 56 * MINUTE, HOUR));
         assert!(cache.get(&key).await.is_err());
         assert_eq!(
@@ -1148,8 +1195,9 @@ mod tests {
             Some(1.0)
         );
         assert_eq!(sts.calls(), 2);
-        // Once STS answers again, the set it brought replaces the stale one.
+        // Once STS answers again (and the backoff ended), the set it brought replaces the stale one.
         sts.fail.store(false, Ordering::SeqCst);
+        tokio::time::advance(REQUEST_RETRY_LAST).await;
         put(&cache, &key, creds(SystemTime::now() - 50 * MINUTE, HOUR));
         assert_eq!(cache.get(&key).await.unwrap().access_key_id, "ASIATEST");
         assert_eq!(landed(&cache, &key).await.unwrap().access_key_id, "ASIA2");
