@@ -203,7 +203,8 @@ pub struct AgentArgs {
     #[arg(long, env = "INTERCEPTOR_POD_REQUEST_RATE", value_name = "N",
           default_value_t = DEFAULT_REQUESTS_PER_SECOND, value_parser = count_up_to(MAX_COUNT_FLAG))]
     pub pod_request_rate: NonZeroU32,
-    /// Metadata requests one pod may make at once after a quiet spell, above the sustained rate.
+    /// Metadata requests one pod may make at once when its budget is whole (after a quiet spell of
+    /// burst / rate seconds).
     #[arg(long, env = "INTERCEPTOR_POD_REQUEST_BURST", value_name = "N",
           default_value_t = DEFAULT_BURST, value_parser = count_up_to(MAX_COUNT_FLAG))]
     pub pod_request_burst: NonZeroU32,
@@ -772,7 +773,8 @@ mod tests {
         agent: AgentArgs,
     }
 
-    fn parse(args: &[&str]) -> Result<AgentArgs, clap::Error> {
+    /// `interceptor agent` with `args`, as clap reads them.
+    pub(super) fn parse(args: &[&str]) -> Result<AgentArgs, clap::Error> {
         Command::try_parse_from(std::iter::once("agent").chain(args.iter().copied()))
             .map(|command| command.agent)
     }
