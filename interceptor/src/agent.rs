@@ -266,6 +266,9 @@ fn count_up_to(max: u32) -> impl TypedValueParser<Value = NonZeroU32> {
 /// Bound on the limit flags: a million requests a second, or open connections, is past anything one
 /// node's agent serves (it answers tens of thousands a second), so a larger number is a typo.
 const MAX_COUNT_FLAG: u32 = 1_000_000;
+/// Bound on the time a pod's whole burst takes to refill: the agent remembers a pod's budget until
+/// it is whole again, so this bounds how long a pod that is gone is remembered.
+const MAX_BURST_REFILL: Duration = Duration::from_secs(600);
 const DEFAULT_AGENT_PORT: u16 = 8181;
 const DEFAULT_METRICS_PORT: u16 = 9181;
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/interceptor";
@@ -322,6 +325,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         "--sts-timeout must be more than zero"
     );
     let limits = Arc::new(connection_limits(&args)?);
+    let quota = request_quota(&args)?;
     let allow = match args.metadata_proxy_allow.as_slice() {
         [] => AllowList::new(DEFAULT_ALLOWED),
         patterns => AllowList::new(patterns),
@@ -363,10 +367,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let metrics = ImdsMetrics::default();
     telemetry.register(|registry| metrics.register(registry));
     let recent = Arc::new(RecentRequests::default());
-    let quota = RequestQuota {
-        per_second: args.pod_request_rate,
-        burst: args.pod_request_burst,
-    };
     let rates = Arc::new(RequestRates::new(quota, metrics.clone()));
     let _forgetting = rates.spawn_forgetting();
     let _status_socket = status::serve(
@@ -447,6 +447,19 @@ fn connection_limits(args: &AgentArgs) -> Result<ConnectionLimits> {
         args.max_connections,
         args.max_connections_per_pod,
     ))
+}
+
+/// --pod-request-rate and --pod-request-burst, the burst refilled within [`MAX_BURST_REFILL`].
+fn request_quota(args: &AgentArgs) -> Result<RequestQuota> {
+    let (per_second, burst) = (args.pod_request_rate, args.pod_request_burst);
+    let refill = Duration::from_secs(1) / per_second.get() * burst.get();
+    ensure!(
+        refill <= MAX_BURST_REFILL,
+        "--pod-request-burst ({burst}) takes {} to refill at --pod-request-rate ({per_second}): at most {}",
+        humantime::format_duration(refill),
+        humantime::format_duration(MAX_BURST_REFILL)
+    );
+    Ok(RequestQuota { per_second, burst })
 }
 
 /// The workload sources the flags turn on: the static file, the node's pods, or both.
@@ -810,6 +823,18 @@ mod tests {
                 assert!(err.contains(flag) && err.contains(bad), "{flag} {bad}: {err}");
             }
         }
+    }
+
+    #[test]
+    fn a_burst_must_refill_within_ten_minutes() {
+        let args = parse(&["--pod-request-rate", "2", "--pod-request-burst", "1201"]).unwrap();
+        let err = request_quota(&args).unwrap_err().to_string();
+        assert!(
+            err.contains("--pod-request-burst (1201) takes 10m 500ms"),
+            "{err}"
+        );
+        let args = parse(&["--pod-request-rate", "2", "--pod-request-burst", "1200"]).unwrap();
+        assert!(request_quota(&args).is_ok());
     }
 
     #[test]

@@ -179,9 +179,9 @@ impl RequestRates {
         budgets.shrink_to_fit();
     }
 
-    /// Forgets whole budgets every 10 s while `self` lives: callers are then bounded by those that
-    /// asked in the last burst's worth of time (10 s by default) and 10 s more, however many pods
-    /// come and go.
+    /// Forgets whole budgets every 10 s while `self` lives: the budgets held are then those of the
+    /// callers that asked within the time a burst takes to refill (10 s by default; the agent allows
+    /// 10 minutes at most) and 10 s more, however many pods come and go.
     pub fn spawn_forgetting(self: &Arc<Self>) -> JoinHandle<()> {
         crate::periodic::every(FORGET_EVERY, self, |rates| async move {
             rates.forget_whole(Instant::now());
