@@ -7,13 +7,14 @@
 use std::{
     ffi::OsString,
     net::{IpAddr, SocketAddr, SocketAddrV4},
-    num::NonZeroUsize,
+    num::{NonZeroU32, NonZeroUsize},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use clap::builder::TypedValueParser;
 use interceptor_common::CgroupId;
 use tokio::net::TcpListener;
 
@@ -27,8 +28,9 @@ use crate::{
     creds::{CredentialCache, REFRESH_CHECK, StsAssumeRole},
     identity::{self, CgroupPaths},
     imds::{
-        self, ImdsMetrics, ImdsState,
-        limits::ConnectionLimits,
+        self, ConnectionBounds, ImdsMetrics, ImdsState,
+        limits::{ConnectionLimits, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_POD, LimitKeys},
+        rate::{DEFAULT_BURST, DEFAULT_REQUESTS_PER_SECOND, RequestQuota, RequestRates},
         recent::RecentRequests,
         route::{AllowList, DEFAULT_ALLOWED},
         token::TokenKey,
@@ -195,6 +197,26 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     pub metadata_proxy_allow: Vec<String>,
+    /// Metadata requests a second one pod may make, sustained (outside pods, one cgroup). A request
+    /// over it is held until the pod's budget has room, or answered 429 when that is more than 0.5 s
+    /// away.
+    #[arg(long, env = "INTERCEPTOR_POD_REQUEST_RATE", value_name = "N",
+          default_value_t = DEFAULT_REQUESTS_PER_SECOND, value_parser = count_up_to(MAX_COUNT_FLAG))]
+    pub pod_request_rate: NonZeroU32,
+    /// Metadata requests one pod may make at once when its budget is whole (after a quiet spell of
+    /// burst / rate seconds).
+    #[arg(long, env = "INTERCEPTOR_POD_REQUEST_BURST", value_name = "N",
+          default_value_t = DEFAULT_BURST, value_parser = count_up_to(MAX_COUNT_FLAG))]
+    pub pod_request_burst: NonZeroU32,
+    /// Metadata connections the agent keeps open at once; more are closed at accept.
+    #[arg(long, env = "INTERCEPTOR_MAX_CONNECTIONS", value_name = "N",
+          default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = count_up_to(MAX_COUNT_FLAG))]
+    pub max_connections: NonZeroU32,
+    /// Metadata connections one pod may hold open at once (outside pods, one cgroup); more are closed
+    /// at accept. At most --max-connections.
+    #[arg(long, env = "INTERCEPTOR_MAX_CONNECTIONS_PER_POD", value_name = "N",
+          default_value_t = DEFAULT_MAX_CONNECTIONS_PER_POD, value_parser = count_up_to(MAX_COUNT_FLAG))]
+    pub max_connections_per_pod: NonZeroU32,
     /// Address of the health server: /metrics, /healthz, /readyz [default: 0.0.0.0:9181]
     #[arg(long, env = "INTERCEPTOR_METRICS_ADDR", value_name = "IP:PORT")]
     pub metrics_addr: Option<SocketAddr>,
@@ -234,10 +256,24 @@ impl AgentArgs {
     }
 }
 
+/// A whole number from 1 to `max`; clap's error names the flag and the range when it is not.
+fn count_up_to(max: u32) -> impl TypedValueParser<Value = NonZeroU32> {
+    clap::value_parser!(u32)
+        .range(1..=i64::from(max))
+        .try_map(NonZeroU32::try_from)
+}
+
+/// Bound on the limit flags: a million requests a second, or open connections, is past anything one
+/// node's agent serves (it answers tens of thousands a second), so a larger number is a typo.
+const MAX_COUNT_FLAG: u32 = 1_000_000;
+/// Bound on the time a pod's whole burst takes to refill: the agent remembers a pod's budget until
+/// it is whole again, so this bounds how long a pod that is gone is remembered.
+const MAX_BURST_REFILL: Duration = Duration::from_secs(600);
 const DEFAULT_AGENT_PORT: u16 = 8181;
 const DEFAULT_METRICS_PORT: u16 = 9181;
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/interceptor";
-/// Cgroup ids whose paths are remembered (one per container that asked recently).
+/// Cgroup ids whose paths, and whose limit keys, are remembered (one per container that asked
+/// recently).
 const CGROUP_PATH_CACHE: NonZeroUsize = NonZeroUsize::new(16_384).expect("non-zero");
 /// Sessions the credential cache holds at most.
 const MAX_SESSIONS: usize = 10_000;
@@ -287,6 +323,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         !args.sts_timeout.is_zero(),
         "--sts-timeout must be more than zero"
     );
+    let limits = Arc::new(connection_limits(&args)?);
+    let quota = request_quota(&args)?;
     let allow = match args.metadata_proxy_allow.as_slice() {
         [] => AllowList::new(DEFAULT_ALLOWED),
         patterns => AllowList::new(patterns),
@@ -300,6 +338,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         None => detect_kubepods(&mount)?,
     };
     let cgroups = Arc::new(CgroupPaths::new(mount, CGROUP_PATH_CACHE)?);
+    let limit_keys = LimitKeys::new(cgroups.clone(), CGROUP_PATH_CACHE);
     let sts = Arc::new(StsAssumeRole::from_env(args.region.clone(), args.sts_endpoint.clone()).await);
     let _node_credentials_check = watch_node_credentials(&sts, &telemetry).await;
     let creds = Arc::new(
@@ -327,6 +366,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let metrics = ImdsMetrics::default();
     telemetry.register(|registry| metrics.register(registry));
     let recent = Arc::new(RecentRequests::default());
+    let rates = Arc::new(RequestRates::new(quota, metrics.clone()));
+    let _forgetting = rates.spawn_forgetting();
     let _status_socket = status::serve(
         Path::new(&args.status_socket),
         status::AgentView {
@@ -352,6 +393,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         metrics: metrics.clone(),
         node_health: health_on_agent_port.then(|| telemetry::router(telemetry.clone())),
         recent,
+        rates,
     };
 
     // 5. Ready once the workload sources have synced; pods that ask before then wait for their pod.
@@ -374,12 +416,49 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
     });
     let router = imds::router(Arc::new(state));
-    let limits = Arc::new(ConnectionLimits::default());
-    imds::serve(listener, router, interceptor, limits, metrics, shutdown_signal()).await;
+    tracing::info!(
+        max_connections = args.max_connections,
+        max_connections_per_pod = args.max_connections_per_pod,
+        pod_request_rate = args.pod_request_rate,
+        pod_request_burst = args.pod_request_burst,
+        "limits per pod"
+    );
+    let bounds = ConnectionBounds {
+        keys: limit_keys,
+        limits,
+    };
+    imds::serve(listener, router, interceptor, bounds, metrics, shutdown_signal()).await;
     // The pinned programs stay: until the next agent takes over, pods' metadata connections are refused.
     telemetry.readiness.set_attached(false);
     tracing::info!(bpffs_dir = %args.bpffs_dir.display(), "shutting down; programs stay attached (interceptor uninstall removes them)");
     Ok(())
+}
+
+/// --max-connections and --max-connections-per-pod, the second no more than the first.
+fn connection_limits(args: &AgentArgs) -> Result<ConnectionLimits> {
+    ensure!(
+        args.max_connections_per_pod <= args.max_connections,
+        "--max-connections-per-pod ({}) must be at most --max-connections ({})",
+        args.max_connections_per_pod,
+        args.max_connections
+    );
+    Ok(ConnectionLimits::new(
+        args.max_connections,
+        args.max_connections_per_pod,
+    ))
+}
+
+/// --pod-request-rate and --pod-request-burst, the burst refilled within [`MAX_BURST_REFILL`].
+fn request_quota(args: &AgentArgs) -> Result<RequestQuota> {
+    let (per_second, burst) = (args.pod_request_rate, args.pod_request_burst);
+    let refill = Duration::from_secs(1) / per_second.get() * burst.get();
+    ensure!(
+        refill <= MAX_BURST_REFILL,
+        "--pod-request-burst ({burst}) takes {} to refill at --pod-request-rate ({per_second}): at most {}",
+        humantime::format_duration(refill),
+        humantime::format_duration(MAX_BURST_REFILL)
+    );
+    Ok(RequestQuota { per_second, burst })
 }
 
 /// The workload sources the flags turn on: the static file, the node's pods, or both.
@@ -692,4 +771,77 @@ pub fn uninstall(args: &UninstallArgs) -> Result<()> {
         args.bpffs_dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    /// `interceptor agent` with `args`, as clap reads them.
+    pub(super) fn parse(args: &[&str]) -> Result<AgentArgs, clap::Error> {
+        Command::try_parse_from(std::iter::once("agent").chain(args.iter().copied()))
+            .map(|command| command.agent)
+    }
+
+    #[test]
+    fn limit_flags_have_generous_defaults_and_refuse_zero_and_absurd_values() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(
+            (
+                args.pod_request_rate.get(),
+                args.pod_request_burst.get(),
+                args.max_connections.get(),
+                args.max_connections_per_pod.get()
+            ),
+            (100, 1000, 4096, 128)
+        );
+        let args = parse(&["--pod-request-rate", "5", "--max-connections-per-pod=8"]).unwrap();
+        assert_eq!(
+            (args.pod_request_rate.get(), args.max_connections_per_pod.get()),
+            (5, 8)
+        );
+        for flag in [
+            "--pod-request-rate",
+            "--pod-request-burst",
+            "--max-connections",
+            "--max-connections-per-pod",
+        ] {
+            for bad in ["0", "1000001", "-1", "lots"] {
+                let err = parse(&[&format!("{flag}={bad}")])
+                    .map(|_| ())
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(flag) && err.contains(bad), "{flag} {bad}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_burst_must_refill_within_ten_minutes() {
+        let args = parse(&["--pod-request-rate", "2", "--pod-request-burst", "1201"]).unwrap();
+        let err = request_quota(&args).unwrap_err().to_string();
+        assert!(
+            err.contains("--pod-request-burst (1201) takes 10m 500ms"),
+            "{err}"
+        );
+        let args = parse(&["--pod-request-rate", "2", "--pod-request-burst", "1200"]).unwrap();
+        assert!(request_quota(&args).is_ok());
+    }
+
+    #[test]
+    fn a_pod_may_not_hold_more_connections_than_the_agent() {
+        let args = parse(&["--max-connections", "100", "--max-connections-per-pod", "101"]).unwrap();
+        let err = connection_limits(&args).unwrap_err().to_string();
+        assert!(err.contains("--max-connections-per-pod (101)"), "{err}");
+        let args = parse(&["--max-connections", "100", "--max-connections-per-pod", "100"]).unwrap();
+        assert!(connection_limits(&args).is_ok());
+    }
 }

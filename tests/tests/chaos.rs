@@ -27,9 +27,10 @@ use interceptor_tests::{
 };
 
 const ROLE_KEY: &str = "iam.amazonaws.com/role";
-/// Between two attempts of a client: about 50 credential fetches a second per pod, far more than any
-/// SDK makes, and little enough that five clients leave the 2-core node room for the agent.
-const CLIENT_PAUSE: Duration = Duration::from_millis(20);
+/// Between two attempts of a client: at most 25 credential fetches (50 requests) a second per pod, far
+/// more than any SDK makes, within the agent's default 100 requests a second per pod, and little
+/// enough that five clients leave the 2-core node room for the agent.
+const CLIENT_PAUSE: Duration = Duration::from_millis(40);
 /// Every pod must be served again within this of a fault's end.
 const RECOVERY: Duration = Duration::from_secs(5);
 /// Time between one fault's end and the next one's start, so recoveries are seen apart.

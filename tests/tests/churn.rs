@@ -1,6 +1,6 @@
 //! Pod churn (issue "Chaos and scale"): 1,000 Pod create, update and delete events through the fake
 //! API server in 10 s, in two rounds, while real pods (network namespaces, kubelet-named cgroups) ask
-//! for credentials every 20 ms as an SDK does. The churned objects have no cgroup behind them; some are
+//! for credentials every 40 ms as an SDK does. The churned objects have no cgroup behind them; some are
 //! on another node, which the agent's field selector must keep out of its store; some claim the real
 //! pods' UIDs as a static pod's mirror, which anyone who can create pods may write. Meanwhile the real
 //! pods live through what a real API server allows to happen to them: a pod's own object names a new
@@ -39,8 +39,9 @@ const ATTACKER_ROLE: &str = "attacker-chosen";
 /// Events a round plays, and the pause between two: 100 a second, 1,000 in 10 s.
 const CHURN_EVENTS: usize = 1_000;
 const CHURN_PAUSE: Duration = Duration::from_millis(10);
-/// Between two credentials requests of one pod: well within any per-pod rate limit's generous default.
-const CLIENT_PAUSE: Duration = Duration::from_millis(20);
+/// Between two credential fetches (two requests) of one pod: at most 50 requests a second, well within
+/// the agent's default 100 a second per pod.
+const CLIENT_PAUSE: Duration = Duration::from_millis(40);
 /// The real pods (their objects), which the agent knows before and after each round.
 const REAL_PODS: usize = 5;
 /// The namespaces of the real pods, which the churned objects share.

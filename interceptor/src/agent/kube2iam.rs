@@ -101,20 +101,10 @@ impl Kube2iamArgs {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use crate::agent::AgentArgs;
 
-    #[derive(Parser)]
-    struct Command {
-        #[command(flatten)]
-        agent: AgentArgs,
-    }
-
     fn parse(args: &[&str]) -> AgentArgs {
-        Command::try_parse_from(std::iter::once("agent").chain(args.iter().copied()))
-            .unwrap_or_else(|err| panic!("{args:?}: {err}"))
-            .agent
+        crate::agent::tests::parse(args).unwrap_or_else(|err| panic!("{args:?}: {err}"))
     }
 
     /// What kube2iam's chart renders from the values of the blog post (`host.iptables: true`,
@@ -185,6 +175,6 @@ mod tests {
         assert_eq!(args.log_filter(), "warn");
         assert_eq!(args.iam_role_error_ttl, std::time::Duration::from_secs(30));
         assert!(args.insecure && args.kube2iam.resolve_duplicate_cache_ips);
-        assert!(Command::try_parse_from(["agent", "--kubeconfig=k", "--api-server=https://a"]).is_err());
+        assert!(crate::agent::tests::parse(&["--kubeconfig=k", "--api-server=https://a"]).is_err());
     }
 }

@@ -42,12 +42,17 @@ pub enum ImdsError {
     Upstream(#[source] super::upstream::UpstreamError),
     #[error("the request took too long")]
     Timeout,
+    #[error(transparent)]
+    Throttled(#[from] super::rate::Throttled),
 }
 
 /// How long a caller should wait before asking again after an STS failure.
 const STS_RETRY_AFTER_SECONDS: u32 = 5;
 /// How long a pod the API server has not delivered yet should wait before asking again.
 const POD_RETRY_AFTER_SECONDS: u32 = 1;
+/// How long a caller over its rate should wait: by then its budget has room again (at 1 a second or
+/// more), and the SDKs that retry a 429 at all do so with backoff of their own.
+const THROTTLED_RETRY_AFTER_SECONDS: u32 = 1;
 
 impl ImdsError {
     pub fn status(&self) -> StatusCode {
@@ -69,6 +74,7 @@ impl ImdsError {
             Self::Sts(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -112,7 +118,14 @@ impl ImdsError {
             Self::Sts(StsError::TimedOut { .. }) => "sts_timeout",
             Self::Upstream(_) => "upstream_error",
             Self::Timeout => "timeout",
+            Self::Throttled(_) => "throttled",
         }
+    }
+
+    /// Whether the refusal makes an info line of its own. A throttled request does not: a flooding
+    /// caller would flood the log too. [`super::rate`] logs those at most every 10 s per caller.
+    pub fn logged_each(&self) -> bool {
+        !matches!(self, Self::Throttled(_))
     }
 }
 
@@ -134,6 +147,7 @@ impl IntoResponse for ImdsError {
         let retry_after = match &self {
             Self::Sts(_) => Some(STS_RETRY_AFTER_SECONDS),
             Self::UnknownWorkload(WorkloadError::PodNotKnown { .. }) => Some(POD_RETRY_AFTER_SECONDS),
+            Self::Throttled(_) => Some(THROTTLED_RETRY_AFTER_SECONDS),
             _ => None,
         };
         let mut response = (status, body).into_response();

@@ -1,7 +1,8 @@
 //! imds::metrics: what the metadata API did: requests by route and status, their latency, refusals by
-//! reason, credentials served by role, connections by whether the kernel attributed them, and
-//! connections closed at accept by the limit they were over. Label
-//! values are fixed strings, status codes and role ARNs (bounded by the workload source's policy).
+//! reason, credentials served by role, connections by whether the kernel attributed them,
+//! connections closed at accept by the limit they were over, and requests over their caller's rate
+//! by whether they were held or refused. Label values are fixed strings, status codes and role ARNs
+//! (bounded by the workload source's policy).
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -35,6 +36,11 @@ struct RoleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectionLabels {
     attributed: &'static str,
 }
@@ -52,6 +58,7 @@ pub struct ImdsMetrics {
     credentials_served: Family<RoleLabels, Counter>,
     connections: Family<ConnectionLabels, Counter>,
     connections_refused: Family<ReasonLabels, Counter>,
+    over_rate: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for ImdsMetrics {
@@ -63,6 +70,7 @@ impl Default for ImdsMetrics {
             credentials_served: Family::default(),
             connections: Family::default(),
             connections_refused: Family::default(),
+            over_rate: Family::default(),
         }
     }
 }
@@ -100,6 +108,11 @@ impl ImdsMetrics {
             "Connections closed at accept because too many were open, by which limit",
             self.connections_refused.clone(),
         );
+        registry.register(
+            "metadata_requests_over_rate",
+            "Requests over their caller's rate limit, by outcome: held for a later slot, or refused (429)",
+            self.over_rate.clone(),
+        );
     }
 
     pub(super) fn request(
@@ -132,6 +145,10 @@ impl ImdsMetrics {
         self.connections_refused
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    pub(super) fn request_over_rate(&self, outcome: &'static str) {
+        self.over_rate.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
     pub(super) fn connection(&self, attributed: bool) {

@@ -1,6 +1,7 @@
 //! imds: the instance metadata API the redirected callers see. Answers tokens, the caller's role and
 //! credentials, and `iam/info` itself; passes allow-listed instance facts to the node's metadata
-//! service; refuses everything else with the status the real service would give.
+//! service; refuses everything else with the status the real service would give. Each pod's
+//! connections and request rate are bounded ([`limits`], [`rate`]).
 //!
 //! [`router`] is the whole HTTP API and needs no socket; [`serve`] accepts connections and tags each
 //! with what the kernel recorded about its caller.
@@ -8,6 +9,7 @@
 mod error;
 pub mod limits;
 pub mod metrics;
+pub mod rate;
 pub mod recent;
 pub mod route;
 mod serve;
@@ -29,12 +31,13 @@ use bytes::Bytes;
 pub use error::ImdsError;
 pub use metrics::ImdsMetrics;
 use serde::Serialize;
-pub use serve::{Caller, serve};
+pub use serve::{Caller, ConnectionBounds, serve};
 use sha2::{Digest, Sha256};
 use time::{OffsetDateTime, format_description::BorrowedFormatItem, macros::format_description};
 use tower::ServiceExt;
 
 use self::{
+    rate::RequestRates,
     recent::{AnsweredRequest, RecentRequests},
     route::{AllowList, Route},
     token::TokenKey,
@@ -65,6 +68,8 @@ pub struct ImdsState {
     pub node_health: Option<Router>,
     /// The last requests answered, for `interceptor status`.
     pub recent: Arc<RecentRequests>,
+    /// Each caller's request budget.
+    pub rates: Arc<RequestRates>,
 }
 
 /// The paths of the health server.
@@ -116,10 +121,16 @@ async fn handle(
     let started = Instant::now();
     let path = uri.path();
     let mut record = RequestRecord::default();
-    let answered = answer(&state, &caller, &method, path, &headers, &mut record);
+    let answered = async {
+        if let Some(key) = &caller.limit_key {
+            state.rates.admit(key).await?;
+        }
+        answer(&state, &caller, &method, path, &headers, &mut record).await
+    };
     let result = tokio::time::timeout(REQUEST_TIMEOUT, answered)
         .await
         .unwrap_or(Err(ImdsError::Timeout));
+    let logged_at_info = result.as_ref().is_err_and(ImdsError::logged_each);
     let (response, refusal) = match result {
         Ok(response) => (response, None),
         Err(err) => {
@@ -142,7 +153,7 @@ async fn handle(
     // logged at info: each is something an operator may have to act on. An answered request is logged
     // at debug: at info, formatting and writing its line was a quarter of the agent's time per
     // cached-credentials request; the metrics count answered requests, and `interceptor status` shows
-    // the last ones.
+    // the last ones. So is a throttled one, which `rate` sums up at info per caller.
     macro_rules! request_line {
         ($level:expr) => {
             tracing::event!(
@@ -162,7 +173,7 @@ async fn handle(
             )
         };
     }
-    if refusal.is_some() {
+    if logged_at_info {
         request_line!(tracing::Level::INFO);
     } else {
         request_line!(tracing::Level::DEBUG);

@@ -1,6 +1,7 @@
 //! imds::serve: the accept loop. Each accepted connection is looked up in the kernel's record of
-//! redirected connections once, at accept, and every request on it carries the answer as a [`Caller`].
-//! A connection over the [`ConnectionLimits`] is closed at once.
+//! redirected connections once, at accept, and every request on it carries the answer as a [`Caller`],
+//! with the [`LimitKey`] whose limits it counts against. A connection over the [`ConnectionLimits`]
+//! is closed at once.
 
 use std::{
     future::Future,
@@ -18,7 +19,10 @@ use hyper_util::{
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use super::{ImdsMetrics, limits::ConnectionLimits};
+use super::{
+    ImdsMetrics,
+    limits::{ConnectionLimits, LimitKey, LimitKeys},
+};
 use crate::{
     bpf::{Attribution, Interceptor},
     identity::CgroupPath,
@@ -30,6 +34,9 @@ pub struct Caller {
     pub peer: SocketAddr,
     /// `None`: the kernel did not redirect this connection, so nobody knows who made it.
     pub attribution: Option<Attribution>,
+    /// Whose limits the connection counts against: its pod's, or its cgroup's outside pods. `None`
+    /// with no attribution.
+    pub limit_key: Option<LimitKey>,
     /// The attributed cgroup's path, once a request of this connection has resolved it. Shared by the
     /// connection's requests: the cgroup is the one the kernel recorded at connect, so its path cannot
     /// change for the connection, and a keep-alive request does not check it again (a `stat` of the
@@ -38,10 +45,11 @@ pub struct Caller {
 }
 
 impl Caller {
-    pub fn new(peer: SocketAddr, attribution: Option<Attribution>) -> Self {
+    pub fn new(peer: SocketAddr, attribution: Option<Attribution>, limit_key: Option<LimitKey>) -> Self {
         Self {
             peer,
             attribution,
+            limit_key,
             cgroup_path: Arc::default(),
         }
     }
@@ -63,12 +71,18 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on a request head (request line and headers).
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 
+/// What the accept loop bounds connections with.
+pub struct ConnectionBounds {
+    pub keys: LimitKeys,
+    pub limits: Arc<ConnectionLimits>,
+}
+
 /// Serves `router` on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     attribute: Arc<dyn Attribute>,
-    limits: Arc<ConnectionLimits>,
+    bounds: ConnectionBounds,
     metrics: ImdsMetrics,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -91,17 +105,19 @@ pub async fn serve(
             .ok()
             .and_then(|local| attribute.attribute(peer, local));
         metrics.connection(attribution.is_some());
-        let open = match limits.admit(attribution.map(|found| found.cgroup_id)) {
+        let limit_key = attribution.map(|found| bounds.keys.key_of(found.cgroup_id));
+        let open = match bounds.limits.admit(limit_key.clone()) {
             Ok(open) => open,
             Err(over) => {
                 // Closed unread. Debug level: a flood must not flood the log too; the metric counts it.
-                tracing::debug!(%peer, cgroup_id = attribution.map(|found| found.cgroup_id.0), limit = over.label(),
+                tracing::debug!(%peer, cgroup_id = attribution.map(|found| found.cgroup_id.0),
+                    caller = limit_key.as_ref().map(tracing::field::display), limit = over.label(),
                     "metadata connection over its limit, closed");
                 metrics.connection_refused(over.label());
                 continue;
             }
         };
-        let caller = Caller::new(peer, attribution);
+        let caller = Caller::new(peer, attribution, limit_key);
         let service_caller = caller.clone();
         let service = router.clone().map_request(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(service_caller.clone());

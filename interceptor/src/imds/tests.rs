@@ -19,7 +19,12 @@ use http_body_util::BodyExt;
 use interceptor_common::{CgroupId, NetnsCookie, SocketCookie};
 use tower::ServiceExt;
 
-use super::{upstream::UpstreamReply, *};
+use super::{
+    limits::LimitKey,
+    rate::{MAX_HOLD, RequestQuota},
+    upstream::UpstreamReply,
+    *,
+};
 use crate::{
     creds::{AssumeRole, Documents, Secret, StsError},
     identity::{CgroupError, CgroupPath},
@@ -124,6 +129,10 @@ struct Api {
 
 impl Api {
     fn new(require_v2: bool) -> Self {
+        Self::with_quota(require_v2, RequestQuota::default())
+    }
+
+    fn with_quota(require_v2: bool, quota: RequestQuota) -> Self {
         let sts = Arc::new(Sts::default());
         let node = Arc::new(Node::default());
         let recent = Arc::new(RecentRequests::default());
@@ -147,6 +156,7 @@ impl Api {
             metrics: ImdsMetrics::default(),
             node_health: None,
             recent: recent.clone(),
+            rates: Arc::new(RequestRates::new(quota, ImdsMetrics::default())),
         };
         Self {
             router: router(Arc::new(state)),
@@ -167,6 +177,7 @@ impl Api {
                 pid: 1,
                 original_dst: crate::bpf::METADATA_V4,
             }),
+            from.map(LimitKey::Cgroup),
         ));
         let response = self.router.clone().oneshot(request).await.unwrap();
         let (parts, body) = response.into_parts();
@@ -459,4 +470,39 @@ async fn answered_requests_are_remembered_newest_first_with_who_and_what_but_no_
         let secret = doc[field].as_str().unwrap();
         assert!(!remembered.contains(secret), "{field} remembered: {remembered}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_over_its_rate_gets_429_with_retry_after_after_the_hold_and_others_are_answered() {
+    // One a second, no burst beyond the first request: the second is more than MAX_HOLD away.
+    let quota = RequestQuota {
+        per_second: std::num::NonZeroU32::MIN,
+        burst: std::num::NonZeroU32::MIN,
+    };
+    let api = Api::with_quota(false, quota);
+    assert_eq!(api.get(APP, CREDS).await.status, StatusCode::OK);
+    let asked = tokio::time::Instant::now();
+    let throttled = api.get(APP, &format!("{CREDS}app")).await;
+    assert_eq!(throttled.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        tokio::time::Instant::now(),
+        asked + MAX_HOLD,
+        "held, then refused"
+    );
+    assert_eq!(throttled.headers[header::RETRY_AFTER], "1");
+    assert!(!throttled.body.contains("ASIA"), "{}", throttled.body);
+    assert!(throttled.body.contains("rate limit"), "{}", throttled.body);
+    assert_eq!(
+        api.recent.newest_first()[0]
+            .refusal
+            .as_ref()
+            .map(|(reason, _)| *reason),
+        Some("throttled")
+    );
+
+    // Another caller has a budget of its own.
+    assert_eq!(api.get(OTHER_APP, CREDS).await.body, "other");
+    // A second later the caller's budget has room again.
+    tokio::time::advance(std::time::Duration::from_secs(1)).await;
+    assert_eq!(api.get(APP, CREDS).await.body, "app");
 }

@@ -41,6 +41,11 @@ impl BenchAgent {
             .args(source_flags)
             .args(["--sts-endpoint", sts_url, "--base-role-arn", BASE_ROLE_ARN])
             .args(["--log-level", "info"])
+            // The loads come from one pod, tens of thousands of requests a second: at the default
+            // per-pod rate they would measure the limit. Set through the environment, which an agent
+            // built before the limits (`--agent`) ignores.
+            .env("INTERCEPTOR_POD_REQUEST_RATE", "1000000")
+            .env("INTERCEPTOR_POD_REQUEST_BURST", "1000000")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).context("cannot create the agent's log")?);

@@ -1,8 +1,8 @@
 //! A client the tests run inside simulated pods, for what curl cannot show: many connections in one
 //! process, many at once, held open or timed, the peer address a socket reports, UDP, a hand-made TCP
 //! segment from a raw socket, a connection made before the programs attach, aws-sdk-rust's default
-//! credential chain, credentials asked for without pause while the agent restarts, and a burst of
-//! first requests from many callers at once.
+//! credential chain, credentials asked for without pause while the agent restarts, a burst of
+//! first requests from many callers at once, and a flood of requests over keep-alive connections.
 
 use std::{
     io::{Read, Write},
@@ -103,6 +103,20 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
     },
+    /// `count` GETs of `path` over `connections` keep-alive connections at once, a share each (a new
+    /// connection after one closes), as a pod flooding the agent sends them; prints what came back:
+    /// `200=<n> 429=<n> closed=<n> other=<n> keys=<the distinct AccessKeyIds of the 200s, comma-separated,
+    /// or ->`, where `closed` counts requests whose connection closed (or could not open) before a
+    /// response.
+    Flood {
+        addr: SocketAddr,
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        count: usize,
+    },
     /// Opens `--per-caller` connections as each caller (moving itself into the caller's cgroup before
     /// its connects, so the kernel records that cgroup), then sends a GET of `<path-prefix><role>` on
     /// all of them at once; prints `ok=<n> failed=<n> p50_us=<n> p99_us=<n> max_us=<n>`, each latency
@@ -137,6 +151,12 @@ fn main() -> ExitCode {
             imds_v2,
             pause_ms,
         } => load(addr, keep_alive, imds_v2, Duration::from_millis(pause_ms)),
+        Command::Flood {
+            addr,
+            path,
+            connections,
+            count,
+        } => flood(addr, &path, connections, count),
         Command::FanIn {
             addr,
             path_prefix,
@@ -545,9 +565,16 @@ impl MetadataSession {
         self.request("GET", path, &token_header)
     }
 
-    /// One request over HTTP/1.1 on the kept connection (opened when there is none), or on a new one
-    /// that closes after it: the body of a 200 response.
+    /// One request whose answer must be a 200: its body.
     fn request(&mut self, method: &str, path: &str, headers: &str) -> Result<String> {
+        let (status, body) = self.exchange(method, path, headers)?;
+        ensure!(status == "200", "status {status}");
+        Ok(body)
+    }
+
+    /// One request over HTTP/1.1 on the kept connection (opened when there is none), or on a new one
+    /// that closes after it: the response's status code and body.
+    fn exchange(&mut self, method: &str, path: &str, headers: &str) -> Result<(String, String)> {
         use std::io::BufRead;
         if self.connection.is_none() || !self.keep_alive {
             let stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)).context("connect")?;
@@ -587,8 +614,90 @@ impl MetadataSession {
         }
         let mut body = vec![0; length];
         reader.read_exact(&mut body).context("read body")?;
-        let status = status_line.split_whitespace().nth(1).unwrap_or("?");
-        ensure!(status == "200", "status {status}");
-        Ok(String::from_utf8(body)?)
+        let status = status_line.split_whitespace().nth(1).unwrap_or("?").to_owned();
+        Ok((status, String::from_utf8(body)?))
     }
+}
+
+/// What one connection of a flood got: status codes and AccessKeyIds by count, and closes.
+#[derive(Default)]
+struct FloodTally {
+    statuses: std::collections::BTreeMap<String, usize>,
+    closed: usize,
+    keys: std::collections::BTreeSet<String>,
+}
+
+fn flood(addr: SocketAddr, path: &str, connections: usize, count: usize) -> Result<()> {
+    ensure!(
+        (1..=count).contains(&connections),
+        "--connections must be from 1 to --count"
+    );
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(connections));
+    let threads: Vec<_> = (0..connections)
+        .map(|index| {
+            // Shares differ by one at most: the first `count % connections` take one more.
+            let share = count / connections + usize::from(index < count % connections);
+            let (barrier, path) = (barrier.clone(), path.to_owned());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut tally = FloodTally::default();
+                let mut session = MetadataSession {
+                    addr,
+                    keep_alive: true,
+                    imds_v2: false,
+                    connection: None,
+                    token: None,
+                };
+                for _ in 0..share {
+                    match session.exchange("GET", &path, "") {
+                        Ok((status, body)) => {
+                            if status == "200"
+                                && let Ok(document) = serde_json::from_str::<serde_json::Value>(&body)
+                                && let Some(key) = document["AccessKeyId"].as_str()
+                            {
+                                tally.keys.insert(key.to_owned());
+                            }
+                            *tally.statuses.entry(status).or_default() += 1;
+                        }
+                        Err(_) => {
+                            tally.closed += 1;
+                            session.reset();
+                        }
+                    }
+                }
+                tally
+            })
+        })
+        .collect();
+    let mut total = FloodTally::default();
+    for thread in threads {
+        let tally = thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("request thread panicked"))?;
+        for (status, n) in tally.statuses {
+            *total.statuses.entry(status).or_default() += n;
+        }
+        total.closed += tally.closed;
+        total.keys.extend(tally.keys);
+    }
+    let count_of = |status: &str| total.statuses.get(status).copied().unwrap_or(0);
+    let other: usize = total
+        .statuses
+        .iter()
+        .filter(|(status, _)| !["200", "429"].contains(&status.as_str()))
+        .map(|(_, n)| n)
+        .sum();
+    let keys: Vec<&str> = total.keys.iter().map(String::as_str).collect();
+    println!(
+        "200={} 429={} closed={} other={other} keys={}",
+        count_of("200"),
+        count_of("429"),
+        total.closed,
+        if keys.is_empty() {
+            "-".to_owned()
+        } else {
+            keys.join(",")
+        }
+    );
+    Ok(())
 }
