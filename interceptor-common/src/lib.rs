@@ -23,6 +23,9 @@ pub mod names {
     pub const EXEMPT_CGROUPS: &str = "EXEMPT_CGROUPS";
     /// Per-CPU [`Counter`](super::Counter) values.
     pub const COUNTERS: &str = "COUNTERS";
+    /// Cgroup id (u64) -> u8: cgroups whose pod holds all the metadata connections the agent allows it;
+    /// their connects to an intercepted endpoint are refused (EPERM) until the agent lifts it.
+    pub const OVER_LIMIT_CGROUPS: &str = "OVER_LIMIT_CGROUPS";
     /// Global: the agent's IPv4 [`Endpoint`](super::Endpoint).
     pub const AGENT_V4: &str = "AGENT_V4";
     /// Global: the agent's IPv6 [`Endpoint`](super::Endpoint); port 0 when the agent has none.
@@ -36,6 +39,7 @@ pub mod sizes {
     pub const INTERCEPTED: u32 = 16;
     pub const INTERCEPTED_ADDRS: u32 = 16;
     pub const EXEMPT_CGROUPS: u32 = 64;
+    pub const OVER_LIMIT_CGROUPS: u32 = 4_096;
 }
 
 /// The id of a cgroup v2 directory: the inode number the kernel reports from `bpf_get_current_cgroup_id`.
@@ -191,6 +195,9 @@ pub enum Counter {
     /// A packet to an intercepted address whose port could not be read (an IPv4 fragment, IPv6
     /// extension headers) was dropped.
     DroppedUnparsed = 7,
+    /// A connect to an intercepted endpoint came from a cgroup whose pod holds all the connections the
+    /// agent allows it, and was refused (EPERM) without reaching the agent.
+    OverLimit = 8,
 }
 
 /// Which metric family a counter belongs to.
@@ -203,7 +210,7 @@ pub enum CounterKind {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Redirected,
         Counter::Exempt,
         Counter::RecordFailed,
@@ -212,6 +219,7 @@ impl Counter {
         Counter::DirectRefused,
         Counter::DroppedPacket,
         Counter::DroppedUnparsed,
+        Counter::OverLimit,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -226,6 +234,7 @@ impl Counter {
             Counter::DirectRefused => "direct_refused",
             Counter::DroppedPacket => "to_intercepted_endpoint",
             Counter::DroppedUnparsed => "unparsed_to_intercepted_address",
+            Counter::OverLimit => "over_limit",
         }
     }
 

@@ -25,6 +25,9 @@ pub static INTERCEPTED_ADDRS: HashMap<InetAddr, u8> = HashMap::with_max_entries(
 pub static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(sizes::EXEMPT_CGROUPS, 0);
 
 #[map]
+pub static OVER_LIMIT_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(sizes::OVER_LIMIT_CGROUPS, 0);
+
+#[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 #[unsafe(no_mangle)]
@@ -74,4 +77,9 @@ pub fn is_intercepted_addr(addr: &InetAddr) -> bool {
 pub fn is_exempt(cgroup_id: u64) -> bool {
     // SAFETY: as above.
     unsafe { EXEMPT_CGROUPS.get(cgroup_id) }.is_some()
+}
+
+pub fn is_over_limit(cgroup_id: u64) -> bool {
+    // SAFETY: as above.
+    unsafe { OVER_LIMIT_CGROUPS.get(cgroup_id) }.is_some()
 }

@@ -323,7 +323,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         !args.sts_timeout.is_zero(),
         "--sts-timeout must be more than zero"
     );
-    let limits = Arc::new(connection_limits(&args)?);
+    let limits = connection_limits(&args)?;
     let quota = request_quota(&args)?;
     let allow = match args.metadata_proxy_allow.as_slice() {
         [] => AllowList::new(DEFAULT_ALLOWED),
@@ -425,7 +425,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     );
     let bounds = ConnectionBounds {
         keys: limit_keys,
-        limits,
+        limits: Arc::new(limits.with_gate(interceptor.clone())),
     };
     imds::serve(listener, router, interceptor, bounds, metrics, shutdown_signal()).await;
     // The pinned programs stay: until the next agent takes over, pods' metadata connections are refused.

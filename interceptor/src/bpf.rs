@@ -211,6 +211,9 @@ pub struct Interceptor {
     /// Keyed by the raw socket cookie, as the programs key it.
     connects_by_cookie: HashMap<MapData, u64, ConnectRecord>,
     counters: PerCpuArray<MapData, u64>,
+    /// `OVER_LIMIT_CGROUPS`, set and cleared through a shared reference ([`sys`]). Held for the life
+    /// of the programs that read it.
+    over_limit: MapData,
     log_forwarder: JoinHandle<()>,
     cgroup_root: PathBuf,
     _ebpf: Ebpf,
@@ -252,6 +255,14 @@ impl Interceptor {
         let connects_by_tuple = TupleMap::take(&mut ebpf)?;
         let connects_by_cookie = take_map(&mut ebpf, names::CONNECTS_BY_COOKIE)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
+        let over_limit = {
+            let name = names::OVER_LIMIT_CGROUPS;
+            match ebpf.take_map(name) {
+                Some(Map::HashMap(data)) => data,
+                Some(_) => return Err(BpfError::NotHashMap { name }),
+                None => return Err(BpfError::MissingMap { name }),
+            }
+        };
         if pin_dir.is_some() {
             // Records a previous agent never consumed describe connections nobody will accept now.
             let flushed = connects_by_tuple.flush()?;
@@ -281,10 +292,22 @@ impl Interceptor {
             connects_by_tuple,
             connects_by_cookie,
             counters,
+            over_limit,
             log_forwarder,
             cgroup_root: config.cgroup_root.clone(),
             _ebpf: ebpf,
         })
+    }
+
+    /// Refuses in the kernel (`true`), or allows again, the connects of `cgroup_id` to the intercepted
+    /// endpoints: while its pod holds all the connections it may, each further connect fails at once
+    /// (EPERM) instead of costing the agent an accept and a close.
+    pub fn set_over_limit(&self, cgroup_id: CgroupId, over: bool) -> io::Result<()> {
+        if over {
+            sys::update(self.over_limit.fd().as_fd(), &cgroup_id.0, &1u8)
+        } else {
+            sys::delete(self.over_limit.fd().as_fd(), &cgroup_id.0).map(drop)
+        }
     }
 
     /// The cgroup that made the accepted connection `peer -> local`, consuming the kernel's record of

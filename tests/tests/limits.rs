@@ -9,6 +9,7 @@ use std::{collections::BTreeSet, path::Path, time::Instant};
 
 use anyhow::{Context, Result};
 use interceptor_tests::{
+    bench,
     deployed::{ROLE_LIST, Sts, curl, eventually, health, status_of},
     kube_node::{KubeNode, pod_object},
     lab::{Interactive, run},
@@ -185,36 +186,61 @@ async fn a_flooding_pod_gets_its_budget_and_cap_while_a_quiet_pod_gets_every_ans
         "{throttle_lines} throttle lines"
     );
 
-    // Connections: one container holds 24 connections open, sending nothing; past the pod's 16 they
-    // are closed at accept, and so is the other container's, while the quiet pod is served.
-    let refused_before = counter(
-        &metrics,
-        r#"interceptor_metadata_connections_refused_total{reason="caller_limit"}"#,
-    );
+    // Connections: one container opens 24 connections and holds them, sending nothing. Past the pod's
+    // 16 they are closed at accept, and from the first closed on the kernel refuses that container's
+    // connects (EPERM) without the agent; the other container's are closed and refused the same way,
+    // while the quiet pod is served.
+    let refusals = |metrics: &str| {
+        counter(
+            metrics,
+            r#"interceptor_metadata_connections_refused_total{reason="caller_limit"}"#,
+        ) + counter(
+            metrics,
+            r#"interceptor_bpf_connections_total{outcome="over_limit"}"#,
+        )
+    };
+    let refused_before = refusals(&metrics);
     let mut holder = pod_command(
         &flooder,
         &flooding_a,
         &["hold", &format!("{METADATA_IP}:80"), "--count", "24"],
     )?;
-    assert_eq!(holder.line().await?, "opened=24 failed=0");
+    let held = holder.line().await?;
+    let opened = bench::output_field(&held, "opened")?;
+    let failed = bench::output_field(&held, "failed")?;
+    assert!(
+        opened >= CONNECTIONS_PER_POD as f64 && opened + failed == 24.0,
+        "{held}: some connects complete before the agent's accept finds the pod over its cap"
+    );
     let over_cap = (24 - CONNECTIONS_PER_POD) as f64;
     assert!(
         eventually(|| async {
-            health(&cluster.node, "/metrics").await.is_ok_and(|(_, metrics)| {
-                counter(
-                    &metrics,
-                    r#"interceptor_metadata_connections_refused_total{reason="caller_limit"}"#,
-                ) >= refused_before + over_cap
-            })
+            health(&cluster.node, "/metrics")
+                .await
+                .is_ok_and(|(_, metrics)| refusals(&metrics) >= refused_before + over_cap)
         })
         .await,
-        "the holder's connections past the cap were not closed"
+        "the holder's connections past the cap were neither closed nor refused"
     );
+    let kernel_refused = |metrics: &str| {
+        counter(
+            metrics,
+            r#"interceptor_bpf_connections_total{outcome="over_limit"}"#,
+        )
+    };
+    let (_, metrics) = health(&cluster.node, "/metrics").await?;
+    let kernel_refused_before = kernel_refused(&metrics);
     let other_container = flood(&flooder, &flooding_b, "app-flood", 1, 3).await?;
     assert_eq!(
         (other_container.ok, other_container.closed),
         (0, 3),
         "{other_container:?}"
+    );
+    // Its first connection closed at accept gated it: the kernel refused the next two.
+    let (_, metrics) = health(&cluster.node, "/metrics").await?;
+    assert!(
+        kernel_refused(&metrics) >= kernel_refused_before + 2.0,
+        "the kernel did not refuse the other container's connects"
     );
     let quiet_again = flood(&quiet, &asking, "app-quiet", 1, 3).await?;
     assert_eq!((quiet_again.ok, quiet_again.keys), (3, asked.keys));

@@ -1,5 +1,5 @@
-//! bpf::sys: the operations aya 0.14 does not offer, as raw `bpf(2)` calls: taking and deleting map
-//! entries, counting the keys of a map whose key type is only known by its size, and asking which
+//! bpf::sys: the operations aya 0.14 does not offer, as raw `bpf(2)` calls: taking, setting and
+//! deleting map entries through a shared reference, counting the keys of a map whose key type is only known by its size, and asking which
 //! programs are attached to a cgroup.
 
 use std::{
@@ -39,6 +39,17 @@ pub fn delete<K: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<bool> {
         Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(err) => Err(err),
     }
+}
+
+/// Sets `key` to `value` (`BPF_MAP_UPDATE_ELEM`, whether or not it is there).
+pub fn update<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
+    // The kernel only reads the value of an update.
+    map_elem_call(
+        bpf_cmd::BPF_MAP_UPDATE_ELEM,
+        map,
+        key,
+        std::ptr::from_ref(value).cast_mut().cast(),
+    )
 }
 
 fn map_elem_call<K>(cmd: bpf_cmd, map: BorrowedFd<'_>, key: &K, value: *mut u8) -> io::Result<()> {

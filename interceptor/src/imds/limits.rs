@@ -1,8 +1,9 @@
 //! imds::limits: who shares a limit ([`LimitKey`]: a pod, or outside pods a cgroup), and bounds on
 //! the metadata connections open at once, over all callers and per caller, so that one workload
 //! flooding the agent can neither starve the others nor run the agent out of file descriptors. A
-//! connection over a bound is closed at accept, before a byte is read. The request rate per caller is
-//! [`super::rate`]'s.
+//! connection over a bound is closed at accept, before a byte is read, and while a pod holds all its
+//! connections the kernel refuses its containers' further connects ([`ConnectGate`]), so that a pod
+//! reconnecting in a loop costs the agent nothing. The request rate per caller is [`super::rate`]'s.
 
 use std::{
     collections::HashMap,
@@ -107,19 +108,37 @@ impl OverLimit {
     }
 }
 
+/// Where the kernel refuses a cgroup's connects to the metadata endpoints at `connect()`: the BPF
+/// programs' `OVER_LIMIT_CGROUPS`.
+pub trait ConnectGate: Send + Sync {
+    /// Refuses (`true`), or allows again, the connects of `cgroup_id`.
+    fn set_over_limit(&self, cgroup_id: CgroupId, over: bool);
+}
+
 /// Counts of open connections. Unattributed connections (key `None`) share one count: they are all
 /// refused, and none of them may crowd out attributed callers beyond its own share.
-#[derive(Debug)]
 pub struct ConnectionLimits {
     max_total: NonZeroU32,
     max_per_caller: NonZeroU32,
+    gate: Option<Arc<dyn ConnectGate>>,
     open: Mutex<OpenConnections>,
 }
 
-#[derive(Debug, Default)]
+impl std::fmt::Debug for ConnectionLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionLimits")
+            .field("max_total", &self.max_total)
+            .field("max_per_caller", &self.max_per_caller)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
 struct OpenConnections {
     total: u32,
     by_caller: HashMap<Option<LimitKey>, u32>,
+    /// The cgroups the gate refuses, by the caller whose share they filled.
+    gated: HashMap<LimitKey, Vec<CgroupId>>,
 }
 
 impl ConnectionLimits {
@@ -127,18 +146,38 @@ impl ConnectionLimits {
         Self {
             max_total,
             max_per_caller,
+            gate: None,
             open: Mutex::new(OpenConnections::default()),
         }
     }
 
-    /// Counts a new connection of `caller`; it stays counted until the returned guard drops.
-    pub fn admit(self: &Arc<Self>, caller: Option<LimitKey>) -> Result<OpenConnection, OverLimit> {
+    /// From now on a connection over its caller's share also closes `gate` to the cgroup that made it,
+    /// until the caller is down to half its share.
+    pub fn with_gate(mut self, gate: Arc<dyn ConnectGate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Counts a new connection of `caller`, made by `cgroup_id`; it stays counted until the returned
+    /// guard drops.
+    pub fn admit(
+        self: &Arc<Self>,
+        caller: Option<LimitKey>,
+        cgroup_id: Option<CgroupId>,
+    ) -> Result<OpenConnection, OverLimit> {
         let mut open = self.lock();
         if open.total >= self.max_total.get() {
             return Err(OverLimit::Global);
         }
         let held = open.by_caller.entry(caller.clone()).or_default();
         if *held >= self.max_per_caller.get() {
+            if let (Some(gate), Some(caller), Some(cgroup_id)) = (&self.gate, caller, cgroup_id) {
+                let gated = open.gated.entry(caller).or_default();
+                if !gated.contains(&cgroup_id) {
+                    gated.push(cgroup_id);
+                    gate.set_over_limit(cgroup_id, true);
+                }
+            }
             return Err(OverLimit::Caller);
         }
         *held += 1;
@@ -152,10 +191,22 @@ impl ConnectionLimits {
     fn release(&self, caller: &Option<LimitKey>) {
         let mut open = self.lock();
         open.total -= 1;
-        if let Some(held) = open.by_caller.get_mut(caller) {
-            *held -= 1;
-            if *held == 0 {
-                open.by_caller.remove(caller);
+        let Some(held) = open.by_caller.get_mut(caller) else {
+            return;
+        };
+        *held -= 1;
+        let held = *held;
+        if held == 0 {
+            open.by_caller.remove(caller);
+        }
+        // Half, not one below the share: a caller that reconnects in a loop is let through once per
+        // half share of its connections ending, not once per connection.
+        if held <= self.max_per_caller.get() / 2
+            && let (Some(gate), Some(key)) = (&self.gate, caller)
+            && let Some(cgroups) = open.gated.remove(key)
+        {
+            for cgroup_id in cgroups {
+                gate.set_over_limit(cgroup_id, false);
             }
         }
     }
@@ -199,23 +250,61 @@ mod tests {
     fn each_caller_has_its_own_share_and_all_share_the_total() {
         let limits = Arc::new(ConnectionLimits::new(count(5), count(2)));
         let (a, b) = (Some(pod()), Some(LimitKey::Cgroup(CgroupId(2))));
-        let first = limits.admit(a.clone()).unwrap();
-        let _second = limits.admit(a.clone()).unwrap();
-        assert_eq!(limits.admit(a.clone()).unwrap_err(), OverLimit::Caller);
-        let _b1 = limits.admit(b.clone()).unwrap();
-        let _b2 = limits.admit(b).unwrap();
-        let _unattributed = limits.admit(None).unwrap();
+        let first = limits.admit(a.clone(), None).unwrap();
+        let _second = limits.admit(a.clone(), None).unwrap();
+        assert_eq!(limits.admit(a.clone(), None).unwrap_err(), OverLimit::Caller);
+        let _b1 = limits.admit(b.clone(), None).unwrap();
+        let _b2 = limits.admit(b, None).unwrap();
+        let _unattributed = limits.admit(None, None).unwrap();
         let other = Some(LimitKey::Cgroup(CgroupId(3)));
-        assert_eq!(limits.admit(other).unwrap_err(), OverLimit::Global);
+        assert_eq!(limits.admit(other, None).unwrap_err(), OverLimit::Global);
         drop(first);
-        assert!(limits.admit(a).is_ok(), "a closed connection frees its place");
+        assert!(
+            limits.admit(a, None).is_ok(),
+            "a closed connection frees its place"
+        );
+    }
+
+    /// Records what the limits ask of the kernel's gate.
+    #[derive(Default)]
+    struct Gate(Mutex<Vec<(u64, bool)>>);
+
+    impl ConnectGate for Gate {
+        fn set_over_limit(&self, cgroup_id: CgroupId, over: bool) {
+            self.0.lock().unwrap().push((cgroup_id.0, over));
+        }
+    }
+
+    #[test]
+    fn a_caller_over_its_share_is_gated_in_the_kernel_until_half_its_share_is_free() {
+        let gate = Arc::new(Gate::default());
+        let limits = Arc::new(ConnectionLimits::new(count(100), count(4)).with_gate(gate.clone()));
+        let open: Vec<_> = (0..4)
+            .map(|_| limits.admit(Some(pod()), Some(CgroupId(1))).unwrap())
+            .collect();
+        // Both containers of the pod hit the share, each once gated however often it retries.
+        for cgroup_id in [1, 2, 2] {
+            let refused = limits.admit(Some(pod()), Some(CgroupId(cgroup_id)));
+            assert_eq!(refused.unwrap_err(), OverLimit::Caller);
+        }
+        assert_eq!(*gate.0.lock().unwrap(), [(1, true), (2, true)]);
+        let mut open = open.into_iter();
+        drop(open.next());
+        assert_eq!(gate.0.lock().unwrap().len(), 2, "3 of 4 still open: still gated");
+        drop(open.next());
+        assert_eq!(
+            gate.0.lock().unwrap()[2..],
+            [(1, false), (2, false)],
+            "half the share free: both open again"
+        );
+        assert!(limits.lock().gated.is_empty());
     }
 
     #[test]
     fn released_callers_leave_no_entry_behind() {
         let limits = Arc::new(ConnectionLimits::new(count(10), count(10)));
         for id in 0..5 {
-            drop(limits.admit(Some(LimitKey::Cgroup(CgroupId(id)))).unwrap());
+            drop(limits.admit(Some(LimitKey::Cgroup(CgroupId(id))), None).unwrap());
         }
         let open = limits.lock();
         assert_eq!((open.total, open.by_caller.len()), (0, 0));

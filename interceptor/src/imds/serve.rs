@@ -16,12 +16,13 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
+use interceptor_common::CgroupId;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use super::{
     ImdsMetrics,
-    limits::{ConnectionLimits, LimitKey, LimitKeys},
+    limits::{ConnectGate, ConnectionLimits, LimitKey, LimitKeys},
 };
 use crate::{
     bpf::{Attribution, Interceptor},
@@ -66,6 +67,21 @@ impl Attribute for Interceptor {
     }
 }
 
+impl ConnectGate for Interceptor {
+    fn set_over_limit(&self, cgroup_id: CgroupId, over: bool) {
+        match Interceptor::set_over_limit(self, cgroup_id, over) {
+            Ok(()) => tracing::debug!(
+                cgroup_id = cgroup_id.0,
+                over,
+                "kernel gate of an over-limit caller"
+            ),
+            // The map full, say: the caller's connections are still closed at accept.
+            Err(err) => tracing::warn!(cgroup_id = cgroup_id.0, over, error = %err,
+                "cannot set the kernel gate of an over-limit caller"),
+        }
+    }
+}
+
 /// A client must send its request head within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on a request head (request line and headers).
@@ -106,7 +122,10 @@ pub async fn serve(
             .and_then(|local| attribute.attribute(peer, local));
         metrics.connection(attribution.is_some());
         let limit_key = attribution.map(|found| bounds.keys.key_of(found.cgroup_id));
-        let open = match bounds.limits.admit(limit_key.clone()) {
+        let open = match bounds
+            .limits
+            .admit(limit_key.clone(), attribution.map(|found| found.cgroup_id))
+        {
             Ok(open) => open,
             Err(over) => {
                 // Closed unread. Debug level: a flood must not flood the log too; the metric counts it.
