@@ -213,7 +213,8 @@ pub struct AgentArgs {
           default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = count_up_to(MAX_COUNT_FLAG))]
     pub max_connections: NonZeroU32,
     /// Metadata connections one pod may hold open at once (outside pods, one cgroup); more are closed
-    /// at accept. At most --max-connections.
+    /// at accept, and the kernel refuses the container's connects until half have closed. At most
+    /// --max-connections.
     #[arg(long, env = "INTERCEPTOR_MAX_CONNECTIONS_PER_POD", value_name = "N",
           default_value_t = DEFAULT_MAX_CONNECTIONS_PER_POD, value_parser = count_up_to(MAX_COUNT_FLAG))]
     pub max_connections_per_pod: NonZeroU32,
