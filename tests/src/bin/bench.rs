@@ -31,9 +31,11 @@ use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use interceptor_tests::{
     bench::{
+        Measure, Route,
         agent::BenchAgent,
         bpf_stats::{ProgramStats, StatsEnabled},
         connect::{ConnectCost, UnrelatedListener, attached_vs_detached},
+        micros,
         nginx::Nginx,
         output_field,
         process::{Memory, cpu_time},
@@ -299,13 +301,6 @@ impl Target {
             Target::NginxDnat => "nginx via DNAT",
         }
     }
-}
-
-/// The URL a target's clients ask, and the pod and cgroup they run in.
-struct Route<'a> {
-    url: String,
-    pod: &'a Pod,
-    cgroup: &'a Path,
 }
 
 fn route<'a>(target: Target, agent_node: &'a AgentNode, dnat: &'a DnatNode, path: &str) -> Route<'a> {
@@ -689,13 +684,6 @@ async fn perf_record(
     Ok(())
 }
 
-/// A row of the load table: its name, the figure it reads from each run, and how it shows.
-struct Measure {
-    name: &'static str,
-    of: fn(&LoadResult) -> f64,
-    show: fn(f64) -> String,
-}
-
 struct Report {
     runs: usize,
     loads: BTreeMap<LoadKey, Vec<LoadResult>>,
@@ -726,39 +714,15 @@ impl Report {
         );
         for connections in CONNECTIONS {
             for clients in CLIENT_COUNTS {
-                let measures = [
-                    Measure {
-                        name: "req/s",
-                        of: |r| r.requests_per_sec,
-                        show: thousands,
-                    },
-                    Measure {
-                        name: "p50",
-                        of: |r| r.p50_us,
-                        show: micros,
-                    },
-                    Measure {
-                        name: "p99",
-                        of: |r| r.p99_us,
-                        show: micros,
-                    },
-                ];
-                for Measure { name, of, show } in measures {
-                    let spreads = TARGETS.map(|target| self.spread((connections, clients, target), of));
-                    let cell = |spread: Spread| {
-                        format!(
-                            "{} [{}-{}]",
-                            show(spread.median),
-                            show(spread.min),
-                            show(spread.max)
-                        )
-                    };
+                for measure in [Measure::REQUESTS_PER_SEC, Measure::P50, Measure::P99] {
+                    let spreads =
+                        TARGETS.map(|target| self.spread((connections, clients, target), measure.of));
                     println!(
                         "{:<36} {:<26} {:<26} {:<26} {:>9.2} {:>9.2}",
-                        format!("{}, {clients} client(s) {name}", connections.label()),
-                        cell(spreads[0]),
-                        cell(spreads[1]),
-                        cell(spreads[2]),
+                        format!("{}, {clients} client(s) {}", connections.label(), measure.name),
+                        measure.cell(spreads[0]),
+                        measure.cell(spreads[1]),
+                        measure.cell(spreads[2]),
                         spreads[0].median / spreads[1].median,
                         spreads[0].median / spreads[2].median,
                     );
@@ -903,18 +867,6 @@ impl Report {
             "fan_in": { "roles": FAN_IN_ROLES, "per_role": FAN_IN_PER_ROLE, "runs": self.fan_ins },
             "memory": self.memory,
         })
-    }
-}
-
-fn thousands(value: f64) -> String {
-    format!("{:.1}k", value / 1000.0)
-}
-
-fn micros(value: f64) -> String {
-    if value >= 1000.0 {
-        format!("{:.2}ms", value / 1000.0)
-    } else {
-        format!("{value:.0}us")
     }
 }
 
