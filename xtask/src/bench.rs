@@ -1,7 +1,8 @@
 //! `sudo cargo xtask bench`: installs what the benchmarks run (nginx-light, wrk, iptables, moto in the
 //! venv), builds the BPF object, a release agent and the bench driver, and runs the driver
 //! (`tests/src/bin/bench.rs`): one table on standard output, the same figures as JSON under
-//! `target/bench/`. With `--perf`, records the agent under load with perf instead.
+//! `target/bench/`. With `--perf`, records the agent under load with perf instead; with `--only flood`,
+//! that section alone (`flood-<time>.json`).
 
 use std::{path::PathBuf, process::Command, time::SystemTime};
 
@@ -30,6 +31,9 @@ pub struct Options {
     /// compare with, or the static musl binary the image ships (`cargo xtask image --profile release`).
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
+    /// Run only this section: `flood`, a quiet pod alone and while another floods the agent.
+    #[arg(long, value_parser = ["flood"], conflicts_with = "perf")]
+    only: Option<String>,
 }
 
 /// Commands the benchmarks run, with the Debian packages that provide them.
@@ -79,11 +83,15 @@ pub fn run(options: &Options) -> Result<()> {
     if options.perf {
         driver.arg("--perf-record").arg(out.join("perf.data"));
     }
+    if let Some(section) = &options.only {
+        driver.args(["--only", section]);
+    }
     let started = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)?
         .as_secs();
+    let kind = options.only.as_deref().unwrap_or("bench");
     driver
         .arg("--json")
-        .arg(out.join(format!("bench-{started}.json")));
+        .arg(out.join(format!("{kind}-{started}.json")));
     run_checked(&mut driver)
 }

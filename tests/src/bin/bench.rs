@@ -11,6 +11,8 @@
 //!    pod's end runs the programs); connect() there with the programs attached and detached.
 //! 3. Cold fan-in: concurrent first requests from many callers over many roles; STS calls at moto.
 //! 4. The agent's memory with 0, 110 and 1,000 pods known and 100 cached sessions, idle and under load.
+//! 5. Flood: a quiet pod's latency alone and while another pod floods the agent (`--only flood` runs
+//!    this section alone).
 //!
 //! The agent learns its pods as on a real node: from the Kubernetes API (the tests' fake API server in
 //! the node), where every caller is a Pod object with a role annotation, beside filler pods with no
@@ -35,6 +37,7 @@ use interceptor_tests::{
         agent::BenchAgent,
         bpf_stats::{ProgramStats, StatsEnabled},
         connect::{ConnectCost, UnrelatedListener, attached_vs_detached},
+        flood::{self, FloodReport},
         micros,
         nginx::Nginx,
         output_field,
@@ -70,6 +73,16 @@ struct Options {
     /// 16 keep-alive clients for `--seconds`.
     #[arg(long, value_name = "FILE")]
     perf_record: Option<PathBuf>,
+    /// Run only this section of the benchmarks.
+    #[arg(long, value_enum, conflicts_with = "perf_record")]
+    only: Option<Section>,
+}
+
+/// A section `--only` runs.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    /// 5: a quiet pod alone and while another floods the agent.
+    Flood,
 }
 
 /// The credentials path below the metadata address; the role's name follows it.
@@ -330,6 +343,16 @@ async fn bench(options: &Options) -> Result<()> {
     let sim_client = sibling_binary("sim-client")?;
     let duration = Duration::from_secs(options.seconds);
     let mut agent_node = AgentNode::start().await?;
+    if options.only == Some(Section::Flood) {
+        let flood = flood_section(&agent_node, options.runs, duration).await?;
+        print_machine();
+        println!("median [min-max] of {} runs; ratios of medians", options.runs);
+        flood.print();
+        return write_json(
+            &options.json,
+            json!({ "machine": machine(), "flood": flood.to_json() }),
+        );
+    }
 
     // 1. The agent knows every caller and has cached the first one's credentials.
     let agent = agent_node.start_agent(CALLERS, CALLERS)?;
@@ -429,6 +452,9 @@ async fn bench(options: &Options) -> Result<()> {
         memory.push(memory_with(&agent_node, &sim_client, known, &path, duration).await?);
     }
 
+    // 5. Flood.
+    let flood = flood_section(&agent_node, options.runs, duration).await?;
+
     let report = Report {
         runs: options.runs,
         loads,
@@ -437,13 +463,49 @@ async fn bench(options: &Options) -> Result<()> {
         connect,
         fan_ins,
         memory,
+        flood,
     };
     report.print();
-    let json = serde_json::to_string_pretty(&report.to_json(options.seconds))?;
-    std::fs::write(&options.json, json)
-        .with_context(|| format!("cannot write {}", options.json.display()))?;
-    println!("\nwritten to {}", options.json.display());
+    write_json(&options.json, report.to_json(options.seconds))
+}
+
+fn write_json(path: &Path, value: serde_json::Value) -> Result<()> {
+    let json = serde_json::to_string_pretty(&value)?;
+    std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("\nwritten to {}", path.display());
     Ok(())
+}
+
+/// A caller asking for its role's credentials.
+fn credentials_route(caller: &Caller) -> Route<'_> {
+    Route {
+        url: format!("http://{METADATA_IP}{CREDENTIALS_PATH}{}", caller.role),
+        pod: &caller.pod,
+        cgroup: &caller.container,
+    }
+}
+
+/// Asks once as `route`'s client and fails unless the agent answers 200 (which caches the session).
+async fn expect_ok(route: &Route<'_>) -> Result<()> {
+    let response = curl(route.pod, route.cgroup, &[&route.url]).await?;
+    ensure!(
+        status_of(&response) == 200,
+        "the agent refused {}: {response}",
+        route.url
+    );
+    Ok(())
+}
+
+/// The flood (5), on a fresh agent that knows every caller: the first is the quiet pod, the second
+/// floods. Both have their sessions cached first, so the flood measures answering, not STS.
+async fn flood_section(agent_node: &AgentNode, runs: usize, duration: Duration) -> Result<FloodReport> {
+    let _agent = agent_node.start_agent(CALLERS, CALLERS)?;
+    let quiet = credentials_route(&agent_node.callers[0]);
+    let flooder = credentials_route(&agent_node.callers[1]);
+    for route in [&quiet, &flooder] {
+        expect_ok(route).await?;
+    }
+    flood::measure(&quiet, &flooder, runs, duration).await
 }
 
 /// A binary built beside this one (`sim-client`).
@@ -692,6 +754,7 @@ struct Report {
     connect: ConnectCost,
     fan_ins: Vec<FanIn>,
     memory: Vec<MemoryRun>,
+    flood: FloodReport,
 }
 
 impl Report {
@@ -701,7 +764,7 @@ impl Report {
     }
 
     fn print(&self) {
-        println!("\nmachine: {} cores, kernel {}", cores(), kernel_release());
+        print_machine();
         println!("median [min-max] of {} runs; ratios of medians", self.runs);
         println!(
             "\n{:<36} {:<26} {:<26} {:<26} {:>9} {:>9}",
@@ -824,6 +887,7 @@ impl Report {
                 run.under_load.map_or_else(|| "-".to_owned(), mib)
             );
         }
+        self.flood.print();
     }
 
     fn to_json(&self, seconds_per_load: u64) -> serde_json::Value {
@@ -857,7 +921,7 @@ impl Report {
             })
             .collect();
         json!({
-            "machine": { "cores": cores(), "kernel": kernel_release() },
+            "machine": machine(),
             "runs": self.runs,
             "seconds_per_load": seconds_per_load,
             "loads": loads,
@@ -866,8 +930,17 @@ impl Report {
             "connect": self.connect,
             "fan_in": { "roles": FAN_IN_ROLES, "per_role": FAN_IN_PER_ROLE, "runs": self.fan_ins },
             "memory": self.memory,
+            "flood": self.flood.to_json(),
         })
     }
+}
+
+fn print_machine() {
+    println!("\nmachine: {} cores, kernel {}", cores(), kernel_release());
+}
+
+fn machine() -> serde_json::Value {
+    json!({ "cores": cores(), "kernel": kernel_release() })
 }
 
 fn cores() -> usize {
