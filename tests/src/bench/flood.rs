@@ -15,7 +15,7 @@ use serde_json::json;
 use super::{
     Measure, Route,
     spread::Spread,
-    wrk::{Connections, CountedLoad, Load, LoadResult},
+    wrk::{Connections, CountedLoad, Load, LoadResult, Requests},
 };
 
 /// How the flooding pod floods.
@@ -121,7 +121,7 @@ pub async fn measure(
                     connections,
                     duration,
                 };
-                let quiet_run = quiet_load.run_counting(quiet.pod, quiet.cgroup);
+                let quiet_run = quiet_load.run_counting(quiet.pod, quiet.cgroup, Requests::Url);
                 let result = match condition {
                     Condition::Alone => quiet_run.await?,
                     Condition::Flooded(flood) => {
@@ -131,7 +131,7 @@ pub async fn measure(
                             connections: flood.connections(),
                             duration: duration + 2 * FLOOD_MARGIN,
                         };
-                        let flooding = flooding.run_counting(flooder.pod, flooder.cgroup);
+                        let flooding = flooding.run_counting(flooder.pod, flooder.cgroup, Requests::Url);
                         let quiet_run = async {
                             tokio::time::sleep(FLOOD_MARGIN).await;
                             quiet_run.await

@@ -1,7 +1,7 @@
 //! Pieces of `cargo xtask bench` (its driver is `src/bin/bench.rs`): the agent with its log in a file,
 //! nginx as the fixed-reply ceiling, wrk as the load, the kernel's run-time statistics of BPF programs,
 //! connect() with the programs attached and detached, a process's memory and CPU time, the summary of
-//! repeated runs, and a quiet pod's latency while another floods the agent.
+//! repeated runs, a quiet pod's latency while another floods the agent, and the soak.
 
 pub mod agent;
 pub mod bpf_stats;
@@ -9,6 +9,7 @@ pub mod connect;
 pub mod flood;
 pub mod nginx;
 pub mod process;
+pub mod soak;
 pub mod spread;
 pub mod wrk;
 

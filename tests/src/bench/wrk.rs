@@ -2,7 +2,7 @@
 //! time, run in a pod's network namespace and a cgroup the caller chooses, its report read back as
 //! numbers. With a new connection per request, wrk's latencies start when the request is written, after
 //! the connect: the connection's cost shows in requests/s, not in p50 and p99. A counted load runs
-//! `wrk.lua`, which counts the responses by status.
+//! `wrk.lua`, which counts the responses by status and can ask as an SDK does, at a set pace.
 
 use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
 
@@ -14,7 +14,7 @@ use crate::{
     sim::Pod,
 };
 
-/// The script of counted loads.
+/// The script of counted loads; its header says what its arguments ask.
 const SCRIPT: &str = include_str!("wrk.lua");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -80,14 +80,19 @@ impl Load<'_> {
         Ok(result)
     }
 
-    /// Runs wrk to the end with the counting script, and reads its report and the responses by status.
-    /// Unlike [`Load::run`], refusals do not fail it: they are counted.
-    pub async fn run_counting(&self, pod: &Pod, cgroup: &Path) -> Result<CountedLoad> {
+    /// Runs wrk to the end with `requests` asked through the counting script, and reads its report and
+    /// the responses by status. Unlike [`Load::run`], refusals do not fail it: they are counted.
+    pub async fn run_counting(&self, pod: &Pod, cgroup: &Path, requests: Requests) -> Result<CountedLoad> {
         let dir = tempfile::tempdir()?;
         let script = dir.path().join("wrk.lua");
         std::fs::write(&script, SCRIPT).with_context(|| format!("cannot write {}", script.display()))?;
         let mut command = self.options(pod, cgroup)?;
-        command.arg("--script").arg(&script).arg(self.url);
+        command
+            .arg("--script")
+            .arg(&script)
+            .arg(self.url)
+            .arg("--")
+            .args(requests.script_args());
         // wrk stops at its duration; the margin covers its start and its last responses.
         let report = run_within(command, self.duration + Duration::from_secs(30)).await?;
         let result =
@@ -95,6 +100,30 @@ impl Load<'_> {
         let statuses = Statuses::parse(&report)
             .with_context(|| format!("cannot read the statuses counted:\n{report}"))?;
         Ok(CountedLoad { result, statuses })
+    }
+}
+
+/// What each connection of a counted load asks: the arguments of `wrk.lua`.
+#[derive(Clone, Copy, Debug)]
+pub enum Requests {
+    /// The load's URL, as fast as the server answers.
+    Url,
+    /// What an SDK asks for the credentials of the load's URL (a role's): the role list and the role's
+    /// credentials in turn, with an IMDSv2 token first (and anew every 100 requests) when `token`;
+    /// each connection pauses `pause` after a response before its next request.
+    Sdk { token: bool, pause: Duration },
+}
+
+impl Requests {
+    fn script_args(self) -> Vec<String> {
+        match self {
+            Requests::Url => vec!["url".to_owned()],
+            Requests::Sdk { token, pause } => vec![
+                "sdk".to_owned(),
+                pause.as_millis().to_string(),
+                if token { "v2" } else { "v1" }.to_owned(),
+            ],
+        }
     }
 }
 
@@ -122,6 +151,13 @@ impl Statuses {
 
     pub fn total(&self) -> u64 {
         self.0.values().sum()
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Statuses) {
+        for (status, count) in &other.0 {
+            *self.0.entry(*status).or_default() += count;
+        }
     }
 
     /// The `status <code> <count>` lines of the script's `done()`, a code on several lines (one per

@@ -14,6 +14,9 @@
 //! 5. Flood: a quiet pod's latency alone and while another pod floods the agent (`--only flood` runs
 //!    this section alone).
 //!
+//! `--soak MINUTES` runs none of these but the soak: a steady mix for that long, the agent's memory and
+//! descriptors sampled every 10 s, and whether they stay flat.
+//!
 //! The agent learns its pods as on a real node: from the Kubernetes API (the tests' fake API server in
 //! the node), where every caller is a Pod object with a role annotation, beside filler pods with no
 //! cgroup for the memory measurement.
@@ -42,6 +45,7 @@ use interceptor_tests::{
         nginx::Nginx,
         output_field,
         process::{Memory, cpu_time},
+        soak::{self, SoakReport},
         spread::Spread,
         wrk::{Connections, Load, LoadResult},
     },
@@ -76,6 +80,11 @@ struct Options {
     /// Run only this section of the benchmarks.
     #[arg(long, value_enum, conflicts_with = "perf_record")]
     only: Option<Section>,
+    /// Instead of the benchmarks: the soak, a steady mix of callers for this many minutes (at least 2;
+    /// a third of it, at least the first minute, is warm-up).
+    #[arg(long, value_name = "MINUTES", value_parser = clap::value_parser!(u64).range(2..),
+          conflicts_with_all = ["perf_record", "only"])]
+    soak: Option<u64>,
 }
 
 /// A section `--only` runs.
@@ -343,6 +352,15 @@ async fn bench(options: &Options) -> Result<()> {
     let sim_client = sibling_binary("sim-client")?;
     let duration = Duration::from_secs(options.seconds);
     let mut agent_node = AgentNode::start().await?;
+    if let Some(minutes) = options.soak {
+        let soak = soak_section(&agent_node, Duration::from_secs(minutes * 60)).await?;
+        print_machine();
+        soak.print();
+        return write_json(
+            &options.json,
+            json!({ "machine": machine(), "soak": soak.to_json() }),
+        );
+    }
     if options.only == Some(Section::Flood) {
         let flood = flood_section(&agent_node, options.runs, duration).await?;
         print_machine();
@@ -506,6 +524,18 @@ async fn flood_section(agent_node: &AgentNode, runs: usize, duration: Duration) 
         expect_ok(route).await?;
     }
     flood::measure(&quiet, &flooder, runs, duration).await
+}
+
+/// The soak, on a fresh agent that knows every caller, the first of them in the mix.
+async fn soak_section(agent_node: &AgentNode, length: Duration) -> Result<SoakReport> {
+    let agent = agent_node.start_agent(CALLERS, CALLERS)?;
+    let pods: Vec<Route> = agent_node
+        .callers
+        .iter()
+        .take(soak::pods_needed())
+        .map(credentials_route)
+        .collect();
+    soak::soak(&agent_node.node, agent.pid(), &pods, length).await
 }
 
 /// A binary built beside this one (`sim-client`).
