@@ -115,32 +115,8 @@ pub async fn measure(
     for run_index in 0..runs {
         for connections in QUIET_CONNECTIONS {
             for condition in CONDITIONS {
-                let quiet_load = Load {
-                    url: &quiet.url,
-                    clients: 1,
-                    connections,
-                    duration,
-                };
-                let quiet_run = quiet_load.run_counting(quiet.pod, quiet.cgroup, Requests::Url);
-                let result = match condition {
-                    Condition::Alone => quiet_run.await?,
-                    Condition::Flooded(flood) => {
-                        let flooding = Load {
-                            url: &flooder.url,
-                            clients: flood.clients(),
-                            connections: flood.connections(),
-                            duration: duration + 2 * FLOOD_MARGIN,
-                        };
-                        let flooding = flooding.run_counting(flooder.pod, flooder.cgroup, Requests::Url);
-                        let quiet_run = async {
-                            tokio::time::sleep(FLOOD_MARGIN).await;
-                            quiet_run.await
-                        };
-                        let (flood_result, quiet_result) = tokio::try_join!(flooding, quiet_run)?;
-                        report.floods.entry(flood).or_default().push(flood_result);
-                        quiet_result
-                    }
-                };
+                let (result, flood_result) =
+                    quiet_beside(quiet, flooder, connections, condition, duration).await?;
                 eprintln!(
                     "bench: run {} quiet {} {}: p99 {:.0} us, {} not 200",
                     run_index + 1,
@@ -149,6 +125,9 @@ pub async fn measure(
                     result.result.p99_us,
                     result.statuses.not_ok()
                 );
+                if let (Condition::Flooded(flood), Some(flood_result)) = (condition, flood_result) {
+                    report.floods.entry(flood).or_default().push(flood_result);
+                }
                 report
                     .quiet
                     .entry((connections, condition))
@@ -158,6 +137,40 @@ pub async fn measure(
         }
     }
     Ok(report)
+}
+
+/// One load of the quiet pod (one client for `duration`) in `condition`: the flood, when there is one,
+/// starts [`FLOOD_MARGIN`] before it and ends as long after. Its result, and the flood's.
+async fn quiet_beside(
+    quiet: &Route<'_>,
+    flooder: &Route<'_>,
+    connections: Connections,
+    condition: Condition,
+    duration: Duration,
+) -> Result<(CountedLoad, Option<CountedLoad>)> {
+    let quiet_load = Load {
+        url: &quiet.url,
+        clients: 1,
+        connections,
+        duration,
+    };
+    let quiet_run = quiet_load.run_counting(quiet.pod, quiet.cgroup, Requests::Url);
+    let Condition::Flooded(flood) = condition else {
+        return Ok((quiet_run.await?, None));
+    };
+    let flooding = Load {
+        url: &flooder.url,
+        clients: flood.clients(),
+        connections: flood.connections(),
+        duration: duration + 2 * FLOOD_MARGIN,
+    };
+    let flooding = flooding.run_counting(flooder.pod, flooder.cgroup, Requests::Url);
+    let quiet_run = async {
+        tokio::time::sleep(FLOOD_MARGIN).await;
+        quiet_run.await
+    };
+    let (flood_result, quiet_result) = tokio::try_join!(flooding, quiet_run)?;
+    Ok((quiet_result, Some(flood_result)))
 }
 
 impl FloodReport {
