@@ -21,6 +21,7 @@ use serde_json::json;
 use super::{
     Route,
     process::{Memory, open_fds},
+    spread::Spread,
     wrk::{Connections, CountedLoad, Load, Requests, Statuses},
 };
 use crate::{deployed::health, exposition::Samples, sim::SimNode};
@@ -68,6 +69,9 @@ const MIX: [(usize, Pattern); 3] = [
 /// Each connection's pause after a response: about 50 requests/s per connection, 700 over the mix's 14.
 const PAUSE: Duration = Duration::from_millis(20);
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+/// Counts of the descriptors per sample, and the time between them; see [`steady_open_fds`].
+const FD_COUNTS: usize = 5;
+const FD_COUNT_GAP: Duration = Duration::from_millis(100);
 /// The shortest warm-up; see [`warm_up`].
 const MIN_WARM_UP: Duration = Duration::from_secs(60);
 /// The mix runs this much longer than the soak, so the last sample is taken under load.
@@ -78,9 +82,9 @@ const LOAD_TAIL: Duration = Duration::from_secs(5);
 /// KiB/h), the longest a node commonly lives (Karpenter's default expiry) and so the agent without a
 /// restart.
 const RSS_THRESHOLD_KIB_PER_HOUR: f64 = 128.0;
-/// Open descriptors may grow this fast and still be flat. A descriptor leak is a bug at any rate (a
-/// socket or a file the agent forgot), and one an hour is about the least an hour's soak tells from
-/// the new connections that happen to be open at a sample.
+/// Open descriptors may grow this fast and still be flat: one an hour. A descriptor leak is a bug at any
+/// rate (a socket or a file the agent forgot); with the count steadied (see [`steady_open_fds`]) a
+/// flat count fits a slope of 0 with no error, and a real leak stands out within minutes.
 const FDS_THRESHOLD_PER_HOUR: f64 = 1.0;
 
 /// Samples before this are left out of the slopes: the first sessions from STS, the allocator's arenas
@@ -111,7 +115,7 @@ pub struct Sample {
 impl Sample {
     async fn take(node: &SimNode, pid: u32, seconds: f64) -> Result<Self> {
         let rss_kib = Memory::of(pid)?.rss_kib;
-        let open_fds = open_fds(pid)?;
+        let open_fds = steady_open_fds(pid).await?;
         // After the descriptors are counted: the scrape's own connection is not among them.
         let (status, exposition) = health(node, "/metrics").await?;
         ensure!(status == 200, "the agent's /metrics answered {status}");
@@ -127,6 +131,20 @@ impl Sample {
             answered_not_ok: answered - answered_ok,
         })
     }
+}
+
+/// The median of [`FD_COUNTS`] counts of `pid`'s descriptors [`FD_COUNT_GAP`] apart: a connection
+/// opening or closing at the instant of one count (a new-connection client's, the Kubernetes watch
+/// reconnecting) does not move it, a descriptor that stays does.
+async fn steady_open_fds(pid: u32) -> Result<u64> {
+    let mut counts = Vec::with_capacity(FD_COUNTS);
+    for index in 0..FD_COUNTS {
+        if index > 0 {
+            tokio::time::sleep(FD_COUNT_GAP).await;
+        }
+        counts.push(open_fds(pid)? as f64);
+    }
+    Ok(Spread::of(&counts).median as u64)
 }
 
 /// The least-squares line through some points: its slope and the slope's standard error.
