@@ -65,6 +65,19 @@ impl Samples {
         self.0.get(key).copied().unwrap_or(0.0)
     }
 
+    /// The samples of metric `name` (with any labels), summed by the value of their label `label`.
+    pub fn sum_by_label(&self, name: &str, label: &str) -> BTreeMap<String, f64> {
+        let mut sums = BTreeMap::new();
+        for (key, value) in &self.0 {
+            let Some(labels) = key.strip_prefix(name).and_then(|rest| rest.strip_prefix('{')) else {
+                continue;
+            };
+            let of_label = label_value(labels, label).unwrap_or_default();
+            *sums.entry(of_label.to_owned()).or_insert(0.0) += value;
+        }
+        sums
+    }
+
     /// How much each sample grew from `before` to `self`, for the samples that changed.
     pub fn delta(&self, before: &Samples) -> BTreeMap<String, f64> {
         self.0
@@ -72,5 +85,28 @@ impl Samples {
             .map(|(key, value)| (key.clone(), value - before.get(key)))
             .filter(|(_, change)| *change != 0.0)
             .collect()
+    }
+}
+
+/// The value of `label` in the labels of a sample's key after its `{` (`a="x",b="y"}`), which
+/// [`Samples::parse`] writes without escapes: the values it reads are fixed strings, numbers and ARNs.
+fn label_value<'k>(labels: &'k str, label: &str) -> Option<&'k str> {
+    labels
+        .strip_suffix('}')?
+        .split(',')
+        .find_map(|pair| pair.strip_prefix(label)?.strip_prefix("=\"")?.strip_suffix('"'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_label_by_its_whole_name() {
+        let labels = r#"route="credentials",status="429"}"#;
+        assert_eq!(label_value(labels, "status"), Some("429"));
+        assert_eq!(label_value(labels, "route"), Some("credentials"));
+        assert_eq!(label_value(labels, "tatus"), None);
+        assert_eq!(label_value(r#"xstatus="1"}"#, "status"), None);
     }
 }

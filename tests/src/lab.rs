@@ -209,12 +209,17 @@ impl OnePod {
 /// Runs a prepared command to completion (bounded) and returns its standard output; fails with its
 /// standard error when it exits non-zero.
 pub async fn run(command: Command) -> Result<String> {
+    run_within(command, Duration::from_secs(60)).await
+}
+
+/// [`run`] for a command meant to run longer than a minute (a soak's load): killed past `limit`.
+pub async fn run_within(command: Command, limit: Duration) -> Result<String> {
     let described = format!("{command:?}");
     let mut command = tokio::process::Command::from(command);
     command.kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(60), command.output())
+    let out = tokio::time::timeout(limit, command.output())
         .await
-        .with_context(|| format!("{described} did not finish in 60 s"))?
+        .with_context(|| format!("{described} did not finish in {} s", limit.as_secs()))?
         .with_context(|| format!("cannot run {described}"))?;
     ensure!(
         out.status.success(),

@@ -1,7 +1,8 @@
 //! `sudo cargo xtask bench`: installs what the benchmarks run (nginx-light, wrk, iptables, moto in the
 //! venv), builds the BPF object, a release agent and the bench driver, and runs the driver
 //! (`tests/src/bin/bench.rs`): one table on standard output, the same figures as JSON under
-//! `target/bench/`. With `--perf`, records the agent under load with perf instead.
+//! `target/bench/`. With `--perf`, records the agent under load with perf instead; with `--soak`, runs
+//! the soak instead (`soak-<time>.json`); with `--only flood`, that section alone (`flood-<time>.json`).
 
 use std::{path::PathBuf, process::Command, time::SystemTime};
 
@@ -30,6 +31,13 @@ pub struct Options {
     /// compare with, or the static musl binary the image ships (`cargo xtask image --profile release`).
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
+    /// Run only this section: `flood`, a quiet pod alone and while another floods the agent.
+    #[arg(long, value_parser = ["flood"], conflicts_with = "perf")]
+    only: Option<String>,
+    /// Instead of the benchmarks: a steady mix of callers for this many minutes (at least 2), the
+    /// agent's memory and open descriptors sampled every 10 s; reports their slope and whether flat.
+    #[arg(long, value_name = "MINUTES", conflicts_with_all = ["perf", "only"])]
+    soak: Option<u64>,
 }
 
 /// Commands the benchmarks run, with the Debian packages that provide them.
@@ -79,11 +87,22 @@ pub fn run(options: &Options) -> Result<()> {
     if options.perf {
         driver.arg("--perf-record").arg(out.join("perf.data"));
     }
+    if let Some(section) = &options.only {
+        driver.args(["--only", section]);
+    }
+    if let Some(minutes) = options.soak {
+        driver.args(["--soak", &minutes.to_string()]);
+    }
     let started = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)?
         .as_secs();
+    let kind = match (&options.only, options.soak) {
+        (_, Some(_)) => "soak",
+        (Some(section), None) => section,
+        (None, None) => "bench",
+    };
     driver
         .arg("--json")
-        .arg(out.join(format!("bench-{started}.json")));
+        .arg(out.join(format!("{kind}-{started}.json")));
     run_checked(&mut driver)
 }

@@ -1,4 +1,5 @@
-//! What a process has used, from `/proc/<pid>`: resident memory now and at its peak, and CPU time.
+//! What a process has used, from `/proc/<pid>`: resident memory now and at its peak, CPU time, and
+//! open file descriptors.
 
 use std::time::Duration;
 
@@ -56,6 +57,13 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let per_second = u64::try_from(per_second).context("no clock tick rate")?;
     Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+/// The file descriptors `pid` has open now: sockets, BPF objects, files.
+pub fn open_fds(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))?;
+    Ok(entries.count() as u64)
 }
 
 /// utime + stime of a `/proc/<pid>/stat` line, in clock ticks: the 14th and 15th fields, counted after

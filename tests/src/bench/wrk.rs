@@ -1,14 +1,21 @@
 //! wrk (Debian's package) as the load generator: one thread and a number of connections for a fixed
 //! time, run in a pod's network namespace and a cgroup the caller chooses, its report read back as
 //! numbers. With a new connection per request, wrk's latencies start when the request is written, after
-//! the connect: the connection's cost shows in requests/s, not in p50 and p99.
+//! the connect: the connection's cost shows in requests/s, not in p50 and p99. A counted load runs
+//! `wrk.lua`, which counts the responses by status and can ask as an SDK does, at a set pace.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 
-use crate::{lab::run, sim::Pod};
+use crate::{
+    lab::{run, run_within},
+    sim::Pod,
+};
+
+/// The script of counted loads; its header says what its arguments ask.
+const SCRIPT: &str = include_str!("wrk.lua");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -40,6 +47,13 @@ pub struct Load<'a> {
 impl Load<'_> {
     /// wrk with this load, in `pod`'s network and `cgroup`.
     pub fn command(&self, pod: &Pod, cgroup: &Path) -> Result<Command> {
+        let mut command = self.options(pod, cgroup)?;
+        command.arg(self.url);
+        Ok(command)
+    }
+
+    /// wrk with this load's options and no URL yet, which must come after any other option.
+    fn options(&self, pod: &Pod, cgroup: &Path) -> Result<Command> {
         let mut command = pod.command(cgroup, "wrk")?;
         command
             .args(["--threads", "1", "--latency"])
@@ -48,7 +62,6 @@ impl Load<'_> {
         if self.connections == Connections::NewPerRequest {
             command.args(["--header", "Connection: close"]);
         }
-        command.arg(self.url);
         Ok(command)
     }
 
@@ -65,6 +78,100 @@ impl Load<'_> {
             self.url
         );
         Ok(result)
+    }
+
+    /// Runs wrk to the end with `requests` asked through the counting script, and reads its report and
+    /// the responses by status. Unlike [`Load::run`], refusals do not fail it: they are counted.
+    pub async fn run_counting(&self, pod: &Pod, cgroup: &Path, requests: Requests) -> Result<CountedLoad> {
+        let dir = tempfile::tempdir()?;
+        let script = dir.path().join("wrk.lua");
+        std::fs::write(&script, SCRIPT).with_context(|| format!("cannot write {}", script.display()))?;
+        let mut command = self.options(pod, cgroup)?;
+        command
+            .arg("--script")
+            .arg(&script)
+            .arg(self.url)
+            .arg("--")
+            .args(requests.script_args());
+        // wrk stops at its duration; the margin covers its start and its last responses.
+        let report = run_within(command, self.duration + Duration::from_secs(30)).await?;
+        let result =
+            LoadResult::parse(&report).with_context(|| format!("cannot read wrk's report:\n{report}"))?;
+        let statuses = Statuses::parse(&report)
+            .with_context(|| format!("cannot read the statuses counted:\n{report}"))?;
+        Ok(CountedLoad { result, statuses })
+    }
+}
+
+/// What each connection of a counted load asks: the arguments of `wrk.lua`.
+#[derive(Clone, Copy, Debug)]
+pub enum Requests {
+    /// The load's URL, as fast as the server answers.
+    Url,
+    /// What an SDK asks for the credentials of the load's URL (a role's): the role list and the role's
+    /// credentials in turn, with an IMDSv2 token first (and anew every 100 requests) when `token`;
+    /// each connection pauses `pause` after a response before its next request.
+    Sdk { token: bool, pause: Duration },
+}
+
+impl Requests {
+    fn script_args(self) -> Vec<String> {
+        match self {
+            Requests::Url => vec!["url".to_owned()],
+            Requests::Sdk { token, pause } => vec![
+                "sdk".to_owned(),
+                pause.as_millis().to_string(),
+                if token { "v2" } else { "v1" }.to_owned(),
+            ],
+        }
+    }
+}
+
+/// A counted load's report: wrk's figures and the responses by status.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CountedLoad {
+    pub result: LoadResult,
+    pub statuses: Statuses,
+}
+
+/// Responses by HTTP status.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Statuses(BTreeMap<u16, u64>);
+
+impl Statuses {
+    /// Responses with `status`.
+    pub fn of(&self, status: u16) -> u64 {
+        self.0.get(&status).copied().unwrap_or(0)
+    }
+
+    /// Responses of any status but 200.
+    pub fn not_ok(&self) -> u64 {
+        self.total() - self.of(200)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Statuses) {
+        for (status, count) in &other.0 {
+            *self.0.entry(*status).or_default() += count;
+        }
+    }
+
+    /// The `status <code> <count>` lines of the script's `done()`, a code on several lines (one per
+    /// wrk thread) summed.
+    fn parse(report: &str) -> Option<Self> {
+        let mut statuses = Self::default();
+        for line in report.lines() {
+            let Some(fields) = line.strip_prefix("status ") else {
+                continue;
+            };
+            let (status, count) = fields.trim().split_once(' ')?;
+            *statuses.0.entry(status.parse().ok()?).or_default() += count.trim().parse::<u64>().ok()?;
+        }
+        Some(statuses)
     }
 }
 
@@ -169,6 +276,17 @@ Transfer/sec:     90.02MB
             .collect();
         let result = LoadResult::parse(&clean).expect("parses");
         assert_eq!((result.non_success, result.socket_errors), (0, 0));
+    }
+
+    #[test]
+    fn sums_the_statuses_the_script_counted_per_thread() {
+        let report = format!("{REPORT}status 200 562342\nstatus 429 2\nstatus 429 1\n");
+        let statuses = Statuses::parse(&report).expect("parses");
+        assert_eq!(
+            (statuses.of(200), statuses.of(429), statuses.not_ok()),
+            (562_342, 3, 3)
+        );
+        assert_eq!(Statuses::parse(REPORT), Some(Statuses::default()));
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //!    pod's end runs the programs); connect() there with the programs attached and detached.
 //! 3. Cold fan-in: concurrent first requests from many callers over many roles; STS calls at moto.
 //! 4. The agent's memory with 0, 110 and 1,000 pods known and 100 cached sessions, idle and under load.
+//! 5. Flood: a quiet pod's latency alone and while another pod floods the agent (`--only flood` runs
+//!    this section alone).
+//!
+//! `--soak MINUTES` runs none of these but the soak: a steady mix for that long, the agent's memory and
+//! descriptors sampled every 10 s, and whether they stay flat.
 //!
 //! The agent learns its pods as on a real node: from the Kubernetes API (the tests' fake API server in
 //! the node), where every caller is a Pod object with a role annotation, beside filler pods with no
@@ -31,12 +36,16 @@ use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use interceptor_tests::{
     bench::{
+        Measure, Route,
         agent::BenchAgent,
         bpf_stats::{ProgramStats, StatsEnabled},
         connect::{ConnectCost, UnrelatedListener, attached_vs_detached},
+        flood::{self, FloodReport},
+        micros,
         nginx::Nginx,
         output_field,
         process::{Memory, cpu_time},
+        soak::{self, SoakReport},
         spread::Spread,
         wrk::{Connections, Load, LoadResult},
     },
@@ -68,6 +77,21 @@ struct Options {
     /// 16 keep-alive clients for `--seconds`.
     #[arg(long, value_name = "FILE")]
     perf_record: Option<PathBuf>,
+    /// Run only this section of the benchmarks.
+    #[arg(long, value_enum, conflicts_with = "perf_record")]
+    only: Option<Section>,
+    /// Instead of the benchmarks: the soak, a steady mix of callers for this many minutes (at least 2;
+    /// a third of it, at least the first minute, is warm-up).
+    #[arg(long, value_name = "MINUTES", value_parser = clap::value_parser!(u64).range(2..),
+          conflicts_with_all = ["perf_record", "only"])]
+    soak: Option<u64>,
+}
+
+/// A section `--only` runs.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    /// 5: a quiet pod alone and while another floods the agent.
+    Flood,
 }
 
 /// The credentials path below the metadata address; the role's name follows it.
@@ -301,13 +325,6 @@ impl Target {
     }
 }
 
-/// The URL a target's clients ask, and the pod and cgroup they run in.
-struct Route<'a> {
-    url: String,
-    pod: &'a Pod,
-    cgroup: &'a Path,
-}
-
 fn route<'a>(target: Target, agent_node: &'a AgentNode, dnat: &'a DnatNode, path: &str) -> Route<'a> {
     let caller = agent_node.caller();
     match target {
@@ -335,6 +352,25 @@ async fn bench(options: &Options) -> Result<()> {
     let sim_client = sibling_binary("sim-client")?;
     let duration = Duration::from_secs(options.seconds);
     let mut agent_node = AgentNode::start().await?;
+    if let Some(minutes) = options.soak {
+        let soak = soak_section(&agent_node, Duration::from_secs(minutes * 60)).await?;
+        print_machine();
+        soak.print();
+        return write_json(
+            &options.json,
+            json!({ "machine": machine(), "soak": soak.to_json() }),
+        );
+    }
+    if options.only == Some(Section::Flood) {
+        let flood = flood_section(&agent_node, options.runs, duration).await?;
+        print_machine();
+        println!("median [min-max] of {} runs; ratios of medians", options.runs);
+        flood.print();
+        return write_json(
+            &options.json,
+            json!({ "machine": machine(), "flood": flood.to_json() }),
+        );
+    }
 
     // 1. The agent knows every caller and has cached the first one's credentials.
     let agent = agent_node.start_agent(CALLERS, CALLERS)?;
@@ -434,6 +470,9 @@ async fn bench(options: &Options) -> Result<()> {
         memory.push(memory_with(&agent_node, &sim_client, known, &path, duration).await?);
     }
 
+    // 5. Flood.
+    let flood = flood_section(&agent_node, options.runs, duration).await?;
+
     let report = Report {
         runs: options.runs,
         loads,
@@ -442,13 +481,61 @@ async fn bench(options: &Options) -> Result<()> {
         connect,
         fan_ins,
         memory,
+        flood,
     };
     report.print();
-    let json = serde_json::to_string_pretty(&report.to_json(options.seconds))?;
-    std::fs::write(&options.json, json)
-        .with_context(|| format!("cannot write {}", options.json.display()))?;
-    println!("\nwritten to {}", options.json.display());
+    write_json(&options.json, report.to_json(options.seconds))
+}
+
+fn write_json(path: &Path, value: serde_json::Value) -> Result<()> {
+    let json = serde_json::to_string_pretty(&value)?;
+    std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("\nwritten to {}", path.display());
     Ok(())
+}
+
+/// A caller asking for its role's credentials.
+fn credentials_route(caller: &Caller) -> Route<'_> {
+    Route {
+        url: format!("http://{METADATA_IP}{CREDENTIALS_PATH}{}", caller.role),
+        pod: &caller.pod,
+        cgroup: &caller.container,
+    }
+}
+
+/// Asks once as `route`'s client and fails unless the agent answers 200 (which caches the session).
+async fn expect_ok(route: &Route<'_>) -> Result<()> {
+    let response = curl(route.pod, route.cgroup, &[&route.url]).await?;
+    ensure!(
+        status_of(&response) == 200,
+        "the agent refused {}: {response}",
+        route.url
+    );
+    Ok(())
+}
+
+/// The flood (5), on a fresh agent that knows every caller: the first is the quiet pod, the second
+/// floods. Both have their sessions cached first, so the flood measures answering, not STS.
+async fn flood_section(agent_node: &AgentNode, runs: usize, duration: Duration) -> Result<FloodReport> {
+    let _agent = agent_node.start_agent(CALLERS, CALLERS)?;
+    let quiet = credentials_route(&agent_node.callers[0]);
+    let flooder = credentials_route(&agent_node.callers[1]);
+    for route in [&quiet, &flooder] {
+        expect_ok(route).await?;
+    }
+    flood::measure(&quiet, &flooder, runs, duration).await
+}
+
+/// The soak, on a fresh agent that knows every caller, the first of them in the mix.
+async fn soak_section(agent_node: &AgentNode, length: Duration) -> Result<SoakReport> {
+    let agent = agent_node.start_agent(CALLERS, CALLERS)?;
+    let pods: Vec<Route> = agent_node
+        .callers
+        .iter()
+        .take(soak::pods_needed())
+        .map(credentials_route)
+        .collect();
+    soak::soak(&agent_node.node, agent.pid(), &pods, length).await
 }
 
 /// A binary built beside this one (`sim-client`).
@@ -689,13 +776,6 @@ async fn perf_record(
     Ok(())
 }
 
-/// A row of the load table: its name, the figure it reads from each run, and how it shows.
-struct Measure {
-    name: &'static str,
-    of: fn(&LoadResult) -> f64,
-    show: fn(f64) -> String,
-}
-
 struct Report {
     runs: usize,
     loads: BTreeMap<LoadKey, Vec<LoadResult>>,
@@ -704,6 +784,7 @@ struct Report {
     connect: ConnectCost,
     fan_ins: Vec<FanIn>,
     memory: Vec<MemoryRun>,
+    flood: FloodReport,
 }
 
 impl Report {
@@ -713,7 +794,7 @@ impl Report {
     }
 
     fn print(&self) {
-        println!("\nmachine: {} cores, kernel {}", cores(), kernel_release());
+        print_machine();
         println!("median [min-max] of {} runs; ratios of medians", self.runs);
         println!(
             "\n{:<36} {:<26} {:<26} {:<26} {:>9} {:>9}",
@@ -726,39 +807,15 @@ impl Report {
         );
         for connections in CONNECTIONS {
             for clients in CLIENT_COUNTS {
-                let measures = [
-                    Measure {
-                        name: "req/s",
-                        of: |r| r.requests_per_sec,
-                        show: thousands,
-                    },
-                    Measure {
-                        name: "p50",
-                        of: |r| r.p50_us,
-                        show: micros,
-                    },
-                    Measure {
-                        name: "p99",
-                        of: |r| r.p99_us,
-                        show: micros,
-                    },
-                ];
-                for Measure { name, of, show } in measures {
-                    let spreads = TARGETS.map(|target| self.spread((connections, clients, target), of));
-                    let cell = |spread: Spread| {
-                        format!(
-                            "{} [{}-{}]",
-                            show(spread.median),
-                            show(spread.min),
-                            show(spread.max)
-                        )
-                    };
+                for measure in [Measure::REQUESTS_PER_SEC, Measure::P50, Measure::P99] {
+                    let spreads =
+                        TARGETS.map(|target| self.spread((connections, clients, target), measure.of));
                     println!(
                         "{:<36} {:<26} {:<26} {:<26} {:>9.2} {:>9.2}",
-                        format!("{}, {clients} client(s) {name}", connections.label()),
-                        cell(spreads[0]),
-                        cell(spreads[1]),
-                        cell(spreads[2]),
+                        format!("{}, {clients} client(s) {}", connections.label(), measure.name),
+                        measure.cell(spreads[0]),
+                        measure.cell(spreads[1]),
+                        measure.cell(spreads[2]),
                         spreads[0].median / spreads[1].median,
                         spreads[0].median / spreads[2].median,
                     );
@@ -860,6 +917,7 @@ impl Report {
                 run.under_load.map_or_else(|| "-".to_owned(), mib)
             );
         }
+        self.flood.print();
     }
 
     fn to_json(&self, seconds_per_load: u64) -> serde_json::Value {
@@ -893,7 +951,7 @@ impl Report {
             })
             .collect();
         json!({
-            "machine": { "cores": cores(), "kernel": kernel_release() },
+            "machine": machine(),
             "runs": self.runs,
             "seconds_per_load": seconds_per_load,
             "loads": loads,
@@ -902,20 +960,17 @@ impl Report {
             "connect": self.connect,
             "fan_in": { "roles": FAN_IN_ROLES, "per_role": FAN_IN_PER_ROLE, "runs": self.fan_ins },
             "memory": self.memory,
+            "flood": self.flood.to_json(),
         })
     }
 }
 
-fn thousands(value: f64) -> String {
-    format!("{:.1}k", value / 1000.0)
+fn print_machine() {
+    println!("\nmachine: {} cores, kernel {}", cores(), kernel_release());
 }
 
-fn micros(value: f64) -> String {
-    if value >= 1000.0 {
-        format!("{:.2}ms", value / 1000.0)
-    } else {
-        format!("{value:.0}us")
-    }
+fn machine() -> serde_json::Value {
+    json!({ "cores": cores(), "kernel": kernel_release() })
 }
 
 fn cores() -> usize {
