@@ -18,6 +18,16 @@ use crate::{
 };
 
 /// A running agent; killed on drop.
+/// The per-pod limits a bench agent runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodLimits {
+    /// Out of reach: the load tables' loads come from one pod, tens of thousands of requests a
+    /// second, and at the default rate would measure the limit.
+    OutOfReach,
+    /// The agent's defaults, which the flood row measures.
+    Defaults,
+}
+
 pub struct BenchAgent {
     child: Child,
     log: PathBuf,
@@ -29,7 +39,13 @@ impl BenchAgent {
     /// its kubepods, with `source_flags` choosing where its pods come from (`--kubeconfig <file>
     /// --node <name>` on a node) and `sts_url` as STS, and waits until it is ready: for the Kubernetes
     /// source, once its pods are listed.
-    pub fn start(node: &SimNode, cgroup: &Path, sts_url: &str, source_flags: &[OsString]) -> Result<Self> {
+    pub fn start(
+        node: &SimNode,
+        cgroup: &Path,
+        sts_url: &str,
+        source_flags: &[OsString],
+        limits: PodLimits,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("agent.log");
         let mut command = Agent::command_in(node, cgroup)?;
@@ -41,14 +57,15 @@ impl BenchAgent {
             .args(source_flags)
             .args(["--sts-endpoint", sts_url, "--base-role-arn", BASE_ROLE_ARN])
             .args(["--log-level", "info"])
-            // The loads come from one pod, tens of thousands of requests a second: at the default
-            // per-pod rate they would measure the limit. Set through the environment, which an agent
-            // built before the limits (`--agent`) ignores.
-            .env("INTERCEPTOR_POD_REQUEST_RATE", "1000000")
-            .env("INTERCEPTOR_POD_REQUEST_BURST", "1000000")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).context("cannot create the agent's log")?);
+        if limits == PodLimits::OutOfReach {
+            // Through the environment, which an agent built before the limits (`--agent`) ignores.
+            command
+                .env("INTERCEPTOR_POD_REQUEST_RATE", "1000000")
+                .env("INTERCEPTOR_POD_REQUEST_BURST", "1000000");
+        }
         let child = command.spawn().context("cannot start the agent")?;
         let mut agent = Self {
             child,

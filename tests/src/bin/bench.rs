@@ -37,7 +37,7 @@ use clap::Parser;
 use interceptor_tests::{
     bench::{
         Measure, Route,
-        agent::BenchAgent,
+        agent::{BenchAgent, PodLimits},
         bpf_stats::{ProgramStats, StatsEnabled},
         connect::{ConnectCost, UnrelatedListener, attached_vs_detached},
         flood::{self, FloodReport},
@@ -214,12 +214,18 @@ impl AgentNode {
     /// Starts an agent that finds the first `callers` callers and `known - callers` fillers on this
     /// node in the API server, and nothing else.
     fn start_agent(&self, callers: usize, known: usize) -> Result<BenchAgent> {
+        self.start_agent_limited(callers, known, PodLimits::OutOfReach)
+    }
+
+    /// [`Self::start_agent`], with `limits`.
+    fn start_agent_limited(&self, callers: usize, known: usize, limits: PodLimits) -> Result<BenchAgent> {
         self.set_known_pods(callers, known);
         BenchAgent::start(
             &self.node,
             &self.agent_cgroup,
             &self.moto.url(),
             &self.source_flags,
+            limits,
         )
     }
 
@@ -514,10 +520,11 @@ async fn expect_ok(route: &Route<'_>) -> Result<()> {
     Ok(())
 }
 
-/// The flood (5), on a fresh agent that knows every caller: the first is the quiet pod, the second
-/// floods. Both have their sessions cached first, so the flood measures answering, not STS.
+/// The flood (5), on a fresh agent with the default per-pod limits that knows every caller: the first
+/// is the quiet pod, the second floods. Both have their sessions cached first, so the flood measures
+/// answering, not STS.
 async fn flood_section(agent_node: &AgentNode, runs: usize, duration: Duration) -> Result<FloodReport> {
-    let _agent = agent_node.start_agent(CALLERS, CALLERS)?;
+    let _agent = agent_node.start_agent_limited(CALLERS, CALLERS, PodLimits::Defaults)?;
     let quiet = credentials_route(&agent_node.callers[0]);
     let flooder = credentials_route(&agent_node.callers[1]);
     for route in [&quiet, &flooder] {
