@@ -1,10 +1,13 @@
 //! The flood row: how a quiet pod's cached-credentials requests fare while another pod floods the
-//! agent. The quiet pod's p99 (one client, keep-alive and a new connection per request) alone and under
-//! each flood, interleaved within each run as the load table's baselines are, so a drift of the machine
-//! touches all alike. A flood is wrk as fast as it goes from a pod of its own: many keep-alive
-//! connections, or clients that connect anew for every request. Its responses are counted by status and
-//! its failed connections beside them, so the row reads the same whether the agent limits a pod's
-//! requests (HTTP 429) and connections (closed at accept) or not: served is a 200, refused the rest.
+//! agent. The quiet pod asks as an SDK does, the role list and the credentials in turn, one client
+//! pausing [`QUIET_PAUSE`] between requests: within the agent's default per-pod rate, so that the row
+//! measures the flood, not the quiet pod's own limit. Its p99 (keep-alive and a new connection per
+//! request) alone and under each flood, interleaved within each run as the load table's baselines
+//! are, so a drift of the machine touches all alike. A flood is wrk as fast as it goes from a pod of
+//! its own: many keep-alive connections, or clients that connect anew for every request. Its
+//! responses are counted by status and its failed connections beside them, so the row reads the same
+//! whether the agent limits a pod's requests (HTTP 429) and connections (closed at accept, refused at
+//! connect) or not: served is a 200, refused the rest.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -33,6 +36,8 @@ pub enum Flood {
 const KEEP_ALIVE_FLOOD_CONNECTIONS: usize = 256;
 /// Enough clients to keep the agent accepting without pause; each closes after one request.
 const NEW_CONNECTION_FLOOD_CLIENTS: usize = 64;
+/// Between two requests of the quiet pod: about 50 a second, half the agent's default per-pod rate.
+const QUIET_PAUSE: Duration = Duration::from_millis(20);
 /// The flood runs this long before the quiet pod's load starts, and as long after it ends.
 const FLOOD_MARGIN: Duration = Duration::from_secs(1);
 /// The quiet pod's p99 under a flood should stay within this many times its p99 alone.
@@ -154,7 +159,11 @@ async fn quiet_beside(
         connections,
         duration,
     };
-    let quiet_run = quiet_load.run_counting(quiet.pod, quiet.cgroup, Requests::Url);
+    let asking = Requests::Sdk {
+        token: false,
+        pause: QUIET_PAUSE,
+    };
+    let quiet_run = quiet_load.run_counting(quiet.pod, quiet.cgroup, asking);
     let Condition::Flooded(flood) = condition else {
         return Ok((quiet_run.await?, None));
     };
@@ -207,8 +216,10 @@ impl FloodReport {
 
     pub fn print(&self) {
         println!(
-            "\nflood: a quiet pod's cached credentials (1 client) alone and while another pod floods the \
-             agent; ratio = under flood / alone (target for p99: at most {P99_RATIO_TARGET})"
+            "\nflood: a quiet pod asking for its cached credentials as an SDK does (1 client, {} ms \
+             between requests) alone and while another pod floods the agent; ratio = under flood / \
+             alone (target for p99: at most {P99_RATIO_TARGET})",
+            QUIET_PAUSE.as_millis()
         );
         let [keep_alive, new_connections] = FLOODS.map(Flood::label);
         println!(
