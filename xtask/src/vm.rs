@@ -173,12 +173,13 @@ const KERNEL_TESTS: [(&str, &[&str]); 6] = [
         "integrity",
         &["a_connection_flood_from_one_pod_does_not_starve_another"],
     ),
-    // The two that run the AWS CLI against moto need Python, which the VMs do not have.
+    // Those that fetch credentials from moto need Python, which the VMs do not have.
     (
         "kubernetes",
         &[
             "an_annotated_pod_gets_its_role_and_a_pod_sharing_its_network_never_does",
             "with_an_auto_discovered_base_arn_the_unannotated_pod_gets_the_default_role_only",
+            "a_burst_of_first_requests_from_many_pods_of_one_role_makes_one_call_per_session",
         ],
     ),
 ];
