@@ -379,11 +379,8 @@ struct Slot {
 struct SlotState {
     current: Option<Held>,
     in_flight: Option<Flight>,
-    /// The last call's failure, answered without calling STS again until the time given
-    /// (`--iam-role-error-ttl`) or while the requests' backoff lasts.
-    failure: Option<(StsError, SystemTime)>,
-    /// Failed calls in a row, and when the background task and requests may try again.
-    retry: Option<Retry>,
+    /// The last call's, when it failed; a success clears it.
+    failure: Option<Failure>,
 }
 
 /// The set a slot serves, and when the background task replaces it: a point of its [`RefreshWindow`]
@@ -400,12 +397,18 @@ impl Held {
     }
 }
 
-/// Failed calls in a row, and when the background task, and a request, may call again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Retry {
-    failures: u32,
-    not_before: tokio::time::Instant,
+/// A session's last call failed: its error, answered without a call while it is remembered, and when
+/// the background task and requests may call again.
+struct Failure {
+    error: StsError,
+    /// Failed calls in a row.
+    in_a_row: u32,
+    /// The end of `--iam-role-error-ttl` (the failure's own time without one).
+    remembered_until: SystemTime,
+    /// The end of the requests' backoff.
     requests_not_before: tokio::time::Instant,
+    /// The end of the background task's backoff.
+    refresh_not_before: tokio::time::Instant,
 }
 
 impl SlotState {
@@ -415,11 +418,9 @@ impl SlotState {
 
     /// The failure still remembered at `now`: within the error TTL, or the requests' backoff.
     fn remembered_failure(&self, now: SystemTime) -> Option<StsError> {
-        let (err, until) = self.failure.as_ref()?;
-        let backing_off = self
-            .retry
-            .is_some_and(|retry| tokio::time::Instant::now() < retry.requests_not_before);
-        (now < *until || backing_off).then(|| err.clone())
+        let failure = self.failure.as_ref()?;
+        let backing_off = tokio::time::Instant::now() < failure.requests_not_before;
+        (now < failure.remembered_until || backing_off).then(|| failure.error.clone())
     }
 }
 
@@ -455,17 +456,20 @@ impl Slot {
             Ok(creds) => {
                 state.current = Some(Held::new(creds.clone(), timing.random_fraction()));
                 state.failure = None;
-                state.retry = None;
             }
             Err(err) => {
-                state.failure = Some((err.clone(), timing.now() + error_ttl));
-                let failures = state.retry.map_or(1, |retry| retry.failures.saturating_add(1));
+                let in_a_row = state
+                    .failure
+                    .as_ref()
+                    .map_or(1, |last| last.in_a_row.saturating_add(1));
                 let now = tokio::time::Instant::now();
-                state.retry = Some(Retry {
-                    failures,
-                    not_before: now + jittered(retry_delay(failures), timing.random_fraction()),
+                state.failure = Some(Failure {
+                    error: err.clone(),
+                    in_a_row,
+                    remembered_until: timing.now() + error_ttl,
                     requests_not_before: now
-                        + jittered(request_retry_delay(failures), timing.random_fraction()),
+                        + jittered(request_retry_delay(in_a_row), timing.random_fraction()),
+                    refresh_not_before: now + jittered(retry_delay(in_a_row), timing.random_fraction()),
                 });
             }
         }
@@ -644,8 +648,9 @@ impl CredentialCache {
     fn start_refresh(self: &Arc<Self>, session: &SessionKey, slot: &Arc<Slot>) -> Option<Flight> {
         let mut state = slot.state();
         let backing_off = state
-            .retry
-            .is_some_and(|retry| tokio::time::Instant::now() < retry.not_before);
+            .failure
+            .as_ref()
+            .is_some_and(|failure| tokio::time::Instant::now() < failure.refresh_not_before);
         if state.flight().is_some() || state.remembered_failure(self.timing.now()).is_some() || backing_off {
             return None;
         }
@@ -1165,7 +1170,7 @@ mod tests {
         );
         // SystemTime does not follow tokio's paused clock: end the TTL by rewriting the slot's deadline.
         let slot = cache.slot(&session("app"));
-        slot.state().failure.as_mut().unwrap().1 = SystemTime::now();
+        slot.state().failure.as_mut().unwrap().remembered_until = SystemTime::now();
         tokio::time::advance(REQUEST_RETRY_FIRST).await;
         assert_eq!(cache.get(&session("app")).await.unwrap().access_key_id, "ASIA2");
     }
@@ -1407,14 +1412,16 @@ mod tests {
         background_calls_while_failing(&sts, &cache, 240).await;
         sts.fail.store(false, Ordering::SeqCst);
         assert!(cache.get(&app).await.is_ok());
-        assert_eq!(cache.slot(&app).state().retry, None);
+        assert!(cache.slot(&app).state().failure.is_none());
         // The next failure waits the first delay again, not ten minutes.
         sts.fail.store(true, Ordering::SeqCst);
         cache.slot(&app).state().current = None;
         assert!(cache.get(&app).await.is_err());
-        let retry = cache.slot(&app).state().retry.expect("a failure sets a retry");
-        assert_eq!(retry.failures, 1);
-        assert!(retry.not_before <= tokio::time::Instant::now() + RETRY_FIRST);
+        let slot = cache.slot(&app);
+        let state = slot.state();
+        let failure = state.failure.as_ref().expect("a failure is kept");
+        assert_eq!(failure.in_a_row, 1);
+        assert!(failure.refresh_not_before <= tokio::time::Instant::now() + RETRY_FIRST);
     }
 
     /// 20 sessions whose first calls failed together, drawing their waits from `timing`, with STS
