@@ -236,6 +236,23 @@ pub fn body_of(response: &str) -> &str {
     response.split_once("\r\n\r\n").map_or("", |(_, body)| body)
 }
 
+/// The role list as `pod` sees it: `(status, body)`.
+pub async fn role_list(pod: &Pod, container: &Path) -> Result<(u16, String)> {
+    let response = curl(pod, container, &[ROLE_LIST]).await?;
+    Ok((status_of(&response), body_of(&response).trim().to_owned()))
+}
+
+/// Whether `pod`'s role list comes to answer `expected`: the status, and the body unless the expected
+/// one is empty; waiting (bounded) for it.
+pub async fn role_list_becomes(pod: &Pod, container: &Path, expected: (u16, &str)) -> bool {
+    eventually(|| async {
+        role_list(pod, container)
+            .await
+            .is_ok_and(|(status, body)| status == expected.0 && (expected.1.is_empty() || body == expected.1))
+    })
+    .await
+}
+
 /// A bounded wait for a condition that changes asynchronously (a file reload, say), checked every
 /// 50 ms; returns whether it came true.
 pub async fn eventually<F, Fut>(mut check: F) -> bool

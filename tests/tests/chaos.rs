@@ -9,17 +9,13 @@
 //! reach the node's metadata service, the pod without a role is never served, and every pod is served
 //! again within 5 s of each fault's end.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use interceptor_tests::{
     agent::ACCOUNT_ID,
     daemonset_node::{DEFAULT_VALUES, DaemonSetNode, can_run, ready_at_us},
-    deployed::{ROLE_LIST, curl, eventually, status_of},
+    deployed::role_list_becomes,
     kube_node::pod_object,
     load::{ClientPath, LoadClient, Records, caller_arns, now_us},
     sim::{self, SimNode},
@@ -209,16 +205,6 @@ impl Chaos {
     }
 }
 
-/// Waits until `pod`'s role list answers 200: the agent knows it and STS gave its role.
-async fn wait_until_served(pod: &sim::Pod, container: &Path) -> bool {
-    eventually(|| async {
-        curl(pod, container, &[ROLE_LIST])
-            .await
-            .is_ok_and(|response| status_of(&response) == 200)
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn under_every_fault_at_once_no_pod_gets_another_identity_and_all_recover_within_five_seconds()
 -> Result<()> {
@@ -254,7 +240,7 @@ async fn under_every_fault_at_once_no_pod_gets_another_identity_and_all_recover_
     }
     for pod in chaos.pods.iter().filter(|pod| pod.role.is_some()) {
         ensure!(
-            wait_until_served(&pod.pod, &pod.container).await,
+            role_list_becomes(&pod.pod, &pod.container, (200, "")).await,
             "{} was never served",
             pod.name
         );

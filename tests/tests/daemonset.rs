@@ -13,7 +13,7 @@ use interceptor_tests::{
     agent::{ACCOUNT_ID, Agent},
     chart,
     daemonset_node::{DEFAULT_VALUES, DaemonSetNode, can_run, image_env},
-    deployed::{ROLE_LIST, aws_cli_caller_arn, body_of, curl, eventually, status_of},
+    deployed::{aws_cli_caller_arn, role_list, role_list_becomes},
     kernel,
     kube_node::pod_object,
     lab::{StandIn, run},
@@ -23,12 +23,6 @@ use interceptor_tests::{
 const ROLE_KEY: &str = "iam.amazonaws.com/role";
 /// The account of the stand-in's instance profile, which `--auto-discover-base-arn` finds.
 const NODE_ACCOUNT_ID: &str = "210987654321";
-
-/// The role list as `pod` sees it: `(status, body)`.
-async fn role_list(pod: &sim::Pod, container: &Path) -> Result<(u16, String)> {
-    let response = curl(pod, container, &[ROLE_LIST]).await?;
-    Ok((status_of(&response), body_of(&response).trim().to_owned()))
-}
 
 /// The blog post's pod: `aws-cli` in `default`, annotated with a role name (the suffix of the ARN),
 /// and a pod beside it without the annotation. Returns what the AWS CLI in the annotated pod is, and
@@ -44,12 +38,7 @@ async fn blog_post_pods(cluster: &mut DaemonSetNode) -> Result<(String, (u16, St
     cluster.api.apply_pod(pod_object(&plain, "default", "plain", &[]));
     let (annotated_app, plain_app) = (annotated.container()?, plain.container()?);
     ensure!(
-        eventually(|| async {
-            role_list(&annotated, &annotated_app)
-                .await
-                .is_ok_and(|(status, _)| status == 200)
-        })
-        .await,
+        role_list_becomes(&annotated, &annotated_app, (200, "")).await,
         "the annotated pod never got its role list"
     );
     let arn = aws_cli_caller_arn(&annotated, &annotated_app, &cluster.moto.url()).await?;

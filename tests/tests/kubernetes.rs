@@ -7,12 +7,15 @@
 //! Only the tests that fetch credentials need Python (the AWS CLI, moto as STS); the others read the
 //! role list, which needs no STS, so they also run in the kernel matrix.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use interceptor_tests::{
     agent::{Agent, NO_STS},
     bench::output_field,
-    deployed::{ROLE_LIST, Sts, aws_cli_caller_arn, body_of, curl, eventually, header_of, status_of},
+    deployed::{
+        ROLE_LIST, Sts, aws_cli_caller_arn, body_of, curl, eventually, header_of, role_list,
+        role_list_becomes, status_of,
+    },
     kube_node::{
         KubeNode, NODE_NAME, OTHER_NODE, namespace_object, node_object, pod_object, service_account_object,
     },
@@ -29,21 +32,6 @@ fn can_run(test: &str) -> bool {
 
 fn can_run_with_python(test: &str) -> bool {
     privileged::can_run(test) && privileged::has_python_tools(test)
-}
-
-/// The role list as `pod` sees it: `(status, body)`.
-async fn role_list(pod: &Pod, container: &Path) -> anyhow::Result<(u16, String)> {
-    let response = curl(pod, container, &[ROLE_LIST]).await?;
-    Ok((status_of(&response), body_of(&response).trim().to_owned()))
-}
-
-async fn role_list_becomes(pod: &Pod, container: &Path, expected: (u16, &str)) -> bool {
-    eventually(|| async {
-        role_list(pod, container)
-            .await
-            .is_ok_and(|(status, body)| status == expected.0 && (expected.1.is_empty() || body == expected.1))
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeSet, path::Path, time::Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use interceptor_tests::{
     bench,
     deployed::{ROLE_LIST, Sts, curl, eventually, health, status_of},
@@ -51,13 +51,8 @@ struct Flood {
 
 impl Flood {
     fn parse(line: &str) -> Result<Self> {
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|pair| pair.strip_prefix(&format!("{name}=")))
-                .with_context(|| format!("no {name} in {line:?}"))
-        };
-        let count = |name: &str| -> Result<u64> { Ok(field(name)?.parse()?) };
-        let keys = match field("keys")? {
+        let count = |name: &str| -> Result<u64> { Ok(bench::output_value(line, name)?.parse()?) };
+        let keys = match bench::output_value(line, "keys")? {
             "-" => Vec::new(),
             keys => keys.split(',').map(str::to_owned).collect(),
         };

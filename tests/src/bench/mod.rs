@@ -27,12 +27,17 @@ pub struct Route<'a> {
     pub cgroup: &'a Path,
 }
 
-/// The number `sim-client` prints as `name=<number>` among the fields of its output.
-pub fn output_field(output: &str, name: &str) -> Result<f64> {
+/// What `sim-client` prints as `name=<value>` among the fields of its output.
+pub fn output_value<'a>(output: &'a str, name: &str) -> Result<&'a str> {
     output
         .split_whitespace()
         .find_map(|field| field.strip_prefix(name)?.strip_prefix('='))
-        .with_context(|| format!("no {name} in {output:?}"))?
+        .with_context(|| format!("no {name} in {output:?}"))
+}
+
+/// The number `sim-client` prints as `name=<number>` among the fields of its output.
+pub fn output_field(output: &str, name: &str) -> Result<f64> {
+    output_value(output, name)?
         .parse()
         .with_context(|| format!("{name} in {output:?}"))
 }
