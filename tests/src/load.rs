@@ -75,6 +75,16 @@ pub struct Records {
     pub credentials: BTreeMap<String, (String, String)>,
 }
 
+impl Records {
+    /// How many attempts got credentials.
+    pub fn served(&self) -> usize {
+        self.attempts
+            .iter()
+            .filter(|attempt| attempt.got.is_some())
+            .count()
+    }
+}
+
 /// `sim-client load` in a pod's container, asking for credentials until stopped.
 pub struct LoadClient {
     path: ClientPath,

@@ -339,12 +339,7 @@ async fn under_every_fault_at_once_no_pod_gets_another_identity_and_all_recover_
         .iter()
         .find(|pod| pod.role.is_none())
         .context("the pod without a role")?;
-    let served = plain
-        .records
-        .attempts
-        .iter()
-        .filter(|attempt| attempt.got.is_some())
-        .count();
+    let served = plain.records.served();
     assert_eq!(served, 0, "the pod without a role was served {served} times");
     assert_recovered(&finished, &faults)
 }
@@ -428,7 +423,7 @@ fn print_counts(finished: &[FinishedPod], faults: &[Fault]) {
     );
     for pod in finished {
         let attempts = &pod.records.attempts;
-        let served = attempts.iter().filter(|attempt| attempt.got.is_some()).count();
+        let served = pod.records.served();
         let mut errors: BTreeMap<String, usize> = BTreeMap::new();
         for error in attempts.iter().filter_map(|attempt| attempt.error.as_deref()) {
             *errors.entry(error_kind(error)).or_default() += 1;

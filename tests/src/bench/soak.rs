@@ -215,11 +215,12 @@ impl Trend {
             .collect();
         let fit = Fit::of(&after_warm_up);
         let (slope_per_hour, slope_stderr_per_hour) = (fit.slope * 3600.0, fit.stderr * 3600.0);
+        let spread = Spread::of(&values);
         Self {
             first: values[0],
             last: values[values.len() - 1],
-            min: values.iter().copied().fold(f64::INFINITY, f64::min),
-            max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            min: spread.min,
+            max: spread.max,
             slope_per_hour,
             slope_stderr_per_hour,
             threshold_per_hour,
