@@ -48,6 +48,23 @@ struct PodUnderTest {
     started_us: u128,
 }
 
+impl PodUnderTest {
+    /// Stops the pod's client: what it recorded, and the pod itself, its cgroups still there.
+    async fn stop(self) -> Result<(FinishedPod, sim::Pod)> {
+        let path = self.client.path();
+        let records = self.client.finish().await?;
+        let finished = FinishedPod {
+            label: format!("{}/{} ({})", self.namespace, self.name, self.pod.uid),
+            role: self.role,
+            path,
+            started_us: self.started_us,
+            stopped_us: now_us(),
+            records,
+        };
+        Ok((finished, self.pod))
+    }
+}
+
 /// A pod whose client has stopped, with what it recorded.
 struct FinishedPod {
     label: String,
@@ -107,46 +124,25 @@ impl Chaos {
         Ok(())
     }
 
-    /// The pod's end as the kubelet makes it: its container stops (the client with it), its cgroup
-    /// goes, and its Pod object is deleted. Returns the pod, whose network a successor may reuse.
-    async fn remove_pod(&mut self, name: &str) -> Result<sim::Pod> {
+    /// Deletes `name` and creates it again under the same name, on the same IP, with `role`, as a
+    /// StatefulSet's pod is: the old pod's container stops (the client with it) and its Pod object is
+    /// deleted; the new pod shares the old one's network, whose cgroups then go.
+    async fn recreate_pod(&mut self, name: &'static str, role: &'static str) -> Result<()> {
         let index = self
             .pods
             .iter()
             .position(|pod| pod.name == name)
             .with_context(|| format!("no pod {name}"))?;
         let gone = self.pods.remove(index);
-        let path = gone.client.path();
-        let records = gone.client.finish().await?;
-        let stopped_us = now_us();
-        for cgroup in [gone.container.as_path(), gone.pod.slice()] {
-            std::fs::remove_dir(cgroup).with_context(|| format!("cannot remove {}", cgroup.display()))?;
-        }
+        let (namespace, path) = (gone.namespace, gone.client.path());
+        let (finished, previous) = gone.stop().await?;
+        self.finished.push(finished);
         ensure!(
-            self.cluster.api.delete_pod(gone.namespace, gone.name),
+            self.cluster.api.delete_pod(namespace, name),
             "{name} was not in the API"
         );
-        self.finished.push(FinishedPod {
-            label: format!("{}/{} ({})", gone.namespace, gone.name, gone.pod.uid),
-            role: gone.role,
-            path,
-            started_us: gone.started_us,
-            stopped_us,
-            records,
-        });
-        Ok(gone.pod)
-    }
-
-    /// Deletes `name` and creates it again under the same name, on the same IP, with `role`.
-    async fn recreate_pod(&mut self, name: &'static str, role: &'static str) -> Result<()> {
-        let (namespace, path) = self
-            .pods
-            .iter()
-            .find(|pod| pod.name == name)
-            .map(|pod| (pod.namespace, pod.client.path()))
-            .with_context(|| format!("no pod {name}"))?;
-        let previous = self.remove_pod(name).await?;
-        self.add_pod(namespace, name, Some(role), path, Some(&previous))
+        self.add_pod(namespace, name, Some(role), path, Some(&previous))?;
+        previous.remove()
     }
 
     fn record(&mut self, what: impl Into<String>, began_us: u128, ended_us: u128) {
@@ -190,16 +186,7 @@ impl Chaos {
     /// Stops every client and returns all the pods' records.
     async fn finish(mut self) -> Result<(DaemonSetNode, Vec<FinishedPod>, Vec<Fault>)> {
         for pod in std::mem::take(&mut self.pods) {
-            let path = pod.client.path();
-            let records = pod.client.finish().await?;
-            self.finished.push(FinishedPod {
-                label: format!("{}/{} ({})", pod.namespace, pod.name, pod.pod.uid),
-                role: pod.role,
-                path,
-                started_us: pod.started_us,
-                stopped_us: now_us(),
-                records,
-            });
+            self.finished.push(pod.stop().await?.0);
         }
         Ok((self.cluster, self.finished, self.faults))
     }
