@@ -26,10 +26,19 @@ pub mod names {
     /// Cgroup id (u64) -> u8: cgroups whose pod holds all the metadata connections the agent allows it;
     /// their connects to an intercepted endpoint are refused (EPERM) until the agent lifts it.
     pub const OVER_LIMIT_CGROUPS: &str = "OVER_LIMIT_CGROUPS";
+    /// TCP port (u16, host order) -> 1 for the agent's ports (metadata API and health): a workload's
+    /// bind to one of them in the node's network namespace is refused (EPERM), so no pod can listen
+    /// where the redirect sends metadata connections, nor take the health port.
+    pub const GUARDED_PORTS: &str = "GUARDED_PORTS";
     /// Global: the agent's IPv4 [`Endpoint`](super::Endpoint).
     pub const AGENT_V4: &str = "AGENT_V4";
     /// Global: the agent's IPv6 [`Endpoint`](super::Endpoint); port 0 when the agent has none.
     pub const AGENT_V6: &str = "AGENT_V6";
+    /// Global: the [`Mode`](super::Mode) of the connect programs, as a u32.
+    pub const MODE: &str = "MODE";
+    /// Global: the cookie of the node's network namespace (u64), where the agent listens; 0 means the
+    /// initial network namespace, which is the node's on every Kubernetes node.
+    pub const NODE_NETNS_COOKIE: &str = "NODE_NETNS_COOKIE";
 }
 
 /// Map sizes. LRU maps evict the oldest entries instead of failing when full.
@@ -40,6 +49,30 @@ pub mod sizes {
     pub const INTERCEPTED_ADDRS: u32 = 16;
     pub const EXEMPT_CGROUPS: u32 = 64;
     pub const OVER_LIMIT_CGROUPS: u32 = 4_096;
+    pub const GUARDED_PORTS: u32 = 8;
+}
+
+/// What the connect programs do with a connect to an intercepted endpoint (exempt cgroups aside).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Refuse it (EPERM): no agent serves yet. `interceptor guard` attaches the programs so at boot,
+    /// and an agent starting where nothing is pinned does before anything else; an agent that cannot
+    /// listen puts them back so, rather than leave a redirect to a port it does not hold.
+    Refuse = 0,
+    /// Send it to the agent, recording the caller.
+    Redirect = 1,
+}
+
+impl Mode {
+    /// The mode a `MODE` global holds; anything but [`Mode::Redirect`] refuses.
+    pub const fn from_global(value: u32) -> Self {
+        if value == Mode::Redirect as u32 {
+            Mode::Redirect
+        } else {
+            Mode::Refuse
+        }
+    }
 }
 
 /// The id of a cgroup v2 directory: the inode number the kernel reports from `bpf_get_current_cgroup_id`.
@@ -198,6 +231,12 @@ pub enum Counter {
     /// A connect to an intercepted endpoint came from a cgroup whose pod holds all the connections the
     /// agent allows it, and was refused (EPERM) without reaching the agent.
     OverLimit = 8,
+    /// A connect to an intercepted endpoint was refused (EPERM) because no agent serves yet
+    /// ([`Mode::Refuse`]).
+    NotServing = 9,
+    /// A workload's bind to one of the agent's ports in the node's network namespace was refused
+    /// (EPERM).
+    BindRefused = 10,
 }
 
 /// Which metric family a counter belongs to.
@@ -207,10 +246,12 @@ pub enum CounterKind {
     Connection,
     /// Why a packet was dropped.
     PacketDrop,
+    /// Why a bind was refused.
+    BindRefusal,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Redirected,
         Counter::Exempt,
         Counter::RecordFailed,
@@ -220,6 +261,8 @@ impl Counter {
         Counter::DroppedPacket,
         Counter::DroppedUnparsed,
         Counter::OverLimit,
+        Counter::NotServing,
+        Counter::BindRefused,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -235,12 +278,15 @@ impl Counter {
             Counter::DroppedPacket => "to_intercepted_endpoint",
             Counter::DroppedUnparsed => "unparsed_to_intercepted_address",
             Counter::OverLimit => "over_limit",
+            Counter::NotServing => "not_serving",
+            Counter::BindRefused => "agent_port",
         }
     }
 
     pub const fn kind(self) -> CounterKind {
         match self {
             Counter::DroppedPacket | Counter::DroppedUnparsed => CounterKind::PacketDrop,
+            Counter::BindRefused => CounterKind::BindRefusal,
             _ => CounterKind::Connection,
         }
     }

@@ -1,8 +1,8 @@
 //! `cgroup/connect4` and `cgroup/connect6`: send TCP connects to an intercepted endpoint to the agent,
-//! recording the caller under the socket cookie, and refuse TCP connects straight to the agent's
-//! address, and those of a cgroup whose pod holds all the connections the agent allows it (a pod
-//! reconnecting in a loop then spends its own time, not the agent's accepts). Every other connect
-//! passes untouched.
+//! recording the caller under the socket cookie, or refuse them while no agent serves
+//! ([`Mode::Refuse`]); refuse TCP connects straight to the agent's address, and those of a cgroup whose
+//! pod holds all the connections the agent allows it (a pod reconnecting in a loop then spends its own
+//! time, not the agent's accepts). Every other connect passes untouched.
 //!
 //! Security beats the usual fail-open of BPF hooks here: when the record cannot be stored, the
 //! connection is still redirected, and the agent refuses what it cannot attribute. Nothing aimed at an
@@ -17,12 +17,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use interceptor_common::{
-    CgroupId, ConnectRecord, Counter, Endpoint, NetnsCookie, SocketCookie, redirect_target,
+    CgroupId, ConnectRecord, Counter, Endpoint, Mode, NetnsCookie, SocketCookie, redirect_target,
 };
 
 use crate::{
     maps::{
-        AGENT_V4, AGENT_V6, CONNECTS_BY_COOKIE, count, is_exempt, is_intercepted, is_over_limit,
+        AGENT_V4, AGENT_V6, CONNECTS_BY_COOKIE, count, is_exempt, is_intercepted, is_over_limit, mode,
         reaches_agent,
     },
     sock_addr,
@@ -76,8 +76,8 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 }
 
 /// The decision both families share. Exempt cgroups (the agent's own) pass untouched; connects to an
-/// intercepted endpoint go to the agent, after recording the caller, unless the agent marked the
-/// cgroup over its limit; connects straight to the agent are refused.
+/// intercepted endpoint go to the agent, after recording the caller, unless no agent serves yet or the
+/// agent marked the cgroup over its limit; connects straight to the agent are refused.
 fn decide(ctx: &SockAddrContext, original: Endpoint) -> Verdict {
     let intercepted = is_intercepted(&original);
     let direct = !intercepted && reaches_agent(&original);
@@ -94,6 +94,10 @@ fn decide(ctx: &SockAddrContext, original: Endpoint) -> Verdict {
     }
     if direct {
         count(Counter::DirectRefused);
+        return Verdict::Refuse;
+    }
+    if mode() == Mode::Refuse {
+        count(Counter::NotServing);
         return Verdict::Refuse;
     }
     if is_over_limit(cgroup_id) {

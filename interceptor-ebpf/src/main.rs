@@ -1,11 +1,13 @@
 //! The interceptor's BPF programs, attached to the workload cgroup root by the agent:
 //! `connect4`/`connect6` redirect connections to intercepted endpoints to the agent and record who made
-//! them, `sock_ops` files that record under the connection's 4-tuple, and `getpeername4`/`getpeername6`
-//! keep the redirect invisible to the caller, and `drop_escaped_metadata` (cgroup_skb/egress) drops any
-//! packet that still heads for an intercepted endpoint without the redirect.
+//! them (or refuse them while no agent serves), `sock_ops` files that record under the connection's
+//! 4-tuple, `getpeername4`/`getpeername6` keep the redirect invisible to the caller,
+//! `drop_escaped_metadata` (cgroup_skb/egress) drops any packet that still heads for an intercepted
+//! endpoint without the redirect, and `bind4`/`bind6` keep workloads off the agent's ports.
 #![no_std]
 #![no_main]
 
+mod bind;
 mod connect;
 mod egress;
 mod getpeername;

@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
-use interceptor_common::{ConnectRecord, ConnectionKey, Counter, Endpoint, InetAddr, sizes};
+use interceptor_common::{ConnectRecord, ConnectionKey, Counter, Endpoint, InetAddr, Mode, sizes};
 
 #[map]
 pub static CONNECTS_BY_COOKIE: LruHashMap<u64, ConnectRecord> =
@@ -28,6 +28,9 @@ pub static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(sizes::E
 pub static OVER_LIMIT_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(sizes::OVER_LIMIT_CGROUPS, 0);
 
 #[map]
+pub static GUARDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(sizes::GUARDED_PORTS, 0);
+
+#[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 #[unsafe(no_mangle)]
@@ -44,6 +47,14 @@ pub static AGENT_V6: Global<Endpoint> = Global::new(Endpoint {
     _pad: 0,
 });
 
+/// [`Mode`] as a u32; the loader sets it. Refuse until told otherwise.
+#[unsafe(no_mangle)]
+pub static MODE: Global<u32> = Global::new(Mode::Refuse as u32);
+
+/// The node's network namespace cookie; 0: the initial namespace's.
+#[unsafe(no_mangle)]
+pub static NODE_NETNS_COOKIE: Global<u64> = Global::new(0);
+
 pub fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: the pointer comes from a successful lookup in a per-CPU array, so it is valid and
@@ -59,9 +70,22 @@ pub fn is_agent(peer: &Endpoint) -> bool {
 
 /// Whether a connect to `destination` would reach the agent's listener without the redirect: its
 /// address, or an unspecified address with its port (the kernel connects those to the caller's own
-/// bound address, which on the node's network is the agent's).
+/// bound address, which on the node's network is the agent's). Nothing, when no agent address is set
+/// (`interceptor guard`'s programs).
 pub fn reaches_agent(destination: &Endpoint) -> bool {
-    is_agent(destination) || (destination.addr.is_unspecified() && destination.port == AGENT_V4.load().port)
+    let agent = AGENT_V4.load();
+    agent.is_set()
+        && (is_agent(destination) || (destination.addr.is_unspecified() && destination.port == agent.port))
+}
+
+/// Whether connects to the intercepted endpoints go to the agent, or are refused.
+pub fn mode() -> Mode {
+    Mode::from_global(MODE.load())
+}
+
+pub fn is_guarded_port(port: u16) -> bool {
+    // SAFETY: a lookup with a key of the map's type; only its presence is used.
+    unsafe { GUARDED_PORTS.get(port) }.is_some()
 }
 
 pub fn is_intercepted(endpoint: &Endpoint) -> bool {

@@ -8,7 +8,8 @@ pub fn protocol(ctx: &SockAddrContext) -> u32 {
     unsafe { (*ctx.sock_addr).protocol }
 }
 
-fn port(ctx: &SockAddrContext) -> u16 {
+/// The port of the context's address (the destination in connect, the address in bind), host order.
+pub fn port(ctx: &SockAddrContext) -> u16 {
     // SAFETY: a 4-byte read of user_port.
     port_from_user(unsafe { (*ctx.sock_addr).user_port })
 }

@@ -16,15 +16,16 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use clap::builder::TypedValueParser;
 use interceptor_common::CgroupId;
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 
+pub mod guard;
 mod kube2iam;
 mod node_taint;
 mod status;
 
 pub use self::kube2iam::Kube2iamArgs;
 use crate::{
-    bpf::{Interceptor, RedirectConfig, metrics::BpfCollector},
+    bpf::{Interceptor, Mode, RedirectConfig, metrics::BpfCollector},
     creds::{CredentialCache, REFRESH_CHECK, StsAssumeRole},
     identity::{self, CgroupPaths},
     imds::{
@@ -282,16 +283,76 @@ const WORKLOAD_FILE_CHECK: Duration = Duration::from_secs(1);
 /// The SDKs give up on the metadata service after 1 to 5 seconds; a longer wait only hides a problem.
 const MAX_POD_WAIT: Duration = Duration::from_secs(5);
 const NODE_CREDENTIALS_CHECK: Duration = Duration::from_secs(30);
+/// Connections waiting to be accepted: what tokio's `TcpListener::bind` uses.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// The metadata API's socket, bound (so no one else holds the port) but not yet listening.
+fn bind_metadata_socket(addr: SocketAddrV4) -> Result<TcpSocket> {
+    let socket = TcpSocket::new_v4().context("cannot make the metadata API's socket")?;
+    socket
+        .set_reuseaddr(true)
+        .context("cannot make the metadata API's socket")?;
+    socket
+        .bind(SocketAddr::V4(addr))
+        .with_context(|| format!("cannot bind {addr}"))?;
+    Ok(socket)
+}
+
+/// The agent's ports, which no workload may bind in the node's network namespace.
+fn guarded_ports(agent_addr: SocketAddrV4, metrics_addr: Option<SocketAddr>) -> Vec<u16> {
+    std::iter::once(agent_addr.port())
+        .chain(metrics_addr.map(|addr| addr.port()))
+        .collect()
+}
+
+/// The cookie of the agent's network namespace, the node's; `None` (the initial namespace, the node's
+/// on every Kubernetes node) where the kernel cannot tell it.
+fn node_netns_cookie() -> Option<u64> {
+    match crate::bpf::netns_cookie() {
+        Ok(Some(cookie)) => Some(cookie),
+        Ok(None) => {
+            tracing::info!(
+                "this kernel cannot tell a network namespace's cookie (before 5.14): the agent's ports are guarded in the initial network namespace"
+            );
+            None
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read the network namespace's cookie: the agent's ports are guarded in the initial network namespace");
+            None
+        }
+    }
+}
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(args: AgentArgs) -> Result<()> {
     let started_at = SystemTime::now();
     raise_open_files_limit();
     args.kube2iam.warn_ignored();
-    // 0. Health first, so a probe sees "alive, not ready" for the whole start-up.
+    // 0. Refuse first, before any configuration, file wait, API server or STS call: pods' metadata
+    //    connects are refused and the agent's ports guarded (programs pinned by `interceptor guard` or
+    //    a previous agent are kept), and this agent's own cgroup is exempt from whatever programs run
+    //    (a restarted agent container has a new cgroup, whose own metadata calls and binds would
+    //    otherwise be taken as a pod's).
     let agent_addr = agent_addr(&args)?;
-    let telemetry = Arc::new(Telemetry::default());
     let metrics_addr = metrics_addr(&args, agent_addr);
+    let mount = identity::cgroup2_mount()?;
+    let cgroup_root = match &args.cgroup_root {
+        Some(root) => root.clone(),
+        None => detect_kubepods(&mount)?,
+    };
+    let cgroups = Arc::new(CgroupPaths::new(mount.clone(), CGROUP_PATH_CACHE)?);
+    let own_cgroup = own_cgroup_id(&mount)?;
+    let mut programs = RedirectConfig::new(cgroup_root.clone(), agent_addr);
+    programs.exempt_cgroups = vec![own_cgroup];
+    programs.guarded_ports = guarded_ports(agent_addr, metrics_addr);
+    programs.node_netns_cookie = node_netns_cookie();
+    programs.pin_dir = Some(args.bpffs_dir.clone());
+    guard::hold(&programs, &cgroups)?;
+
+    // 1. Hold the ports before any redirect points at them: the health server (so a probe sees
+    //    "alive, not ready" for the rest of the start-up) and the metadata API's socket, bound now and
+    //    listening just before the redirect.
+    let telemetry = Arc::new(Telemetry::default());
     let health_on_agent_port = match metrics_addr {
         Some(metrics_addr) => {
             telemetry::spawn_server(metrics_addr, telemetry.clone()).await?;
@@ -299,19 +360,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
         None => true,
     };
-
-    // 1. Exempt this agent from the programs a previous agent left pinned, before any network call:
-    //    a restarted agent container has a new cgroup, and its calls to the metadata service (base-ARN
-    //    discovery, region, its own credentials) would otherwise be redirected to its own port.
-    let mount = identity::cgroup2_mount()?;
-    let own_cgroup = own_cgroup_id(&mount)?;
-    let exempted_in = crate::bpf::pin::exempt_in_pinned(&args.bpffs_dir, own_cgroup.0)
-        .context("cannot exempt the agent from the pinned programs")?;
-    tracing::info!(
-        cgroup_id = own_cgroup.0,
-        pinned_layouts = exempted_in,
-        "exempted the agent's own cgroup"
-    );
+    let socket = match bind_metadata_socket(agent_addr) {
+        Ok(socket) => socket,
+        Err(err) => return Err(guard::refuse_after(&programs, err)),
+    };
 
     // 2. Configuration: everything that can be wrong is found before anything is attached.
     let ttl = args.iam_role_session_ttl;
@@ -334,11 +386,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let upstream = Arc::new(MetadataService::new(&args.metadata_addr).context("bad --metadata-addr")?);
     let policy = policy(&args, upstream.as_ref()).await?;
     let sources = workload_sources(&args, &policy, &telemetry).await?;
-    let cgroup_root = match &args.cgroup_root {
-        Some(root) => root.clone(),
-        None => detect_kubepods(&mount)?,
-    };
-    let cgroups = Arc::new(CgroupPaths::new(mount, CGROUP_PATH_CACHE)?);
     let limit_keys = LimitKeys::new(cgroups.clone(), CGROUP_PATH_CACHE);
     let sts = Arc::new(StsAssumeRole::from_env(args.region.clone(), args.sts_endpoint.clone()).await);
     let _node_credentials_check = watch_node_credentials(&sts, &telemetry).await;
@@ -349,19 +396,25 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     );
     telemetry.register(|registry| creds.metrics().register(registry));
 
-    // 3. Attach: from here on, every new connection to the metadata address comes to the agent.
-    let mut redirect = RedirectConfig::new(cgroup_root.clone(), agent_addr);
-    redirect.exempt_cgroups = vec![own_cgroup];
-    redirect.pin_dir = Some(args.bpffs_dir.clone());
-    let interceptor = Arc::new(Interceptor::attach(&redirect)?);
+    // 3. Listen, then redirect: from here on, every new connection to the metadata address comes to
+    //    the agent, and waits in the listen queue until it is served.
+    let listener = match socket.listen(LISTEN_BACKLOG) {
+        Ok(listener) => listener,
+        Err(err) => {
+            let err = anyhow::Error::new(err).context(format!("cannot listen on {agent_addr}"));
+            return Err(guard::refuse_after(&programs, err));
+        }
+    };
+    programs.mode = Mode::Redirect;
+    let interceptor = match Interceptor::attach(&programs) {
+        Ok(interceptor) => Arc::new(interceptor),
+        Err(err) => return Err(guard::refuse_after(&programs, err.into())),
+    };
     let collector = BpfCollector::new(interceptor.clone());
     telemetry.register(|registry| registry.register_collector(Box::new(collector)));
     telemetry.readiness.set_attached(true);
 
-    // 4. Listen.
-    let listener = TcpListener::bind(agent_addr)
-        .await
-        .with_context(|| format!("cannot listen on {agent_addr}"))?;
+    // 4. Serve.
     let _workload_watch = sources.file.as_ref().map(|file| file.watch(WORKLOAD_FILE_CHECK));
     let _refresher = creds.spawn_refresher(REFRESH_CHECK);
     let metrics = ImdsMetrics::default();

@@ -1,6 +1,7 @@
 //! bpf: the one module that touches aya. Loads the embedded BPF object, attaches its programs to the
-//! workload cgroup root, owns their links (dropping the [`Interceptor`] detaches them), forwards the
-//! programs' aya-log records to `tracing`, and answers "which cgroup made this accepted connection?".
+//! workload cgroup root (or swaps them into the links a previous agent pinned), owns their links
+//! (dropping the [`Interceptor`] detaches them unless they are pinned), forwards the programs' aya-log
+//! records to `tracing`, and answers "which cgroup made this accepted connection?".
 
 pub mod inspect;
 pub mod metrics;
@@ -27,6 +28,7 @@ use aya::{
     },
 };
 use aya_log::EbpfLogger;
+pub use interceptor_common::Mode;
 use interceptor_common::{
     CgroupId, ConnectRecord, ConnectionKey, Counter, Endpoint, InetAddr, NetnsCookie, SocketCookie, names,
     sizes,
@@ -44,10 +46,29 @@ pub fn object_embedded() -> bool {
     !EMBEDDED_OBJECT.is_empty()
 }
 
-/// The programs of the object, by function name, each attached to the cgroup root.
-const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "getpeername4", "getpeername6"];
+/// The programs of the object, by function name, each attached to the cgroup root; the connect
+/// programs last (see [`attach_all`]).
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+    "getpeername4",
+    "getpeername6",
+    "bind4",
+    "bind6",
+    "connect4",
+    "connect6",
+];
 const SOCK_OPS_PROGRAM: &str = "file_connection";
 const EGRESS_PROGRAM: &str = "drop_escaped_metadata";
+/// Every program, as its link is pinned.
+pub const PROGRAMS: [&str; 8] = [
+    SOCK_ADDR_PROGRAMS[0],
+    SOCK_ADDR_PROGRAMS[1],
+    SOCK_ADDR_PROGRAMS[2],
+    SOCK_ADDR_PROGRAMS[3],
+    SOCK_ADDR_PROGRAMS[4],
+    SOCK_ADDR_PROGRAMS[5],
+    SOCK_OPS_PROGRAM,
+    EGRESS_PROGRAM,
+];
 
 /// A connect record older than this at accept belongs to no connection the agent is accepting now: the
 /// programs delete a record when its socket closes, and a caller's connection is accepted within
@@ -140,7 +161,11 @@ pub enum BpfError {
 pub struct RedirectConfig {
     /// The cgroup v2 directory whose whole subtree is intercepted.
     pub cgroup_root: PathBuf,
-    /// Where redirected IPv4 connections (and IPv4-mapped ones of dual-stack sockets) go.
+    /// Whether connects to the intercepted endpoints go to the agent, or are refused.
+    pub mode: Mode,
+    /// Where redirected IPv4 connections (and IPv4-mapped ones of dual-stack sockets) go. With no
+    /// agent address at all (`interceptor guard`), its port is 0: nothing is redirected, and connects
+    /// straight to an agent are not told apart.
     pub agent_v4: SocketAddrV4,
     /// Where redirected native IPv6 connections go; without it they go to the IPv4-mapped `agent_v4`.
     pub agent_v6: Option<SocketAddrV6>,
@@ -148,6 +173,12 @@ pub struct RedirectConfig {
     pub intercepted: Vec<SocketAddr>,
     /// Cgroups whose connections are never redirected: the agent's own.
     pub exempt_cgroups: Vec<CgroupId>,
+    /// TCP ports no workload may bind in the node's network namespace: the agent's.
+    pub guarded_ports: Vec<u16>,
+    /// The cookie of the node's network namespace, where `guarded_ports` are guarded; `None`: the
+    /// initial namespace, which is the node's on every Kubernetes node (the kernel cannot tell a
+    /// namespace's cookie before 5.14: see [`netns_cookie`]).
+    pub node_netns_cookie: Option<u64>,
     /// Where to pin the links and shared maps (a bpffs directory), so the programs outlive this
     /// process and the next agent takes over from them; `None`: they are detached on drop.
     pub pin_dir: Option<PathBuf>,
@@ -157,17 +188,55 @@ pub struct RedirectConfig {
 }
 
 impl RedirectConfig {
-    /// Intercepts EC2's metadata endpoints and exempts nothing.
+    /// Redirects EC2's metadata endpoints to `agent_v4`, guards its port, and exempts nothing.
     pub fn new(cgroup_root: PathBuf, agent_v4: SocketAddrV4) -> Self {
         Self {
             cgroup_root,
+            mode: Mode::Redirect,
             agent_v4,
             agent_v6: None,
             intercepted: vec![METADATA_V4, METADATA_V6],
             exempt_cgroups: Vec::new(),
+            guarded_ports: vec![agent_v4.port()],
+            node_netns_cookie: None,
             pin_dir: None,
             connection_map_entries: sizes::CONNECTS_BY_TUPLE,
         }
+    }
+
+    /// Refuses connects to EC2's metadata endpoints from the whole subtree of `cgroup_root`, and
+    /// guards `guarded_ports`: what holds until an agent serves.
+    pub fn refusing(cgroup_root: PathBuf, guarded_ports: Vec<u16>) -> Self {
+        Self {
+            mode: Mode::Refuse,
+            guarded_ports,
+            ..Self::new(cgroup_root, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
+        }
+    }
+}
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+); `None` where the
+/// kernel cannot tell it.
+pub fn netns_cookie() -> io::Result<Option<u64>> {
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(cookie));
+    }
+    match io::Error::last_os_error() {
+        err if err.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(None),
+        err => Err(err),
     }
 }
 
@@ -195,12 +264,14 @@ impl From<ConnectRecord> for Attribution {
     }
 }
 
-/// A program's link, held for what dropping it does: an owned link detaches its program, a pinned one
-/// leaves it attached for the next agent.
+/// A program's link, held for what dropping it does: an owned link detaches its program; a pinned one
+/// (made by this agent, or a previous agent's that now runs this agent's program) stays attached for
+/// the next agent.
 #[derive(Debug)]
 enum AgentLink {
     Owned { _link: FdLink },
     Pinned { _link: PinnedLink },
+    Updated { _link: OwnedFd },
 }
 
 /// The loaded and attached programs. Dropping it detaches every program, unless they are pinned.
@@ -252,6 +323,8 @@ impl Interceptor {
             names::EXEMPT_CGROUPS,
             config.exempt_cgroups.iter().map(|id| id.0),
         )?;
+        // The ports a previous agent's programs still redirect to stay guarded until they are replaced.
+        add_to_set(&mut ebpf, names::GUARDED_PORTS, &config.guarded_ports)?;
         let connects_by_tuple = TupleMap::take(&mut ebpf)?;
         let connects_by_cookie = take_map(&mut ebpf, names::CONNECTS_BY_COOKIE)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
@@ -264,19 +337,17 @@ impl Interceptor {
             }
         };
         if pin_dir.is_some() {
-            // Records a previous agent never consumed describe connections nobody will accept now.
-            let flushed = connects_by_tuple.flush()?;
+            // Records a previous agent never consumed describe connections nobody will accept now;
+            // fresh ones may be of connections waiting in this agent's listen queue.
+            let flushed = connects_by_tuple.flush_stale()?;
             tracing::info!(flushed, "took over the pinned connection records");
         }
-        let links = attach_all(&mut ebpf, &cgroup)?
-            .into_iter()
-            .map(|(program, link)| match &pin_dir {
-                Some(dir) => dir
-                    .replace_link(program, link)
-                    .map(|pinned| AgentLink::Pinned { _link: pinned }),
-                None => Ok(AgentLink::Owned { _link: link }),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let links = attach_all(&mut ebpf, &cgroup, pin_dir.as_ref())?;
+        fill_set(
+            &mut ebpf,
+            names::GUARDED_PORTS,
+            config.guarded_ports.iter().copied(),
+        )?;
         if let Some(dir) = &pin_dir {
             // Only now that this layout's programs run may an older layout's stop.
             for removed in dir.remove_other_layouts()? {
@@ -284,7 +355,12 @@ impl Interceptor {
                     "removed the programs of an older pin layout");
             }
         }
-        tracing::info!(cgroup_root = %config.cgroup_root.display(), programs = links.len(),
+        let updated = links
+            .iter()
+            .filter(|link| matches!(link, AgentLink::Updated { .. }))
+            .count();
+        tracing::info!(cgroup_root = %config.cgroup_root.display(), mode = ?config.mode, programs = links.len(),
+            updated_in_place = updated, guarded_ports = ?config.guarded_ports,
             pinned_in = config.pin_dir.as_ref().map(|dir| dir.display().to_string()), "BPF programs attached");
 
         Ok(Self {
@@ -367,10 +443,14 @@ fn load(config: &RedirectConfig, pin_dir: Option<&PinDir>) -> Result<Ebpf, BpfEr
         .iter()
         .flat_map(|dir| pin::PINNED_MAPS.map(|name| (name, dir.map(name))))
         .collect();
+    let mode = config.mode as u32;
+    let node_netns_cookie = config.node_netns_cookie.unwrap_or(0);
     let mut loader = EbpfLoader::new();
     loader
         .override_global(names::AGENT_V4, &agent_v4, true)
         .override_global(names::AGENT_V6, &agent_v6, true)
+        .override_global(names::MODE, &mode, true)
+        .override_global(names::NODE_NETNS_COOKIE, &node_netns_cookie, true)
         .map_max_entries(names::CONNECTS_BY_COOKIE, config.connection_map_entries)
         .map_max_entries(names::CONNECTS_BY_TUPLE, config.connection_map_entries);
     for (name, path) in &map_pins {
@@ -431,9 +511,19 @@ impl TupleMap {
         Ok(sys::delete(self.fd.as_fd(), key)?.then_some(record))
     }
 
-    /// Deletes every record; how many there were.
-    fn flush(&self) -> Result<usize, BpfError> {
-        let keys: Vec<ConnectionKey> = self.records.keys().filter_map(Result::ok).collect();
+    /// Deletes every record older than [`MAX_RECORD_AGE`], which no accept would take; how many there
+    /// were.
+    fn flush_stale(&self) -> Result<usize, BpfError> {
+        let now = monotonic_ns();
+        let keys: Vec<ConnectionKey> = self
+            .records
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, record)| {
+                Duration::from_nanos(now.saturating_sub(record.created_ns)) > MAX_RECORD_AGE
+            })
+            .map(|(key, _)| key)
+            .collect();
         for key in &keys {
             sys::delete(self.fd.as_fd(), key).map_err(|source| BpfError::Syscall {
                 name: names::CONNECTS_BY_TUPLE,
@@ -480,7 +570,7 @@ impl Drop for Interceptor {
         let pinned = self
             .links
             .iter()
-            .filter(|link| matches!(link, AgentLink::Pinned { .. }))
+            .filter(|link| !matches!(link, AgentLink::Owned { .. }))
             .count();
         let detached = self.links.len() - pinned;
         self.links.clear();
@@ -520,6 +610,17 @@ fn fill_set<K: aya::Pod + PartialEq>(
     Ok(())
 }
 
+/// Adds `keys` to the set map `name`, leaving what it holds.
+fn add_to_set<K: aya::Pod>(ebpf: &mut Ebpf, name: &'static str, keys: &[K]) -> Result<(), BpfError> {
+    let map = ebpf.map_mut(name).ok_or(BpfError::MissingMap { name })?;
+    let mut set = HashMap::<_, K, u8>::try_from(map).map_err(|source| BpfError::Map { name, source })?;
+    for key in keys {
+        set.insert(key, 1, 0)
+            .map_err(|source| BpfError::Map { name, source })?;
+    }
+    Ok(())
+}
+
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
@@ -528,19 +629,77 @@ where
     T::try_from(map).map_err(|source| BpfError::Map { name, source })
 }
 
-fn attach_all(ebpf: &mut Ebpf, cgroup: &File) -> Result<Vec<(&'static str, FdLink)>, BpfError> {
-    let mut links = Vec::with_capacity(SOCK_ADDR_PROGRAMS.len() + 1);
+/// Loads every program and puts it in place: into the link pinned for it on the same cgroup when there
+/// is one (a previous agent's, whose program it replaces in one step), else in a new link (pinned when
+/// `pin_dir` is set, in place of any pinned on another cgroup). The programs that read the connect
+/// records go first and the connect programs that write them last, so no connect redirected by a new
+/// connect program meets an old `sock_ops` that would not file it (a guard's, which knows no agent).
+fn attach_all(ebpf: &mut Ebpf, cgroup: &File, pin_dir: Option<&PinDir>) -> Result<Vec<AgentLink>, BpfError> {
+    let cgroup_id = cgroup_id_of(cgroup)?;
+    let mut links = Vec::with_capacity(PROGRAMS.len());
+    links.push(put_in_place(
+        program::<SockOps>(ebpf, SOCK_OPS_PROGRAM)?,
+        SOCK_OPS_PROGRAM,
+        cgroup,
+        cgroup_id,
+        pin_dir,
+    )?);
+    links.push(put_in_place(
+        program::<CgroupSkb>(ebpf, EGRESS_PROGRAM)?,
+        EGRESS_PROGRAM,
+        cgroup,
+        cgroup_id,
+        pin_dir,
+    )?);
+    // SOCK_ADDR_PROGRAMS ends with the connect programs.
     for name in SOCK_ADDR_PROGRAMS {
-        links.push((
+        links.push(put_in_place(
+            program::<CgroupSockAddr>(ebpf, name)?,
             name,
-            program::<CgroupSockAddr>(ebpf, name)?.attach_to(name, cgroup)?,
-        ));
+            cgroup,
+            cgroup_id,
+            pin_dir,
+        )?);
     }
-    let sock_ops = program::<SockOps>(ebpf, SOCK_OPS_PROGRAM)?.attach_to(SOCK_OPS_PROGRAM, cgroup)?;
-    links.push((SOCK_OPS_PROGRAM, sock_ops));
-    let egress = program::<CgroupSkb>(ebpf, EGRESS_PROGRAM)?.attach_to(EGRESS_PROGRAM, cgroup)?;
-    links.push((EGRESS_PROGRAM, egress));
     Ok(links)
+}
+
+fn put_in_place<P: CgroupProgram>(
+    program: &mut P,
+    name: &'static str,
+    cgroup: &File,
+    cgroup_id: u64,
+    pin_dir: Option<&PinDir>,
+) -> Result<AgentLink, BpfError> {
+    program.load_once(name)?;
+    let Some(dir) = pin_dir else {
+        return Ok(AgentLink::Owned {
+            _link: program.attach_to(name, cgroup)?,
+        });
+    };
+    if let Some(link) = dir.link_to_update(name, cgroup_id)? {
+        sys::link_update(link.as_fd(), program.program_fd(name)?).map_err(|source| BpfError::PinLink {
+            path: PathBuf::from(name),
+            source,
+        })?;
+        return Ok(AgentLink::Updated { _link: link });
+    }
+    let link = program.attach_to(name, cgroup)?;
+    Ok(AgentLink::Pinned {
+        _link: dir.replace_link(name, link)?,
+    })
+}
+
+/// The id of the cgroup open as `cgroup`: its inode number.
+fn cgroup_id_of(cgroup: &File) -> Result<u64, BpfError> {
+    use std::os::unix::fs::MetadataExt;
+    cgroup
+        .metadata()
+        .map(|meta| meta.ino())
+        .map_err(|source| BpfError::CgroupRoot {
+            path: PathBuf::from("the cgroup root"),
+            source,
+        })
 }
 
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, BpfError>
@@ -553,8 +712,11 @@ where
         .map_err(|source| BpfError::Program { name, source })
 }
 
-/// Load, attach to a cgroup and take the link: the same steps for each cgroup program type.
+/// Load, then attach to a cgroup and take the link, or hand the program to a pinned link: the same
+/// steps for each cgroup program type.
 trait CgroupProgram {
+    fn load_once(&mut self, name: &'static str) -> Result<(), BpfError>;
+    fn program_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, BpfError>;
     fn attach_to(&mut self, name: &'static str, cgroup: &File) -> Result<FdLink, BpfError>;
 }
 
@@ -562,9 +724,18 @@ trait CgroupProgram {
 macro_rules! impl_cgroup_program {
     ($($program:ty => ($($attach_arg:expr),*)),+ $(,)?) => {$(
         impl CgroupProgram for $program {
+            fn load_once(&mut self, name: &'static str) -> Result<(), BpfError> {
+                self.load().map_err(|source| BpfError::Program { name, source })
+            }
+
+            fn program_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, BpfError> {
+                self.fd()
+                    .map(|fd| fd.as_fd())
+                    .map_err(|source| BpfError::Program { name, source })
+            }
+
             fn attach_to(&mut self, name: &'static str, cgroup: &File) -> Result<FdLink, BpfError> {
                 let program_error = |source| BpfError::Program { name, source };
-                self.load().map_err(program_error)?;
                 // Single: aya passes the mode as bpf_link_create flags, where AllowMultiple is EINVAL;
                 // cgroup links coexist with other programs on the same cgroup anyway.
                 let link_id = self

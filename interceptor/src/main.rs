@@ -5,7 +5,7 @@ use std::{ffi::OsString, process::ExitCode};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use interceptor::{
-    agent::{self, AgentArgs, UninstallArgs},
+    agent::{self, AgentArgs, UninstallArgs, guard::GuardArgs},
     status::{self, StatusArgs},
     telemetry,
 };
@@ -26,6 +26,14 @@ enum Command {
     Agent(Box<AgentArgs>),
     /// Detach the programs a stopped agent left pinned and remove its maps (as root).
     Uninstall(UninstallArgs),
+    /// Refuse pods' metadata connects and guard the agent's ports until an agent serves (as root)
+    ///
+    /// Run once at boot, before the kubelet starts: after a reboot nothing is pinned, and the kubelet
+    /// starts pods beside the agent, so without it a pod could reach the node's metadata service
+    /// before the agent attaches. Pins the programs in --bpffs-dir (on the host's bpffs), attached
+    /// to the kubelet's pod cgroup root (made when it does not exist yet), refusing; the agent takes
+    /// them over. Does nothing where programs are pinned already.
+    Guard(GuardArgs),
     /// Show what is attached where, what is pinned, and what the agent knows and did (as root)
     ///
     /// Two parts. The kernel's, asked directly, so it works with no agent running: the programs
@@ -63,6 +71,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse_from(with_command(std::env::args_os().collect())).command {
         Command::Agent(args) => run_agent(*args),
         Command::Uninstall(args) => agent::uninstall(&args),
+        Command::Guard(args) => agent::guard::run(&args),
         Command::Status(args) => status::run(&args),
     };
     match result {

@@ -112,13 +112,8 @@ impl Agent {
     }
 
     /// Starts `command` and waits until the agent logs a line whose message is `message`.
-    pub fn start_until(mut command: Command, message: &'static str) -> Result<Self> {
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().context("cannot start the agent")?;
-        let stderr = child.stderr.take().expect("stderr is piped");
+    pub fn start_until(command: Command, message: &'static str) -> Result<Self> {
+        let (child, stderr) = spawn_with_log(command)?;
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
         let sink = logs.clone();
@@ -142,6 +137,24 @@ impl Agent {
                 )
             }
         }
+    }
+
+    /// Runs `command` (an agent expected to give up) until it exits, at most two minutes: its exit
+    /// status and its log.
+    pub fn run_to_exit(command: Command) -> Result<(std::process::ExitStatus, Vec<String>)> {
+        let (mut child, stderr) = spawn_with_log(command)?;
+        let (lines_tx, lines_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let lines: Vec<String> = BufReader::new(stderr).lines().map_while(Result::ok).collect();
+            let _ = lines_tx.send(lines);
+        });
+        // The log closes when the agent exits.
+        let Ok(lines) = lines_rx.recv_timeout(Duration::from_secs(120)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the agent did not exit within two minutes");
+        };
+        Ok((child.wait().context("cannot wait for the agent")?, lines))
     }
 
     /// Kills the agent at once (SIGKILL, as a crash or an OOM kill would) and waits for it to exit.
@@ -195,6 +208,17 @@ impl Agent {
             self.logs().join("\n")
         )
     }
+}
+
+/// Starts the agent `command` with its log (standard error) piped: the process and its log.
+fn spawn_with_log(mut command: Command) -> Result<(Child, std::process::ChildStderr)> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().context("cannot start the agent")?;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    Ok((child, stderr))
 }
 
 pub(crate) fn has_message(line: &str, message: &str) -> bool {

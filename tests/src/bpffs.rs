@@ -18,22 +18,15 @@ pub struct BpffsMount {
 impl BpffsMount {
     pub fn new() -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("interceptor-bpffs").tempdir()?;
-        let target = CString::new(dir.path().as_os_str().as_bytes())?;
-        // SAFETY: NUL-terminated strings that outlive the call; no mount data.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error())
-                .with_context(|| format!("cannot mount bpffs on {}", dir.path().display()));
-        }
+        mount(dir.path())?;
         Ok(Self { dir })
+    }
+
+    /// What a reboot leaves: a new, empty bpffs in place of this one. The old mount goes with its pins,
+    /// and with them the programs, once no process holds their links.
+    pub fn reboot(&self) -> Result<()> {
+        unmount(self.path())?;
+        mount(self.path())
     }
 
     pub fn path(&self) -> &Path {
@@ -46,6 +39,34 @@ impl BpffsMount {
     }
 }
 
+fn mount(dir: &Path) -> Result<()> {
+    let target = CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: NUL-terminated strings that outlive the call; no mount data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("cannot mount bpffs on {}", dir.display()));
+    }
+    Ok(())
+}
+
+fn unmount(dir: &Path) -> Result<()> {
+    let target = CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("cannot unmount {}", dir.display()));
+    }
+    Ok(())
+}
+
 impl Drop for BpffsMount {
     fn drop(&mut self) {
         if let Err(err) = interceptor::bpf::pin::uninstall(&self.agent_dir()) {
@@ -55,16 +76,8 @@ impl Drop for BpffsMount {
                 anyhow::Error::from(err)
             );
         }
-        let Ok(target) = CString::new(self.path().as_os_str().as_bytes()) else {
-            return;
-        };
-        // SAFETY: a NUL-terminated path that outlives the call.
-        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!(
-                "warning: cannot unmount {}: {}",
-                self.path().display(),
-                io::Error::last_os_error()
-            );
+        if let Err(err) = unmount(self.path()) {
+            eprintln!("warning: {err:#}");
         }
     }
 }

@@ -95,11 +95,16 @@ impl DeployedNode {
 
     /// [`DeployedNode::restart_agent`] in another cgroup: a restarted container gets a new one.
     pub fn restart_agent_in(&mut self, cgroup: PathBuf) -> Result<()> {
-        let mut command = Agent::command_in(&self.node, &cgroup)?;
-        command.args(&self.agent_args);
-        self.agent = Agent::start(command)?;
+        self.agent = Agent::start(self.agent_command_in(&cgroup)?)?;
         self.agent_cgroup = cgroup;
         Ok(())
+    }
+
+    /// The command that starts this node's agent, with its flags, in `cgroup`: a test adds to it.
+    pub fn agent_command_in(&self, cgroup: &Path) -> Result<Command> {
+        let mut command = Agent::command_in(&self.node, cgroup)?;
+        command.args(&self.agent_args);
+        Ok(command)
     }
 
     /// The node's moto; panics when the node was started with STS down.

@@ -5,14 +5,21 @@ use std::{fs::File, io, os::fd::AsRawFd, path::Path};
 use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd};
 
 /// The cgroup attach points the agent uses.
-pub const AGENT_ATTACH_TYPES: [bpf_attach_type; 6] = [
+pub const AGENT_ATTACH_TYPES: [bpf_attach_type; 8] = [
     bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
     bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
+    bpf_attach_type::BPF_CGROUP_INET4_BIND,
+    bpf_attach_type::BPF_CGROUP_INET6_BIND,
     bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
     bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
     bpf_attach_type::BPF_CGROUP_SOCK_OPS,
     bpf_attach_type::BPF_CGROUP_INET_EGRESS,
 ];
+
+/// How many programs the agent attaches: one at each of [`AGENT_ATTACH_TYPES`].
+pub const AGENT_PROGRAMS: usize = AGENT_ATTACH_TYPES.len();
+/// How many maps the agent pins (`interceptor::bpf::pin::PINNED_MAPS`).
+pub const AGENT_PINNED_MAPS: usize = interceptor::bpf::pin::PINNED_MAPS.len();
 
 /// Ids of the programs attached to `cgroup` at `attach_type` (BPF_PROG_QUERY).
 pub fn attached_programs(cgroup: &Path, attach_type: bpf_attach_type) -> io::Result<Vec<u32>> {

@@ -316,4 +316,18 @@ impl Interactive {
     pub async fn finish(mut self) -> Result<()> {
         stop_client(&mut self.child, &mut self.stdin, Duration::from_secs(60)).await
     }
+
+    /// [`Interactive::finish`], returning the lines the client printed after those already read.
+    pub async fn finish_output(mut self) -> Result<Vec<String>> {
+        drop(self.stdin.take());
+        let mut rest = Vec::new();
+        while let Some(line) = tokio::time::timeout(Duration::from_secs(60), self.lines.next_line())
+            .await
+            .context("the client printed nothing for 60 s")??
+        {
+            rest.push(line);
+        }
+        stop_client(&mut self.child, &mut self.stdin, Duration::from_secs(60)).await?;
+        Ok(rest)
+    }
 }

@@ -69,6 +69,13 @@ impl SimNode {
         SocketAddrV6::new(NODE_IP6, AGENT_PORT, 0, 0)
     }
 
+    /// What a reboot does to the agent's programs: bpffs comes back empty, so nothing is pinned and
+    /// nothing attached (once no process holds a link). Cgroups and networks stay, as a kubelet
+    /// re-creates them.
+    pub fn reboot(&self) -> Result<()> {
+        self.bpffs.reboot()
+    }
+
     /// The node's bpffs directory for the agent's pins (`--bpffs-dir`).
     pub fn bpffs_dir(&self) -> std::path::PathBuf {
         self.bpffs.agent_dir()

@@ -113,9 +113,13 @@ async fn the_uninstall_daemonsets_command_detaches_and_unpins_what_a_killed_agen
     }
     let mut cluster = DaemonSetNode::start(SimNode::new()?, DEFAULT_VALUES)?;
     let root = cluster.node.kubepods().to_path_buf();
-    assert_eq!(programs_on(&root)?, [1; 6]);
+    assert_eq!(programs_on(&root)?, [1; kernel::AGENT_PROGRAMS]);
     cluster.agent.kill()?;
-    assert_eq!(programs_on(&root)?, [1; 6], "the programs outlive the agent");
+    assert_eq!(
+        programs_on(&root)?,
+        [1; kernel::AGENT_PROGRAMS],
+        "the programs outlive the agent"
+    );
 
     let objects = chart::render(&[DEFAULT_VALUES, &["--set", "uninstall.enabled=true"]].concat())?;
     let pod_spec = &chart::daemonset(&objects, "interceptor-uninstall")["spec"]["template"]["spec"];
@@ -123,9 +127,14 @@ async fn the_uninstall_daemonsets_command_detaches_and_unpins_what_a_killed_agen
     let pod = cluster.node.pod()?;
     let command = uninstall.command(&cluster.node, &pod.container()?, &Agent::binary()?, &image_env())?;
     let said = run(command).await?;
-    assert!(said.contains("detached 6 programs"), "{said}");
+    let detached = format!("detached {} programs", kernel::AGENT_PROGRAMS);
+    assert!(said.contains(&detached), "{said}");
 
-    assert_eq!(programs_on(&root)?, [0; 6], "programs still attached");
+    assert_eq!(
+        programs_on(&root)?,
+        [0; kernel::AGENT_PROGRAMS],
+        "programs still attached"
+    );
     let bpffs_dir = cluster.node.bpffs_dir();
     let left: Vec<_> = match std::fs::read_dir(&bpffs_dir) {
         Ok(entries) => entries

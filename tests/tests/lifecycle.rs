@@ -73,12 +73,16 @@ async fn a_restarting_agent_leaves_no_window_and_uninstall_removes_everything() 
     let root = t.node.kubepods().to_path_buf();
     let role_list = || curl(&pod, &container, &[ROLE_LIST]);
     assert_eq!(body_of(&role_list().await?), "alpha");
-    assert_eq!(programs_on(&root)?, [1; 6]);
+    assert_eq!(programs_on(&root)?, [1; kernel::AGENT_PROGRAMS]);
 
     // The agent dies: the pinned programs stay, and a pod's connection is refused, not served by the
     // node's metadata service.
     t.agent.kill()?;
-    assert_eq!(programs_on(&root)?, [1; 6], "programs must outlive the agent");
+    assert_eq!(
+        programs_on(&root)?,
+        [1; kernel::AGENT_PROGRAMS],
+        "programs must outlive the agent"
+    );
     let refused = role_list().await;
     assert!(
         refused.is_err(),
@@ -93,7 +97,7 @@ async fn a_restarting_agent_leaves_no_window_and_uninstall_removes_everything() 
     // The next agent takes over: its programs replace the pinned ones, one of each.
     t.restart_agent()?;
     assert_eq!(body_of(&role_list().await?), "alpha");
-    assert_eq!(programs_on(&root)?, [1; 6]);
+    assert_eq!(programs_on(&root)?, [1; kernel::AGENT_PROGRAMS]);
 
     // Uninstall removes everything: nothing attached, nothing pinned, pods reach the metadata service.
     t.agent.kill()?;
@@ -104,8 +108,13 @@ async fn a_restarting_agent_leaves_no_window_and_uninstall_removes_everything() 
         .arg("--bpffs-dir")
         .arg(t.node.bpffs_dir());
     let said = run(uninstall).await?;
-    assert!(said.contains("detached 6 programs, removed 5 maps"), "{said}");
-    assert_eq!(programs_on(&root)?, [0; 6]);
+    let removed = format!(
+        "detached {} programs, removed {} maps",
+        kernel::AGENT_PROGRAMS,
+        kernel::AGENT_PINNED_MAPS
+    );
+    assert!(said.contains(&removed), "{said}");
+    assert_eq!(programs_on(&root)?, [0; kernel::AGENT_PROGRAMS]);
     assert!(!t.node.bpffs_dir().exists());
     let direct = role_list().await?;
     assert_eq!(

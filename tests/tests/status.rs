@@ -32,9 +32,11 @@ const SIM_CLIENT: &str = env!("CARGO_BIN_EXE_sim-client");
 
 /// The attach points the agent uses, as the report names them, and the programs' names as loaded
 /// (the kernel keeps 15 characters).
-const ATTACHED: [(bpf_attach_type, &str, &str); 6] = [
+const ATTACHED: [(bpf_attach_type, &str, &str); 8] = [
     (bpf_attach_type::BPF_CGROUP_INET4_CONNECT, "connect4", "connect4"),
     (bpf_attach_type::BPF_CGROUP_INET6_CONNECT, "connect6", "connect6"),
+    (bpf_attach_type::BPF_CGROUP_INET4_BIND, "bind4", "bind4"),
+    (bpf_attach_type::BPF_CGROUP_INET6_BIND, "bind6", "bind6"),
     (
         bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
         "getpeername4",
@@ -168,9 +170,14 @@ fn assert_kernel_part(report: &Value, node: &SimNode) -> Result<()> {
         pinned_programs, attached,
         "every attached program is held by a pin"
     );
-    assert_eq!(report["kernel"]["pins"]["maps"].as_array().map(Vec::len), Some(5));
+    assert_eq!(
+        report["kernel"]["pins"]["maps"].as_array().map(Vec::len),
+        Some(kernel::AGENT_PINNED_MAPS)
+    );
     assert_eq!(pinned_map(report, "INTERCEPTED")["entries"], 2);
     assert_eq!(pinned_map(report, "EXEMPT_CGROUPS")["entries"], 1);
+    // The agent's port and its health port.
+    assert_eq!(pinned_map(report, "GUARDED_PORTS")["entries"], 2);
     assert_eq!(report["kernel"]["errors"], serde_json::json!([]));
     Ok(())
 }

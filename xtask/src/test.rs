@@ -27,8 +27,12 @@ pub struct Options {
     kernel: Option<String>,
 }
 
-/// Commands the privileged tests run, with the Debian packages that provide them.
-pub const TEST_COMMANDS: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl")];
+/// Commands the tests run, with the Debian packages that provide them.
+pub const TEST_COMMANDS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("curl", "curl"),
+    ("systemd-analyze", "systemd"),
+];
 
 /// The profile of the agent in the image this checks. A cold release build of the static agent took
 /// 23 minutes on two cores (shared with other builds; several minutes at the very best), far over this

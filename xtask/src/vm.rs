@@ -162,11 +162,12 @@ fn version_key(package: &str) -> Vec<u64> {
 /// attribution, cgroup ids and paths, the agent on top of them), each with the tests of it left out
 /// there. The tests with moto and the AWS clients exercise user space only and would take minutes to
 /// start Python under emulation: they run on the host.
-const KERNEL_TESTS: [(&str, &[&str]); 6] = [
+const KERNEL_TESTS: [(&str, &[&str]); 7] = [
     ("redirect", &[]),
     ("attribution", &[]),
     ("lifecycle", &[]),
     ("imds", &[]),
+    ("guard", &[]),
     // The flood tests the agent's connection limits, user space only, with thousands of connections
     // that take minutes under emulation.
     (

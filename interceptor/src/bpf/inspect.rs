@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 use super::{BpfError, pin, sys};
 
 /// The cgroup attach points the agent's programs use, named as `bpftool cgroup show` names them.
-pub const ATTACH_POINTS: [(bpf_attach_type, &str); 6] = [
+pub const ATTACH_POINTS: [(bpf_attach_type, &str); 8] = [
     (bpf_attach_type::BPF_CGROUP_INET4_CONNECT, "connect4"),
     (bpf_attach_type::BPF_CGROUP_INET6_CONNECT, "connect6"),
+    (bpf_attach_type::BPF_CGROUP_INET4_BIND, "bind4"),
+    (bpf_attach_type::BPF_CGROUP_INET6_BIND, "bind6"),
     (bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME, "getpeername4"),
     (bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME, "getpeername6"),
     (bpf_attach_type::BPF_CGROUP_SOCK_OPS, "sock_ops"),

@@ -52,6 +52,12 @@ impl Collector for BpfCollector {
                         "Packets to an intercepted endpoint that escaped the redirect and were dropped, by reason",
                         "reason",
                     ),
+                    (
+                        CounterKind::BindRefusal,
+                        "bpf_binds_refused",
+                        "Workloads' binds refused in the node's network namespace, by reason",
+                        "reason",
+                    ),
                 ] {
                     let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
                     for (counter, value) in counters.iter().filter(|(counter, _)| counter.kind() == kind) {

@@ -5,14 +5,17 @@
 //!
 //! Layout: `<bpffs dir>/<layout>/maps/<MAP>` and `<bpffs dir>/<layout>/links/<program>`, where the layout
 //! version changes whenever a pinned map's key or value does, so no agent reuses maps it cannot read.
-//! An agent removes the other layouts' programs once its own are attached. Every layout keeps
-//! `EXEMPT_CGROUPS` as cgroup id (u64) -> u8, so a starting agent can exempt itself from whichever
-//! programs are running before it makes any network call.
+//! Within a layout the next agent swaps its programs into the pinned links in place
+//! (`BPF_LINK_UPDATE`), so no connect ever meets neither program or both; an agent removes the other
+//! layouts' programs once its own are attached. Every layout keeps `EXEMPT_CGROUPS` as cgroup id (u64)
+//! -> u8, so a starting agent can exempt itself from whichever programs are running before it makes
+//! any network call; entries of cgroups that are gone are pruned then, so starts that fail before
+//! attaching cannot fill the set.
 
 use std::{
     ffi::CString,
     fs, io,
-    os::unix::ffi::OsStrExt,
+    os::{fd::OwnedFd, unix::ffi::OsStrExt},
     path::{Path, PathBuf},
 };
 
@@ -22,7 +25,7 @@ use aya::{
 };
 use interceptor_common::names;
 
-use super::BpfError;
+use super::{BpfError, sys};
 
 /// The layout of the pinned maps; bump it with any change to their keys or values.
 /// v2: connect records carry their creation time; the intercepted addresses have a set of their own.
@@ -30,13 +33,14 @@ const LAYOUT: &str = "v2";
 
 /// The maps a new agent takes over from the one before: the connection records (the cookie records
 /// serve getpeername for connections still open) and the sets the old programs read until they are
-/// replaced.
-pub const PINNED_MAPS: [&str; 5] = [
+/// replaced. A map added to this list within a layout is created by the first agent that knows it.
+pub const PINNED_MAPS: [&str; 6] = [
     names::CONNECTS_BY_COOKIE,
     names::CONNECTS_BY_TUPLE,
     names::INTERCEPTED,
     names::INTERCEPTED_ADDRS,
     names::EXEMPT_CGROUPS,
+    names::GUARDED_PORTS,
 ];
 
 /// `statfs(2)` magic of bpffs.
@@ -80,7 +84,8 @@ impl PinDir {
         Ok(removed)
     }
 
-    fn at(dir: &Path) -> Self {
+    /// This version's layout under `dir`, whether or not anything is pinned there.
+    pub fn at(dir: &Path) -> Self {
         Self {
             root: dir.join(LAYOUT),
         }
@@ -100,6 +105,28 @@ impl PinDir {
 
     fn link(&self, program: &str) -> PathBuf {
         self.links_dir().join(program)
+    }
+
+    /// The link pinned for `program`, open, when it is attached to the cgroup `cgroup_id`: the program
+    /// of a new agent goes into it in place. `None` when there is none, or it is attached elsewhere (an
+    /// agent started with another cgroup root), which [`PinDir::replace_link`] then replaces.
+    pub fn link_to_update(&self, program: &'static str, cgroup_id: u64) -> Result<Option<OwnedFd>, BpfError> {
+        let path = self.link(program);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let pin_error = |source| BpfError::PinLink {
+            path: path.clone(),
+            source,
+        };
+        let link = sys::obj_get(&c_path(&path)?).map_err(pin_error)?;
+        let attached_to = sys::link_cgroup_id(std::os::fd::AsFd::as_fd(&link)).map_err(pin_error)?;
+        Ok((attached_to == cgroup_id).then_some(link))
+    }
+
+    /// Whether every one of `programs` has a link pinned in this layout.
+    pub fn has_links(&self, programs: &[&str]) -> bool {
+        programs.iter().all(|program| self.link(program).exists())
     }
 
     /// Pins `new` (attached already) in place of the previous agent's link of the same program, which
@@ -201,25 +228,66 @@ pub fn uninstall(dir: &Path) -> Result<Vec<Removed>, BpfError> {
     Ok(removed)
 }
 
+/// What [`exempt_in_pinned`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Exempted {
+    /// Exempt sets written to (0 on a node with nothing pinned yet).
+    pub sets: usize,
+    /// Entries removed because their cgroup is gone (agents whose start failed before they attached).
+    pub pruned: usize,
+}
+
 /// Exempts `cgroup_id` in the exempt set of every layout pinned under `dir`: the programs a previous
-/// agent left running then let this agent reach the node's metadata service before its own programs
-/// are attached. How many sets it was written to (0 on a node with nothing pinned yet).
-pub fn exempt_in_pinned(dir: &Path, cgroup_id: u64) -> Result<usize, BpfError> {
+/// agent left running then let this agent reach the node's metadata service (and bind its ports) before
+/// its own programs are attached. Entries of cgroups for which `is_gone` is true go first: an agent
+/// container that failed before attaching left its entry behind, and the set has room for
+/// [`sizes::EXEMPT_CGROUPS`](interceptor_common::sizes::EXEMPT_CGROUPS) only.
+pub fn exempt_in_pinned(
+    dir: &Path,
+    cgroup_id: u64,
+    is_gone: impl Fn(u64) -> bool,
+) -> Result<Exempted, BpfError> {
     let name = names::EXEMPT_CGROUPS;
-    let mut written = 0;
+    let map_error = |source| BpfError::Map { name, source };
+    let mut exempted = Exempted::default();
     for layout in entries(dir)? {
         let path = PinDir { root: layout }.map(name);
         if !path.exists() {
             continue;
         }
-        let map = MapData::from_pin(&path).map_err(|source| BpfError::Map { name, source })?;
-        let mut set = HashMap::<_, u64, u8>::try_from(Map::HashMap(map))
-            .map_err(|source| BpfError::Map { name, source })?;
-        set.insert(cgroup_id, 1, 0)
-            .map_err(|source| BpfError::Map { name, source })?;
-        written += 1;
+        let map = MapData::from_pin(&path).map_err(map_error)?;
+        let mut set = HashMap::<_, u64, u8>::try_from(Map::HashMap(map)).map_err(map_error)?;
+        let gone: Vec<u64> = set
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|&id| id != cgroup_id && is_gone(id))
+            .collect();
+        for id in gone {
+            set.remove(&id).map_err(map_error)?;
+            exempted.pruned += 1;
+        }
+        set.insert(cgroup_id, 1, 0).map_err(map_error)?;
+        exempted.sets += 1;
     }
-    Ok(written)
+    Ok(exempted)
+}
+
+/// Adds `ports` to the guarded ports of this version's layout under `dir`, when it has them pinned: a
+/// starting agent's ports are guarded from before it binds them, while the programs a previous agent
+/// left keep guarding that agent's ports until this one's programs replace them.
+pub fn guard_ports_in_pinned(dir: &Path, ports: &[u16]) -> Result<bool, BpfError> {
+    let name = names::GUARDED_PORTS;
+    let path = PinDir::at(dir).map(name);
+    if !path.exists() {
+        return Ok(false);
+    }
+    let map_error = |source| BpfError::Map { name, source };
+    let map = MapData::from_pin(&path).map_err(map_error)?;
+    let mut set = HashMap::<_, u16, u8>::try_from(Map::HashMap(map)).map_err(map_error)?;
+    for port in ports {
+        set.insert(port, 1, 0).map_err(map_error)?;
+    }
+    Ok(true)
 }
 
 /// The paths of the links and maps pinned under `dir`, whatever layout version made them (none when
@@ -312,6 +380,7 @@ mod tests {
     fn uninstalling_nothing_is_fine() {
         let dir = std::env::temp_dir().join(format!("interceptor-nothing-pinned-{}", std::process::id()));
         assert_eq!(uninstall(&dir).unwrap(), Vec::new());
-        assert_eq!(exempt_in_pinned(&dir, 42).unwrap(), 0);
+        assert_eq!(exempt_in_pinned(&dir, 42, |_| true).unwrap(), Exempted::default());
+        assert!(!guard_ports_in_pinned(&dir, &[8181]).unwrap());
     }
 }

@@ -1,14 +1,16 @@
 //! bpf::sys: the operations aya 0.14 does not offer, as raw `bpf(2)` calls: taking, setting and
-//! deleting map entries through a shared reference, counting the keys of a map whose key type is only known by its size, and asking which
-//! programs are attached to a cgroup.
+//! deleting map entries through a shared reference, counting the keys of a map whose key type is only
+//! known by its size, asking which programs are attached to a cgroup, and swapping the program of a
+//! pinned link in place.
 
 use std::{
+    ffi::CStr,
     io,
     mem::{MaybeUninit, size_of},
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
 };
 
-use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd};
+use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_link_info};
 
 /// Takes `key`'s value out of a hash map in one step (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, Linux 5.14+ for
 /// hash maps): of two callers racing for one record, exactly one gets it. `Ok(None)`: no such key.
@@ -107,6 +109,68 @@ pub fn attached_programs(cgroup: BorrowedFd<'_>, attach_type: bpf_attach_type) -
     // SAFETY: the kernel wrote the count back into the same union member.
     let count = unsafe { attr.query.__bindgen_anon_2.prog_cnt } as usize;
     Ok(ids[..count.min(ids.len())].to_vec())
+}
+
+/// Opens the object pinned at `path` in bpffs (`BPF_OBJ_GET`).
+pub fn obj_get(path: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: bpf_attr is a plain C union for which all-zero is the documented "unset" value.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // The union's object member is the one BPF_OBJ_GET reads.
+    let obj = unsafe { &mut attr.__bindgen_anon_4 };
+    obj.pathname = path.as_ptr() as u64;
+    // SAFETY: pathname points at a NUL-terminated string that outlives the call.
+    let fd = unsafe { bpf_fd(bpf_cmd::BPF_OBJ_GET, &mut attr) }?;
+    Ok(fd)
+}
+
+/// Makes `link` run `program` instead of the program it runs now (`BPF_LINK_UPDATE`, Linux 5.7+ for
+/// cgroup links): the kernel swaps them in one step, so no connect sees neither program, or both.
+pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: bpf_attr is a plain C union for which all-zero is the documented "unset" value.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // The union's link_update member is the one BPF_LINK_UPDATE reads; no flags and no old program:
+    // the link's program is replaced whatever it is.
+    attr.link_update.link_fd = link.as_raw_fd() as u32;
+    attr.link_update.__bindgen_anon_1.new_prog_fd = program.as_raw_fd() as u32;
+    // SAFETY: the attr holds only descriptors, valid for the call.
+    unsafe { bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr) }
+}
+
+/// The id of the cgroup a cgroup link is attached to (`BPF_OBJ_GET_INFO_BY_FD`).
+pub fn link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: bpf_link_info is a plain C struct for which all-zero is a valid value.
+    let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, for bpf_attr.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.info.bpf_fd = link.as_raw_fd() as u32;
+    attr.info.info_len = size_of::<bpf_link_info>() as u32;
+    attr.info.info = std::ptr::from_mut(&mut info) as u64;
+    // SAFETY: info points at a whole bpf_link_info, which outlives the call; info_len says its size.
+    unsafe { bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    // SAFETY: the kernel filled the cgroup member for a cgroup link; for another kind it is some
+    // other integer, never a pointer.
+    Ok(unsafe { info.__bindgen_anon_1.cgroup.cgroup_id })
+}
+
+/// `bpf(cmd, attr)` for a command that returns a new descriptor.
+///
+/// # Safety
+/// As for [`bpf`].
+unsafe fn bpf_fd(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
+    // SAFETY: the caller vouches for attr; its size is passed with it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut bpf_attr,
+            size_of::<bpf_attr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// `bpf(cmd, attr)`.

@@ -2,7 +2,8 @@
 //! process, many at once, held open or timed, the peer address a socket reports, UDP, a hand-made TCP
 //! segment from a raw socket, a connection made before the programs attach, aws-sdk-rust's default
 //! credential chain, credentials asked for without pause while the agent restarts, a burst of
-//! first requests from many callers at once, and a flood of requests over keep-alive connections.
+//! first requests from many callers at once, a flood of requests over keep-alive connections, and a
+//! process trying to listen where the agent does.
 
 use std::{
     io::{Read, Write},
@@ -117,6 +118,27 @@ enum Command {
         #[arg(long)]
         count: usize,
     },
+    /// GETs `path` on a new connection every `--pause-ms` until standard input closes, as a pod that
+    /// keeps asking; prints one line per attempt, with the time it ended: `<unix µs> <status> <body's
+    /// first line>`, or `<unix µs> err <what went wrong>`.
+    Probe {
+        addr: SocketAddr,
+        #[arg(long)]
+        path: String,
+        #[arg(long, default_value_t = 10)]
+        pause_ms: u64,
+    },
+    /// Tries to listen on each of `addrs` (TCP), as a process taking the agent's port would, and prints
+    /// `bound <addr>` or `refused <addr> <error>` for each, then `ready`. Every connection to a bound
+    /// address gets a 200 with the body `squatter`. With `--retry-ms`, tries the refused addresses again
+    /// that often until standard input closes (printing only what changes); without it, waits for
+    /// standard input to close. Then prints `attempts=<n> bound=<n> answered=<n>`.
+    Squat {
+        #[arg(required = true)]
+        addrs: Vec<SocketAddr>,
+        #[arg(long)]
+        retry_ms: Option<u64>,
+    },
     /// Opens `--per-caller` connections as each caller (moving itself into the caller's cgroup before
     /// its connects, so the kernel records that cgroup), then sends a GET of `<path-prefix><role>` on
     /// all of them at once; prints `ok=<n> failed=<n> p50_us=<n> p99_us=<n> max_us=<n>`, each latency
@@ -163,6 +185,8 @@ fn main() -> ExitCode {
             per_caller,
             callers,
         } => fan_in(addr, &path_prefix, per_caller, &callers),
+        Command::Probe { addr, path, pause_ms } => probe(addr, &path, Duration::from_millis(pause_ms)),
+        Command::Squat { addrs, retry_ms } => squat(&addrs, retry_ms.map(Duration::from_millis)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -184,17 +208,9 @@ fn http(addr: SocketAddr, path: &str, count: usize) -> Result<()> {
 }
 
 fn get(stream: &mut TcpStream, path: &str) -> Result<String> {
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: sim\r\n\r\n").context("send request")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).context("read response")?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("response without a head")?;
-    ensure!(
-        head.split_whitespace().nth(1) == Some("200"),
-        "unexpected response: {head}"
-    );
-    Ok(body.to_owned())
+    let (status, body) = get_any(stream, path)?;
+    ensure!(status == 200, "unexpected response: {status} {body}");
+    Ok(body)
 }
 
 fn concurrent_get(addr: SocketAddr, path: &str, count: usize) -> Result<()> {
@@ -292,6 +308,124 @@ fn hold(addr: SocketAddr, count: usize) -> Result<()> {
     std::io::stdin().read_to_end(&mut Vec::new())?;
     drop(results);
     Ok(())
+}
+
+/// A flag set once standard input closes: how the tests tell a long-running client to stop.
+fn stop_when_input_closes() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    stop
+}
+
+fn probe(addr: SocketAddr, path: &str, pause: Duration) -> Result<()> {
+    let stop = stop_when_input_closes();
+    let mut out = std::io::LineWriter::new(std::io::stdout().lock());
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let outcome = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(anyhow::Error::from)
+            .and_then(|mut stream| {
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                get_any(&mut stream, path)
+            });
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_micros();
+        match outcome {
+            Ok((status, body)) => writeln!(out, "{micros} {status} {}", body.lines().next().unwrap_or(""))?,
+            Err(err) => writeln!(out, "{micros} err {}", format!("{err:#}").replace('\n', " "))?,
+        }
+        std::thread::sleep(pause);
+    }
+    Ok(())
+}
+
+/// A GET of `path` on `stream` (HTTP/1.0): the status and the body, whatever the status.
+fn get_any(stream: &mut TcpStream, path: &str) -> Result<(u16, String)> {
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: sim\r\n\r\n").context("send request")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).context("read response")?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("response without a head")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
+fn squat(addrs: &[SocketAddr], retry: Option<Duration>) -> Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    let answered = Arc::new(AtomicUsize::new(0));
+    let stdin_closed = stop_when_input_closes();
+    let mut pending: Vec<SocketAddr> = addrs.to_vec();
+    let (mut attempts, mut bound) = (0usize, 0usize);
+    let mut first_round = true;
+    loop {
+        let mut still_refused = Vec::new();
+        for addr in pending {
+            attempts += 1;
+            match std::net::TcpListener::bind(addr) {
+                Ok(listener) => {
+                    bound += 1;
+                    println!("bound {addr}");
+                    let answered = answered.clone();
+                    std::thread::spawn(move || serve_squatter(&listener, &answered));
+                }
+                Err(err) => {
+                    if first_round {
+                        println!("refused {addr} {err}");
+                    }
+                    still_refused.push(addr);
+                }
+            }
+        }
+        pending = still_refused;
+        if first_round {
+            println!("ready");
+            std::io::stdout().flush()?;
+            first_round = false;
+        }
+        if stdin_closed.load(Ordering::SeqCst) {
+            break;
+        }
+        std::thread::sleep(retry.unwrap_or(Duration::from_millis(20)));
+        if retry.is_none() {
+            pending.clear();
+        }
+    }
+    println!(
+        "attempts={attempts} bound={bound} answered={}",
+        answered.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    Ok(())
+}
+
+/// Answers every connection on `listener` as if it were the metadata service, counting them.
+fn serve_squatter(listener: &std::net::TcpListener, answered: &std::sync::atomic::AtomicUsize) {
+    for mut stream in listener.incoming().flatten() {
+        let mut request = [0u8; 4096];
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = stream.read(&mut request);
+        let body = "squatter";
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        if stream.write_all(response.as_bytes()).is_ok() {
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 fn timed(addr: SocketAddr, path: &str, count: usize) -> Result<()> {
@@ -449,14 +583,7 @@ fn connect_then_get(addr: SocketAddr, path: &str) -> Result<()> {
 const ROLE_LIST: &str = "/latest/meta-data/iam/security-credentials/";
 
 fn load(addr: SocketAddr, keep_alive: bool, imds_v2: bool, pause: Duration) -> Result<()> {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    std::thread::spawn({
-        let stop = stop.clone();
-        move || {
-            let _ = std::io::stdin().read_to_end(&mut Vec::new());
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    });
+    let stop = stop_when_input_closes();
     let mut out = std::io::LineWriter::new(std::io::stdout().lock());
     let mut session = MetadataSession {
         addr,
