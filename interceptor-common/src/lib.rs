@@ -398,6 +398,14 @@ mod tests {
     }
 
     #[test]
+    fn only_the_redirect_value_redirects() {
+        assert_eq!(Mode::from_global(Mode::Redirect as u32), Mode::Redirect);
+        for value in [Mode::Refuse as u32, 2, u32::MAX] {
+            assert_eq!(Mode::from_global(value), Mode::Refuse, "{value}");
+        }
+    }
+
+    #[test]
     fn counters_have_distinct_dense_slots_and_labels() {
         for (slot, counter) in Counter::ALL.iter().enumerate() {
             assert_eq!(*counter as usize, slot);

@@ -144,3 +144,34 @@ fn is_gone(cgroups: &CgroupPaths, id: u64) -> bool {
         Err(CgroupError::UnknownId(_))
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kubelets_cgroup_is_found_or_made_as_the_systemd_driver_names_it() {
+        let mount = tempfile_dir("interceptor-guard-mount");
+        let made = kubepods_or_make(&mount).unwrap();
+        assert_eq!(made, mount.join("kubepods.slice"));
+        assert!(made.is_dir());
+        assert_eq!(kubepods_or_make(&mount).unwrap(), made, "found once it exists");
+
+        let cgroupfs = tempfile_dir("interceptor-guard-cgroupfs");
+        std::fs::create_dir(cgroupfs.join("kubepods")).unwrap();
+        assert_eq!(kubepods_or_make(&cgroupfs).unwrap(), cgroupfs.join("kubepods"));
+        assert!(
+            !cgroupfs.join("kubepods.slice").exists(),
+            "nothing made beside the cgroupfs driver's"
+        );
+        for dir in [mount, cgroupfs] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    fn tempfile_dir(prefix: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}
