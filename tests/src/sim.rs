@@ -2,7 +2,8 @@
 //!
 //! The node is a network namespace whose `lo` holds 169.254.169.254/32 and fd00:ec2::254/128 (where a
 //! test puts its stand-in metadata service) and the node's own addresses (where the agent listens).
-//! Each pod network is a namespace joined to the node by a veth pair, with a default route via the node.
+//! Each pod network is a namespace joined to the node by a veth pair, with a default route via the node;
+//! the node's end is named as Calico names it (`cali<n>`), which kube2iam's DNAT rule matches.
 //! Cgroups follow the kubelet's systemd layout under a unique tree:
 //! `<tree>/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/cri-containerd-<id>.scope`.
 
@@ -27,6 +28,8 @@ pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
 pub const AGENT_PORT: u16 = 8181;
 pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The prefix of the node's end of each pod's veth pair: Calico's, so `-i cali+` matches pods' traffic.
+pub const POD_INTERFACE_PREFIX: &str = "cali";
 pub const METADATA_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 
 pub struct SimNode {
@@ -227,7 +230,7 @@ pub struct PodNetwork {
 impl PodNetwork {
     fn create(node: &SimNode, index: u8) -> Result<Self> {
         let netns = NetNs::create(&unique_name("icp"))?;
-        let veth = format!("vp{index}");
+        let veth = format!("{POD_INTERFACE_PREFIX}{index}");
         let (node_ip, ip) = (Ipv4Addr::new(10, 99, index, 1), Ipv4Addr::new(10, 99, index, 2));
         let node_ip6 = Ipv6Addr::new(0xfd00, 0x99, u16::from(index), 0, 0, 0, 0, 1);
         let ip6 = Ipv6Addr::new(0xfd00, 0x99, u16::from(index), 0, 0, 0, 0, 2);
