@@ -14,6 +14,7 @@ pub mod daemonset_node;
 pub mod deployed;
 pub mod exposition;
 pub mod kernel;
+pub mod kube2iam_chart;
 pub mod kube_api;
 pub mod kube_node;
 pub mod kubelet;
