@@ -133,6 +133,13 @@ impl RequestLog {
         self.param("watch").and_then(parse_bool).unwrap_or(false)
     }
 
+    /// What RBAC checks for this request, `(API group, resource, verb)`, as the server's authorizer
+    /// reads it; `None` for a non-resource path (discovery, health).
+    pub fn rbac_attributes(&self) -> Option<(String, String, String)> {
+        let method = Method::from_bytes(self.method.as_bytes()).ok()?;
+        rbac::group_resource_verb(&method, &parse_path(&self.path), &Params(self.query.clone()))
+    }
+
     /// Whether this is a list (a collection GET that is no watch).
     pub fn is_list(&self) -> bool {
         self.method == "GET"

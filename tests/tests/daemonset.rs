@@ -17,6 +17,7 @@ use interceptor_tests::{
     daemonset_node::{DEFAULT_VALUES, DaemonSetNode, DaemonSetSpec, can_run, image_env},
     deployed::{aws_cli_caller_arn, body_of, curl, role_list, role_list_becomes},
     kernel,
+    kube_api::FakeApiServer,
     kube_node::pod_object,
     kube2iam_chart,
     lab::{StandIn, curl_args, run},
@@ -174,14 +175,31 @@ async fn a_kube2iam_chart_daemonsets_container_starts_the_agent_unchanged_and_se
         assert_eq!(run(probe).await?, "ok", "{values}");
         let from_pod = curl(&plain, &plain_app, &["http://169.254.169.254/healthz"]).await?;
         assert_ne!(body_of(&from_pod).trim(), "ok", "{values}");
-        // kube2iam's ClusterRole was enough, and no pod reached the node's metadata service.
-        let refused: Vec<_> = cluster
-            .api
-            .requests()
-            .into_iter()
-            .filter(|request| request.status == 403)
-            .collect();
-        assert!(refused.is_empty(), "{values}: {refused:#?}");
+        // kube2iam's ClusterRole is enough to serve; only the Event on a refused pod is refused.
+        let refused = |api: &FakeApiServer| -> Vec<String> {
+            let requests = api.requests().into_iter();
+            let refused = requests.filter(|request| request.status == 403);
+            refused
+                .map(|request| format!("{} {}", request.method, request.path))
+                .collect()
+        };
+        assert_eq!(refused(&cluster.api), Vec::<String>::new(), "{values}");
+        let bad = cluster.node.pod()?;
+        let bad_object = pod_object(&bad, "default", "bad", &[(ROLE_KEY, "../admin")]);
+        cluster.api.apply_pod(bad_object);
+        assert!(
+            role_list_becomes(&bad, &bad.container()?, (403, "")).await,
+            "{values}"
+        );
+        cluster.agent.wait_for_line("the refused Event", |line| {
+            line.contains("cannot post event") && line.contains("is forbidden")
+        })?;
+        assert_eq!(
+            refused(&cluster.api),
+            ["POST /apis/events.k8s.io/v1/namespaces/default/events"],
+            "{values}"
+        );
+        // No pod reached the node's metadata service.
         assert_eq!(cluster.stand_in.metadata_paths(), discovery, "{values}");
     }
     Ok(())

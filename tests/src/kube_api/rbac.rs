@@ -70,6 +70,21 @@ impl Rbac {
     }
 }
 
+/// `(API group, resource, verb)` of a resource request, as [`Rbac::authorize`] checks it.
+pub(super) fn group_resource_verb(
+    method: &Method,
+    target: &Target,
+    params: &Params,
+) -> Option<(String, String, String)> {
+    let request = attributes(method, target, params)?;
+    let kind = &KINDS[request.kind];
+    Some((
+        kind.group.to_owned(),
+        kind.plural.to_owned(),
+        request.verb.to_owned(),
+    ))
+}
+
 /// The verb and object of a resource request (`None` for a non-resource path, or a method the server
 /// answers 405 whatever the rules).
 fn attributes<'a>(method: &Method, target: &'a Target, params: &Params) -> Option<Attributes<'a>> {
