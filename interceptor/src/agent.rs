@@ -61,7 +61,8 @@ pub struct AgentArgs {
     /// Redirect target and listen address [default: $HOST_IP:8181]
     #[arg(long, env = "INTERCEPTOR_AGENT_ADDR", value_name = "IP:PORT")]
     pub agent_addr: Option<SocketAddr>,
-    /// The node's real metadata service.
+    /// The node's real metadata service: http://HOST[:PORT], or HOST[:PORT] as kube2iam's flag takes
+    /// it.
     #[arg(
         long,
         env = "INTERCEPTOR_METADATA_ADDR",
@@ -158,16 +159,19 @@ pub struct AgentArgs {
     /// ARN prefix role names are joined to, e.g. arn:aws:iam::123456789012:role/
     #[arg(long, env = "INTERCEPTOR_BASE_ROLE_ARN", value_name = "ARN")]
     pub base_role_arn: Option<String>,
-    /// Take the base role ARN from the node's instance profile (metadata iam/info).
-    #[arg(long, env = "INTERCEPTOR_AUTO_DISCOVER_BASE_ARN", conflicts_with = "base_role_arn",
+    /// Take the base role ARN from the node's instance profile (metadata iam/info). Not with
+    /// --base-role-arn.
+    #[arg(long, env = "INTERCEPTOR_AUTO_DISCOVER_BASE_ARN",
           num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub auto_discover_base_arn: bool,
     /// Role (name or ARN) for workloads that name none; without it they get no credentials.
     #[arg(long, env = "INTERCEPTOR_DEFAULT_ROLE", value_name = "ROLE")]
     pub default_role: Option<String>,
-    /// Use the node's instance role as the default role (assumed through STS like any other role).
-    #[arg(long, env = "INTERCEPTOR_AUTO_DISCOVER_DEFAULT_ROLE", conflicts_with = "default_role",
+    /// Use the node's instance role as the default role (assumed through STS like any other role),
+    /// and, as kube2iam does, its instance profile's base ARN unless --base-role-arn names one. Not
+    /// with --default-role.
+    #[arg(long, env = "INTERCEPTOR_AUTO_DISCOVER_DEFAULT_ROLE",
           num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub auto_discover_default_role: bool,
@@ -684,16 +688,40 @@ async fn watch_node_credentials(
     })
 }
 
+/// The role policy the flags ask for. As in kube2iam, `--auto-discover-default-role` also discovers the
+/// base ARN (role names in annotations are joined to it) unless `--base-role-arn` names one; the
+/// discovered default role is the instance's own role by its full ARN, whatever base ARN names are
+/// joined to. A discovery flag given `=false` is no flag at all, so only one given true conflicts.
 async fn policy(args: &AgentArgs, upstream: &dyn Upstream) -> Result<Policy> {
-    let base_arn = match (&args.base_role_arn, args.auto_discover_base_arn) {
-        (Some(arn), _) => Some(BaseArn::parse(arn)?),
-        (None, true) => Some(discover_base_arn(upstream).await?),
-        (None, false) => None,
+    ensure!(
+        !(args.auto_discover_base_arn && args.base_role_arn.is_some()),
+        "--auto-discover-base-arn and --base-role-arn both name the base ARN: pass one"
+    );
+    ensure!(
+        !(args.auto_discover_default_role && args.default_role.is_some()),
+        "--auto-discover-default-role and --default-role both name the default role: pass one"
+    );
+    let instance_base = match args.auto_discover_base_arn || args.auto_discover_default_role {
+        true => Some(
+            discover_base_arn(upstream)
+                .await
+                .context("cannot discover the base ARN from the node's instance profile")?,
+        ),
+        false => None,
     };
-    let default_role = match (&args.default_role, args.auto_discover_default_role) {
+    let base_arn = match &args.base_role_arn {
+        Some(arn) => Some(BaseArn::parse(arn)?),
+        None => instance_base.clone(),
+    };
+    let default_role = match (&args.default_role, &instance_base) {
         (Some(role), _) => Some(role.clone()),
-        (None, true) => Some(discover_instance_role(upstream).await?),
-        (None, false) => None,
+        (None, Some(instance_base)) if args.auto_discover_default_role => {
+            let name = discover_instance_role(upstream)
+                .await
+                .context("cannot discover the node's instance role")?;
+            Some(format!("{}{name}", instance_base.as_str()))
+        }
+        (None, _) => None,
     };
     let policy = Policy {
         base_arn,

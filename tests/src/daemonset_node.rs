@@ -1,9 +1,10 @@
 //! The simulated node with the chart's agent DaemonSet on it, run as the kubelet runs it: `helm
 //! template`'s agent container (args and env exactly as rendered, downward-API values and `$(VAR)`
 //! references filled in by `kubelet`), the real agent binary in a container cgroup of the DaemonSet's
-//! pod under kubepods, in-cluster config for the fake API server over HTTPS, and moto as STS, reached
-//! directly or through the switchable `StsProxy`. Restarts are the DaemonSet's: a new container cgroup
-//! each time.
+//! pod under kubepods, in-cluster config for the fake API server over HTTPS, which enforces the
+//! rendered ClusterRole's rules for the pod's ServiceAccount, and moto as STS, reached directly or
+//! through the switchable `StsProxy`. Another chart's DaemonSet (kube2iam's) runs the same way
+//! ([`DaemonSetSpec`]). Restarts are the DaemonSet's: a new container cgroup each time.
 
 use std::{
     path::{Path, PathBuf},
@@ -11,6 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::rbac::v1::PolicyRule;
 use serde_json::Value;
 
 use crate::{
@@ -64,6 +66,50 @@ fn simulation_env(sts_url: String) -> Vec<(String, String)> {
     image_env().into_iter().chain(simulated).collect()
 }
 
+/// The namespace the DaemonSet runs in.
+const NAMESPACE: &str = "kube-system";
+
+/// A DaemonSet to run the agent from: its rendered pod spec, the agent's container in it, and the
+/// rules of the ClusterRole bound to the pod's ServiceAccount, which the API server enforces.
+pub struct DaemonSetSpec {
+    pub pod_spec: Value,
+    pub container: String,
+    /// `None`: no ClusterRole (the API server then serves every request).
+    pub rules: Option<Vec<PolicyRule>>,
+    /// What the simulation adds to the container's environment beyond [`simulation_env`]: where the
+    /// simulated node's cgroup tree and bpffs are, for a pod spec that does not mount the host's.
+    pub simulation_env: Vec<(String, String)>,
+}
+
+impl DaemonSetSpec {
+    /// The chart's agent DaemonSet, rendered with `values`, and its ClusterRole if it renders one.
+    pub fn chart(values: &[&str]) -> Result<Self> {
+        let objects = chart::render(values)?;
+        let daemonset = chart::daemonset(&objects, "interceptor");
+        let name = daemonset["metadata"]["name"]
+            .as_str()
+            .context("a DaemonSet without a name")?;
+        let rules = match objects.get(&format!("ClusterRole/{name}")) {
+            Some(role) => {
+                Some(serde_json::from_value(role["rules"].clone()).context("the ClusterRole's rules")?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            pod_spec: daemonset["spec"]["template"]["spec"].clone(),
+            container: "interceptor".to_owned(),
+            rules,
+            simulation_env: Vec::new(),
+        })
+    }
+
+    /// The user RBAC knows the pod's ServiceAccount as.
+    fn user(&self) -> String {
+        let account = self.pod_spec["serviceAccountName"].as_str().unwrap_or("default");
+        format!("system:serviceaccount:{NAMESPACE}:{account}")
+    }
+}
+
 /// The simulated node with the chart's agent DaemonSet on it. Fields drop in order: the agent first,
 /// the node last.
 pub struct DaemonSetNode {
@@ -84,25 +130,43 @@ pub struct DaemonSetNode {
 }
 
 impl DaemonSetNode {
-    /// Renders the chart with `values`, and starts the stand-in, the API server (in-cluster), moto and
-    /// the agent container of the rendered DaemonSet; returns once the agent logged `ready`.
+    /// Renders the chart with `values`, and starts the stand-in, the API server (in-cluster, with the
+    /// chart's RBAC), moto and the agent container of the rendered DaemonSet; returns once the agent
+    /// logged `ready`.
     pub fn start(node: SimNode, values: &[&str]) -> Result<Self> {
-        Self::start_with(node, values, false)
+        Self::launch(node, DaemonSetSpec::chart(values)?, |_| {}, false)
     }
 
     /// [`Self::start`], with the agent reaching moto through an [`StsProxy`] the test can switch.
     pub fn start_behind_sts_proxy(node: SimNode, values: &[&str]) -> Result<Self> {
-        Self::start_with(node, values, true)
+        Self::launch(node, DaemonSetSpec::chart(values)?, |_| {}, true)
     }
 
-    fn start_with(mut node: SimNode, values: &[&str], behind_proxy: bool) -> Result<Self> {
-        let objects = chart::render(values)?;
-        let pod_spec = chart::daemonset(&objects, "interceptor")["spec"]["template"]["spec"].clone();
+    /// The agent container of `daemonset` on `node`, with `setup` run on the API server before the
+    /// agent starts (objects it must find there at once, such as its Node).
+    pub fn start_with(
+        node: SimNode,
+        daemonset: DaemonSetSpec,
+        setup: impl FnOnce(&FakeApiServer),
+    ) -> Result<Self> {
+        Self::launch(node, daemonset, setup, false)
+    }
+
+    fn launch(
+        mut node: SimNode,
+        daemonset: DaemonSetSpec,
+        setup: impl FnOnce(&FakeApiServer),
+        behind_proxy: bool,
+    ) -> Result<Self> {
         let stand_in = StandIn::start(&node)?;
         let api = FakeApiServer::start_in_cluster(&node)?;
+        if let Some(rules) = daemonset.rules.clone() {
+            api.enforce_rbac(&daemonset.user(), rules);
+        }
+        setup(&api);
         let moto = Moto::start(&node)?;
-        let kubelet = Kubelet::new(&node, NODE_NAME, &api, "kube-system")?;
-        let agent_container = kubelet.container(&pod_spec, "interceptor")?;
+        let kubelet = Kubelet::new(&node, NODE_NAME, &api, NAMESPACE)?;
+        let agent_container = kubelet.container(&daemonset.pod_spec, &daemonset.container)?;
         let agent_pod = node.pod()?;
         let agent_cgroup = agent_pod.container()?;
         let sts_proxy = if behind_proxy {
@@ -111,7 +175,7 @@ impl DaemonSetNode {
             None
         };
         let sts_url = sts_proxy.as_ref().map_or_else(|| moto.url(), StsProxy::url);
-        let base_env = simulation_env(sts_url);
+        let base_env = [simulation_env(sts_url), daemonset.simulation_env].concat();
         let agent = start_agent(&node, &agent_container, &agent_cgroup, &base_env)?;
         Ok(Self {
             agent,

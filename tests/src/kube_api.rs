@@ -21,8 +21,11 @@
 //! counter, as etcd keeps them: a list at an exact resourceVersion and a watch from an old one are
 //! answered from that history until [`FakeApiServer::compact`] forgets it.
 //!
-//! Left out: client certificates and authentication (any request is served, with a token or without;
-//! kubectl sends no token over plain HTTP),
+//! Authorization is off unless a test turns it on: [`FakeApiServer::enforce_rbac`] checks every resource
+//! request against a ClusterRole's rules and answers the rest 403 Forbidden, as RBAC does (`rbac`).
+//!
+//! Left out: client certificates and authentication (any request is served, with a token or without,
+//! as the one user RBAC is enforced for; kubectl sends no token over plain HTTP),
 //! protobuf and CBOR (JSON only), aggregated discovery (the legacy documents, which clients fall
 //! back to), schema validation (OpenAPI v3 only says which operations take `fieldValidation`, so
 //! kubectl leaves validation to the server), server-side apply (415), graceful
@@ -50,7 +53,10 @@ use axum::{
 };
 use base64::Engine as _;
 use k8s_openapi::{
-    api::core::v1::{Namespace, Node, Pod, ServiceAccount},
+    api::{
+        core::v1::{Namespace, Node, Pod, ServiceAccount},
+        rbac::v1::PolicyRule,
+    },
     apimachinery::pkg::apis::meta::v1::{
         APIGroup, APIGroupList, APIResource, APIResourceList, APIVersions, GroupVersionForDiscovery,
         ListMeta, ServerAddressByClientCIDR, Status, StatusDetails, Time,
@@ -76,6 +82,8 @@ use crate::{
     netns::{network_namespace_of, runtime_in},
     sim::{NODE_IP, SimNode},
 };
+
+mod rbac;
 
 /// The port the API server listens on in the node, as a real one does.
 pub const API_PORT: u16 = 6443;
@@ -123,6 +131,13 @@ impl RequestLog {
     /// Whether this is a watch (`watch=true` or `watch=1`).
     pub fn is_watch(&self) -> bool {
         self.param("watch").and_then(parse_bool).unwrap_or(false)
+    }
+
+    /// What RBAC checks for this request, `(API group, resource, verb)`, as the server's authorizer
+    /// reads it; `None` for a non-resource path (discovery, health).
+    pub fn rbac_attributes(&self) -> Option<(String, String, String)> {
+        let method = Method::from_bytes(self.method.as_bytes()).ok()?;
+        rbac::group_resource_verb(&method, &parse_path(&self.path), &Params(self.query.clone()))
     }
 
     /// Whether this is a list (a collection GET that is no watch).
@@ -291,6 +306,18 @@ impl FakeApiServer {
         });
         std::fs::write(path, serde_json::to_vec_pretty(&config)?)
             .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// From now on, every resource request is authorized as RBAC authorizes `user` (as a 403 names it,
+    /// e.g. `system:serviceaccount:kube-system:interceptor`) bound to ClusterRoles with `rules`: one no
+    /// rule allows is answered 403 Forbidden with the real server's Status, and logged with that
+    /// status. Discovery and other non-resource paths stay open, as the default ClusterRoles leave
+    /// them to every client.
+    pub fn enforce_rbac(&self, user: &str, rules: Vec<PolicyRule>) {
+        *self.shared.rbac.lock().unwrap_or_else(|e| e.into_inner()) = Some(rbac::Rbac {
+            user: user.to_owned(),
+            rules,
+        });
     }
 
     /// Creates or replaces a pod (by namespace, `default` when unset, and name), as a controller
@@ -1027,6 +1054,8 @@ struct Shared {
     patch_race: Mutex<Option<(Key, Value)>>,
     /// Paths answered 503 ([`FakeApiServer::set_failing`]).
     failing: Mutex<Vec<String>>,
+    /// The authorizer, if any ([`FakeApiServer::enforce_rbac`]).
+    rbac: Mutex<Option<rbac::Rbac>>,
 }
 
 impl Shared {
@@ -1042,6 +1071,7 @@ impl Shared {
             requests: Mutex::default(),
             patch_race: Mutex::default(),
             failing: Mutex::default(),
+            rbac: Mutex::default(),
         }
     }
 
@@ -1566,13 +1596,20 @@ async fn handle(
     // Any request is served, with a token or without one: over plain HTTP kubectl sends none
     // (clientcmd adds a kubeconfig's credentials only to TLS transports), as to the old insecure port.
     let params = Params(query.clone());
+    // Authorized before it is handled, as the real server's filters do.
+    let refused = match &*shared.rbac.lock().unwrap_or_else(|e| e.into_inner()) {
+        Some(rbac) => rbac.authorize(&method, &target, &params).err(),
+        None => None,
+    };
     let failing = shared
         .failing
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
         .any(|path| path == uri.path());
-    let response = if failing {
+    let response = if let Some(refused) = refused {
+        refused.into_response()
+    } else if failing {
         ApiError::new(
             503,
             "ServiceUnavailable",

@@ -51,6 +51,18 @@ impl KubeNode {
         extra_args: &[&str],
         setup: impl FnOnce(&FakeApiServer),
     ) -> Result<Self> {
+        Self::start_until(node, sts, extra_args, setup, "ready")
+    }
+
+    /// [`KubeNode::start_with`], returning once the agent logged `message` (for an agent that may
+    /// never be ready).
+    pub fn start_until(
+        node: SimNode,
+        sts: Sts,
+        extra_args: &[&str],
+        setup: impl FnOnce(&FakeApiServer),
+        message: &'static str,
+    ) -> Result<Self> {
         let stand_in = StandIn::start(&node)?;
         let api = FakeApiServer::start(&node)?;
         setup(&api);
@@ -83,7 +95,7 @@ impl KubeNode {
         agent_args.extend(extra_args.iter().map(OsString::from));
         let mut command = Agent::command(&node)?;
         command.args(&agent_args);
-        let agent = Agent::start(command)?;
+        let agent = Agent::start_until(command, message)?;
         Ok(Self {
             agent,
             agent_args,

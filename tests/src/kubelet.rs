@@ -163,7 +163,7 @@ impl Kubelet {
             .flatten()
             .find(|container| container["name"] == name)
             .with_context(|| format!("no container {name} in {pod_spec}"))?;
-        let env = container_env(container, &self.fields, &self.service_env)?;
+        let env = container_env(container, &self.pod_fields(pod_spec), &self.service_env)?;
         let args = container_args(container, &env);
         let mut mounts = self.volume_mounts(pod_spec, container)?;
         // The ServiceAccount admission adds this volume to every pod that does not opt out.
@@ -182,6 +182,16 @@ impl Kubelet {
             mounts,
             staging: tempfile::tempdir()?,
         })
+    }
+
+    /// The downward-API fields of a pod of `pod_spec`: the node's, and a hostNetwork pod's IP, which
+    /// is the node's (kube2iam's chart takes its HOST_IP from `status.podIP`).
+    fn pod_fields(&self, pod_spec: &Value) -> BTreeMap<String, String> {
+        let mut fields = self.fields.clone();
+        if pod_spec["hostNetwork"] == Value::Bool(true) {
+            fields.insert("status.podIP".to_owned(), fields["status.hostIP"].clone());
+        }
+        fields
     }
 
     fn volume_mounts(&self, pod_spec: &Value, container: &Value) -> Result<Vec<Mount>> {

@@ -15,6 +15,7 @@ pub mod deployed;
 pub mod exposition;
 pub mod kernel;
 pub mod kube2iam;
+pub mod kube2iam_chart;
 pub mod kube_api;
 pub mod kube_node;
 pub mod kubelet;

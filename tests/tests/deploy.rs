@@ -104,25 +104,29 @@ fn agent_container(objects: &BTreeMap<String, Value>, name: &str) -> Value {
     container
 }
 
-fn assert_rbac_is_the_readme_block(objects: &BTreeMap<String, Value>, name: &str, account: &str) {
-    assert_rbac_is_the_readme_block_and(objects, name, account, &[]);
+/// The ClusterRole's rules, in the chart's order, for the three switches that add one each.
+fn cluster_role_rules(namespace_restrictions: bool, serviceaccount_roles: bool, node_taint: bool) -> Value {
+    let core =
+        |resource: &str, verbs: &[&str]| json!({"apiGroups": [""], "resources": [resource], "verbs": verbs});
+    let mut rules = vec![core("pods", &["list", "watch"])];
+    if namespace_restrictions {
+        rules.push(core("namespaces", &["list", "watch"]));
+    }
+    if serviceaccount_roles {
+        rules.push(core("serviceaccounts", &["list", "watch"]));
+    }
+    rules.push(json!({"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]}));
+    if node_taint {
+        rules.push(core("nodes", &["get", "patch"]));
+    }
+    json!(rules)
 }
 
-/// The README's RBAC block, then `extra` rules.
-fn assert_rbac_is_the_readme_block_and(
-    objects: &BTreeMap<String, Value>,
-    name: &str,
-    account: &str,
-    extra: &[Value],
-) {
+/// The ClusterRole `name` has exactly `rules`, and its binding names it and the ServiceAccount
+/// `account`.
+fn assert_rbac(objects: &BTreeMap<String, Value>, name: &str, account: &str, rules: Value) {
     let role = &objects[&format!("ClusterRole/{name}")];
-    let mut rules = vec![
-        json!({"apiGroups": [""], "resources": ["pods", "namespaces", "serviceaccounts"],
-               "verbs": ["get", "list", "watch"]}),
-        json!({"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]}),
-    ];
-    rules.extend_from_slice(extra);
-    assert_eq!(role["rules"], json!(rules));
+    assert_eq!(role["rules"], rules);
     let binding = &objects[&format!("ClusterRoleBinding/{name}")];
     assert_eq!(
         binding["roleRef"],
@@ -219,7 +223,12 @@ fn default_values_render_the_agent_daemonset_with_six_capabilities_and_the_readm
         daemonset["spec"]["template"]["spec"]["serviceAccountName"],
         json!("interceptor")
     );
-    assert_rbac_is_the_readme_block(&objects, "interceptor", "interceptor");
+    assert_rbac(
+        &objects,
+        "interceptor",
+        "interceptor",
+        cluster_role_rules(false, false, false),
+    );
     println!(
         "the DaemonSet's securityContext:\n{}",
         serde_json::to_string_pretty(&container["securityContext"])?
@@ -265,7 +274,12 @@ fn kube2iam_values_map_to_our_flags_and_notes() -> Result<()> {
             ("AWS_DEFAULT_REGION", "us-east-1"),
         ])
     );
-    assert_rbac_is_the_readme_block(&objects, "interceptor", "interceptor");
+    assert_rbac(
+        &objects,
+        "interceptor",
+        "interceptor",
+        cluster_role_rules(false, false, false),
+    );
 
     // NOTES.txt: one line each for host.iptables and host.interface (rendered without a cluster).
     let install = run(Command::new(helm()?)
@@ -329,9 +343,12 @@ fn every_option_on_renders_monitors_service_and_the_uninstall_daemonset() -> Res
     );
     assert_eq!(env(&container)["AWS_REGION"], "eu-west-1");
     assert_eq!(env(&container)["RUST_BACKTRACE"], "1");
-    // The readiness taint's removal needs its own Node, and only then.
-    let node_rule = json!({"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]});
-    assert_rbac_is_the_readme_block_and(&objects, "iam-agent", "iam-agent-sa", &[node_rule]);
+    assert_rbac(
+        &objects,
+        "iam-agent",
+        "iam-agent-sa",
+        cluster_role_rules(true, true, true),
+    );
     let service = &objects["Service/iam-agent-metrics"];
     assert_eq!(service["spec"]["clusterIP"], json!("None"));
     let monitor_selector = &objects["ServiceMonitor/iam-agent"]["spec"]["selector"]["matchLabels"];
@@ -379,6 +396,48 @@ fn bad_values_are_rejected_by_the_schema() -> Result<()> {
         ("aws.region=us-east", "/aws/region"),
         ("nodeTaint.remove=yes", "/nodeTaint/remove"),
         ("nodeTaint.key=not a key", "/nodeTaint/key"),
+        // The ClusterRole follows these flags: only spellings the chart and the agent read alike.
+        (
+            "extraArgs.namespace-restrictions=yes",
+            "/extraArgs/namespace-restrictions",
+        ),
+        (
+            "extraArgs.serviceaccount-roles=1",
+            "/extraArgs/serviceaccount-roles",
+        ),
+        // The taint's flag, and the environment variables of all three, would bypass the rules.
+        (
+            "extraArgs.remove-node-taint=example.com/not-ready",
+            "/extraArgs/remove-node-taint",
+        ),
+        (
+            "extraEnv.INTERCEPTOR_NAMESPACE_RESTRICTIONS=true",
+            "/extraEnv/INTERCEPTOR_NAMESPACE_RESTRICTIONS",
+        ),
+        (
+            "extraEnv.INTERCEPTOR_SERVICEACCOUNT_ROLES=true",
+            "/extraEnv/INTERCEPTOR_SERVICEACCOUNT_ROLES",
+        ),
+        (
+            "extraEnv.INTERCEPTOR_REMOVE_NODE_TAINT=x",
+            "/extraEnv/INTERCEPTOR_REMOVE_NODE_TAINT",
+        ),
+        ("hostNetworkCredentials=all", "/hostNetworkCredentials"),
+        ("hostNetworkCredentials=true", "/hostNetworkCredentials"),
+        ("nodeCredentialsFor={kube-system}", "/nodeCredentialsFor/0"),
+        (
+            "nodeCredentialsFor={Kube-System/aws-node}",
+            "/nodeCredentialsFor/0",
+        ),
+        (
+            "nodeCredentialsFor={kube-system/aws-node/x}",
+            "/nodeCredentialsFor/0",
+        ),
+        (
+            "nodeCredentialsFor={kube-system/aws-node,kube-system/aws-node}",
+            "/nodeCredentialsFor",
+        ),
+        ("nodeCredentialsFor=kube-system/aws-node", "/nodeCredentialsFor"),
     ] {
         let out = output(
             Command::new(helm()?)
@@ -393,6 +452,109 @@ fn bad_values_are_rejected_by_the_schema() -> Result<()> {
             "{set}: {stderr}"
         );
     }
+    Ok(())
+}
+
+/// How a values file or `--set` may switch a boolean flag of `extraArgs` on: true, "true", "".
+const ON: [(&str, &str); 3] = [("--set", "true"), ("--set-string", "true"), ("--set-string", "")];
+/// And off: absent, false, "false".
+const OFF: [(&str, &str); 3] = [("", ""), ("--set", "false"), ("--set-string", "false")];
+
+/// `helm template` arguments that switch extraArgs' `flag` `on` or off, in spelling `spelling` (of 3).
+fn switch(flag: &str, on: bool, spelling: usize) -> Vec<String> {
+    let (how, value) = if on { ON[spelling % 3] } else { OFF[spelling % 3] };
+    match how {
+        "" => Vec::new(),
+        how => vec![how.to_owned(), format!("extraArgs.{flag}={value}")],
+    }
+}
+
+#[test]
+fn the_cluster_role_grants_exactly_what_each_combination_of_flags_uses() -> Result<()> {
+    if !has_kubectl("RBAC per flag") {
+        return Ok(());
+    }
+    for combination in 0..8_usize {
+        let (namespaces, accounts, taint) =
+            (combination & 1 != 0, combination & 2 != 0, combination & 4 != 0);
+        let mut args = switch("namespace-restrictions", namespaces, combination);
+        args.extend(switch("serviceaccount-roles", accounts, combination));
+        args.extend(["--set".to_owned(), format!("nodeTaint.remove={taint}")]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let objects = by_kind_and_name(template(&args)?);
+        let role = &objects["ClusterRole/interceptor"];
+        assert_eq!(
+            role["rules"],
+            cluster_role_rules(namespaces, accounts, taint),
+            "{args:?}"
+        );
+        // The agent reads the rendered args as the chart reads the values.
+        let container = &daemonset(&objects, "interceptor")["spec"]["template"]["spec"]["containers"][0];
+        let agent = parse_agent_args(container, "10.0.1.23")?;
+        assert_eq!(
+            (
+                agent.namespace_restrictions,
+                agent.serviceaccount_roles,
+                agent.remove_node_taint.is_some()
+            ),
+            (namespaces, accounts, taint),
+            "{args:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn host_network_credentials_and_node_credentials_for_render_their_flags() -> Result<()> {
+    if !has_kubectl("node credentials values") {
+        return Ok(());
+    }
+    let args_of = |values: &[&str]| -> Result<Vec<String>> {
+        let objects = by_kind_and_name(template(values)?);
+        let spec = &daemonset(&objects, "interceptor")["spec"]["template"]["spec"];
+        Ok(strings(&spec["containers"][0]["args"]))
+    };
+    let flags = |args: Vec<String>| -> Vec<String> {
+        args.into_iter()
+            .filter(|arg| {
+                arg.starts_with("--host-network-credentials") || arg.starts_with("--node-credentials-for")
+            })
+            .collect()
+    };
+    // The defaults render neither: the agent's own defaults apply.
+    assert_eq!(flags(args_of(&[])?), Vec::<String>::new());
+    for setting in ["node", "default-role", "none"] {
+        assert_eq!(
+            flags(args_of(&["--set", &format!("hostNetworkCredentials={setting}")])?),
+            [format!("--host-network-credentials={setting}")]
+        );
+    }
+    let values = tempfile::NamedTempFile::new()?;
+    std::fs::write(
+        values.path(),
+        "hostNetworkCredentials: none\nnodeCredentialsFor:\n  - kube-system/aws-node\n  - kube-system/ebs-csi-node-sa\n",
+    )?;
+    let args = args_of(&["--values", &values.path().display().to_string()])?;
+    assert_eq!(
+        flags(args.clone()),
+        [
+            "--host-network-credentials=none",
+            "--node-credentials-for=kube-system/aws-node,kube-system/ebs-csi-node-sa"
+        ]
+    );
+    // After the chart's own flags, before extraArgs.
+    let position = |prefix: &str| args.iter().position(|arg| arg.starts_with(prefix));
+    assert!(
+        position("--bpffs-dir") < position("--host-network-credentials"),
+        "{args:?}"
+    );
+    assert_eq!(
+        flags(args_of(&[
+            "--set",
+            "nodeCredentialsFor={monitoring/node-exporter}"
+        ])?),
+        ["--node-credentials-for=monitoring/node-exporter"]
+    );
     Ok(())
 }
 

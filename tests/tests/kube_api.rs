@@ -1,6 +1,7 @@
 //! The fake Kubernetes API server against real clients: kubectl 1.35 (watch, tables, field selectors,
 //! create, get) and kube 5's `watcher`, `reflector` and `events::Recorder` (the agent's own client),
-//! including the trouble a real server makes: watches cut, history compacted, the server down.
+//! including the trouble a real server makes: watches cut, history compacted, the server down, and
+//! RBAC's 403 Forbidden when a test enforces a ClusterRole's rules.
 
 use std::{
     collections::BTreeSet,
@@ -22,7 +23,10 @@ use interceptor_tests::{
     sim::SimNode,
     unique_name,
 };
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, ServiceAccount},
+    rbac::v1::PolicyRule,
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ListParams, WatchEvent, WatchParams},
@@ -803,6 +807,159 @@ fn bad_input_gets_a_status_and_namespaces_take_their_contents_along() -> Result<
             Ok(())
         },
     )
+}
+
+fn rule(groups: &[&str], resources: &[&str], verbs: &[&str], names: &[&str]) -> PolicyRule {
+    let owned = |items: &[&str]| items.iter().map(|item| item.to_string()).collect::<Vec<_>>();
+    PolicyRule {
+        api_groups: Some(owned(groups)),
+        resources: Some(owned(resources)),
+        verbs: owned(verbs),
+        resource_names: (!names.is_empty()).then(|| owned(names)),
+        non_resource_urls: None,
+    }
+}
+
+/// The message and reason of the Status an API call failed with.
+fn refusal<T: std::fmt::Debug>(result: kube::Result<T>) -> Result<(u16, String, String)> {
+    match result {
+        Err(kube::Error::Api(status)) => Ok((status.code, status.reason, status.message)),
+        other => Err(anyhow::anyhow!("not an API error: {other:?}")),
+    }
+}
+
+#[test]
+fn with_rbac_enforced_what_no_rule_allows_is_forbidden_with_the_real_servers_status() -> Result<()> {
+    in_node("kube rbac", FIVE, &[], async |cluster, client| {
+        let user = "system:serviceaccount:kube-system:agent";
+        cluster.server.enforce_rbac(
+            user,
+            vec![
+                rule(&[""], &["pods"], &["list", "watch"], &[]),
+                rule(&["events.k8s.io"], &["events"], &["create"], &[]),
+                rule(&[""], &["nodes"], &["get"], &["node-a"]),
+                // A list without a watch.
+                rule(&[""], &["serviceaccounts"], &["list"], &[]),
+            ],
+        );
+        let namespace = &cluster.namespace;
+        let pods = pods_of(cluster, &client);
+        assert_eq!(pods.list(&ListParams::default()).await?.items.len(), 5);
+        let all_pods: Api<Pod> = Api::all(client.clone());
+        let mut watched = watcher(all_pods, watcher::Config::default().fields(&cluster.selector()))
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        let first = tokio::time::timeout(Duration::from_secs(10), watched.try_next()).await??;
+        assert!(first.is_some(), "list and watch are allowed");
+
+        let forbidden = |verb: &str, resource: &str, group: &str, scope: &str| {
+            format!("User \"{user}\" cannot {verb} resource \"{resource}\" in API group \"{group}\" {scope}")
+        };
+        let in_namespace = format!("in the namespace \"{namespace}\"");
+        assert_eq!(
+            refusal(pods.get("p1").await)?,
+            (
+                403,
+                "Forbidden".to_owned(),
+                format!(
+                    "pods \"p1\" is forbidden: {}",
+                    forbidden("get", "pods", "", &in_namespace)
+                )
+            )
+        );
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        assert_eq!(
+            refusal(namespaces.list(&ListParams::default()).await)?.2,
+            format!(
+                "namespaces is forbidden: {}",
+                forbidden("list", "namespaces", "", "at the cluster scope")
+            )
+        );
+        // Resource names: only the node named.
+        let nodes: Api<Node> = Api::all(client.clone());
+        assert_eq!(refusal(nodes.get("node-a").await)?.1, "NotFound");
+        assert_eq!(refusal(nodes.get("node-b").await)?.1, "Forbidden");
+        assert_eq!(refusal(nodes.list(&ListParams::default()).await)?.1, "Forbidden");
+        // A list is no watch.
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+        accounts.list(&ListParams::default()).await?;
+        let watch = accounts.watch(&WatchParams::default(), "0").await.map(|_| ());
+        assert_eq!(refusal(watch)?.1, "Forbidden");
+        // An Event is created, and its series patch refused.
+        let recorder = Recorder::new(client.clone(), Reporter::from("interceptor-test"));
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: "RoleDenied".to_owned(),
+            note: None,
+            action: "AssumeRole".to_owned(),
+            secondary: None,
+        };
+        let regarding = cluster.here("p2").object_ref(&());
+        recorder.publish(&event, &regarding).await?;
+        let patched = recorder.publish(&event, &regarding).await;
+        assert_eq!(
+            refusal(patched)?.2,
+            format!(
+                "events.events.k8s.io \"{}\" is forbidden: {}",
+                cluster.server.events()[0]["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default(),
+                forbidden("patch", "events", "events.k8s.io", &in_namespace)
+            )
+        );
+        // Discovery stays open.
+        client.apiserver_version().await?;
+
+        // The whole Status, as the real server writes it.
+        let reply = raw_request(&format!(
+            "GET /api/v1/namespaces/{namespace}/pods/p3 HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+        ))
+        .await?;
+        ensure!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+        let body: Value = serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap_or_default())?;
+        assert_eq!(
+            body,
+            json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("pods \"p3\" is forbidden: {}", forbidden("get", "pods", "", &in_namespace)),
+                "reason": "Forbidden", "details": {"name": "p3", "kind": "pods"}, "code": 403,
+            })
+        );
+        let refused: Vec<String> = cluster
+            .server
+            .requests()
+            .into_iter()
+            .filter(|request| request.status == 403)
+            .map(|request| format!("{} {}", request.method, request.path))
+            .collect();
+        let event_name = cluster.server.events()[0]["metadata"]["name"].clone();
+        let in_ns = format!("/api/v1/namespaces/{namespace}");
+        assert_eq!(
+            refused,
+            [
+                format!("GET {in_ns}/pods/p1"),
+                "GET /api/v1/namespaces".to_owned(),
+                "GET /api/v1/nodes/node-b".to_owned(),
+                "GET /api/v1/nodes".to_owned(),
+                format!("GET {in_ns}/serviceaccounts"),
+                format!(
+                    "PATCH /apis/events.k8s.io/v1/namespaces/{namespace}/events/{}",
+                    event_name.as_str().unwrap_or_default()
+                ),
+                format!("GET {in_ns}/pods/p3"),
+            ],
+            "each refusal is logged with its 403"
+        );
+
+        // Everything, with wildcards.
+        cluster
+            .server
+            .enforce_rbac(user, vec![rule(&["*"], &["*"], &["*"], &[])]);
+        pods.get("p1").await?;
+        namespaces.list(&ListParams::default()).await?;
+        Ok(())
+    })
 }
 
 /// Sends `request` as it is and reads the reply to the end (the request asks to close).

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use interceptor_tests::{
-    agent::{Agent, NO_STS},
+    agent::Agent,
     bench::output_field,
     deployed::{
         ROLE_LIST, Sts, aws_cli_caller_arn, body_of, curl, eventually, header_of, role_list,
@@ -19,7 +19,7 @@ use interceptor_tests::{
     kube_node::{
         KubeNode, NODE_NAME, OTHER_NODE, namespace_object, node_object, pod_object, service_account_object,
     },
-    lab::{StandIn, run},
+    lab::run,
     privileged,
     sim::{NODE_IP, Pod, SimNode},
 };
@@ -504,101 +504,6 @@ fn pod_lists(cluster: &KubeNode) -> usize {
         .iter()
         .filter(|request| request.path == "/api/v1/pods" && request.is_list())
         .count()
-}
-
-/// kube2iam's chart, with the values of the blog post (`host.iptables: true`, `host.interface: eni+`,
-/// `extraArgs` auto-discover-base-arn and auto-discover-default-role), renders these container args;
-/// `$(HOST_IP)` and `$(NODE_NAME)` are the kubelet's expansions of the downward-API variables.
-fn kube2iam_chart_args(host_ip: &str) -> Vec<String> {
-    [
-        "--host-interface=eni+",
-        &format!("--node={NODE_NAME}"),
-        &format!("--host-ip={host_ip}"),
-        "--iptables=true",
-        "--auto-discover-base-arn=true",
-        "--auto-discover-default-role=true",
-        "--app-port=8181",
-        "--metrics-port=8181",
-    ]
-    .map(str::to_owned)
-    .to_vec()
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_kube2iam_daemonsets_args_start_the_agent_with_one_warning_per_ignored_flag() -> anyhow::Result<()>
-{
-    if !can_run("kube2iam args") {
-        return Ok(());
-    }
-    let mut node = SimNode::new()?;
-    let (annotated, plain) = (node.pod()?, node.pod()?);
-    // The cluster as KubeNode runs it, then the agent again exactly as kube2iam's DaemonSet starts it:
-    // its args, and what the pod's environment holds (the downward API, the API server's address).
-    let mut cluster = KubeNode::start(node, Sts::Down, &[])?;
-    cluster.agent.kill()?;
-    let cgroup = cluster.node.cgroup("kubepods.slice/kube2iam-agent")?;
-    let mut command = Agent::bare_command(&cluster.node, &cgroup)?;
-    command
-        .args(kube2iam_chart_args(&NODE_IP.to_string()))
-        .env("HOST_IP", NODE_IP.to_string())
-        .env("NODE_NAME", NODE_NAME)
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .env("KUBECONFIG", cluster.kubeconfig())
-        .env("INTERCEPTOR_CGROUP_ROOT", cluster.node.kubepods())
-        .env("INTERCEPTOR_BPFFS_DIR", cluster.node.bpffs_dir())
-        .env("INTERCEPTOR_STS_ENDPOINT", NO_STS)
-        .env("INTERCEPTOR_LOG_FORMAT", "json");
-    let agent = Agent::start(command)?;
-
-    let warnings: Vec<String> = agent
-        .logs()
-        .into_iter()
-        .filter(|line| line.contains("kube2iam flag ignored"))
-        .collect();
-    assert_eq!(warnings.len(), 2, "{warnings:#?}");
-    assert!(
-        warnings
-            .iter()
-            .any(|line| line.contains("\"flag\":\"--iptables\""))
-    );
-    assert!(
-        warnings
-            .iter()
-            .any(|line| line.contains("\"flag\":\"--host-interface\""))
-    );
-
-    cluster.api.apply_pod(pod_object(
-        &annotated,
-        "default",
-        "app",
-        &[(ROLE_KEY, "role-name")],
-    ));
-    cluster.api.apply_pod(pod_object(&plain, "default", "plain", &[]));
-    assert!(role_list_becomes(&annotated, &annotated.container()?, (200, "role-name")).await);
-    // The instance's own role is the default role, assumed like any other.
-    assert_eq!(
-        role_list(&plain, &plain.container()?).await?,
-        (200, StandIn::NODE_ROLE.to_owned())
-    );
-    // kube2iam serves its health on the app port; so does the agent, to callers outside the pods.
-    let probe_cgroup = cluster.node.cgroup("system.slice/kubelet.service")?;
-    let mut probe = cluster.node.command(&probe_cgroup, "curl")?;
-    probe.args([
-        "-sS",
-        "--noproxy",
-        "*",
-        "--max-time",
-        "10",
-        &format!("http://{NODE_IP}:8181/healthz"),
-    ]);
-    assert_eq!(run(probe).await?, "ok");
-    let health_from_pod = curl(&plain, &plain.container()?, &["http://169.254.169.254/healthz"]).await?;
-    assert_ne!(
-        body_of(&health_from_pod).trim(),
-        "ok",
-        "pods see the metadata service, not the agent's health"
-    );
-    Ok(())
 }
 
 /// The taint nodes register with until the agent is ready (`--remove-node-taint`).

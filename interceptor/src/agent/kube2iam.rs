@@ -101,17 +101,27 @@ impl Kube2iamArgs {
 
 #[cfg(test)]
 mod tests {
-    use crate::agent::AgentArgs;
+    use std::{sync::Mutex, time::Duration};
+
+    use axum::{body::Bytes, http::StatusCode};
+
+    use crate::{
+        agent::{AgentArgs, agent_addr, kube_settings, metrics_addr, policy},
+        imds::upstream::{MetadataService, Upstream, UpstreamError, UpstreamReply},
+        policy::{PatternFormat, Policy},
+    };
 
     fn parse(args: &[&str]) -> AgentArgs {
         crate::agent::tests::parse(args).unwrap_or_else(|err| panic!("{args:?}: {err}"))
     }
 
-    /// What kube2iam's chart renders from the values of the blog post (`host.iptables: true`,
-    /// `host.interface: eni+`, the two `extraArgs`).
+    /// What kube2iam's own chart (jtblin/kube2iam `charts/kube2iam`, chart 0.15.0,
+    /// `templates/daemonset.yaml`) renders from the values of the blog post (`host.iptables: true`,
+    /// `host.interface: eni+`, the two `extraArgs`), with `$(HOST_IP)` and `$(NODE_NAME)` as the kubelet
+    /// expands them.
     const CHART_ARGS: [&str; 8] = [
         "--host-interface=eni+",
-        "--node=$(NODE_NAME)",
+        "--node=node-a",
         "--host-ip=10.0.0.7",
         "--iptables=true",
         "--auto-discover-base-arn=true",
@@ -120,31 +130,421 @@ mod tests {
         "--metrics-port=8181",
     ];
 
+    /// The node's metadata service as discovery reads it: an instance profile in account
+    /// 210987654321 and its role `node-role`. Remembers every path asked.
+    #[derive(Default)]
+    struct InstanceMetadata {
+        asked: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Upstream for InstanceMetadata {
+        async fn get(&self, path: &str) -> Result<UpstreamReply, UpstreamError> {
+            self.asked.lock().unwrap().push(path.to_owned());
+            let (status, body) = match path {
+                "/latest/meta-data/iam/info" => (
+                    StatusCode::OK,
+                    r#"{"Code":"Success","InstanceProfileArn":"arn:aws:iam::210987654321:instance-profile/nodes"}"#,
+                ),
+                "/latest/meta-data/iam/security-credentials/" => (StatusCode::OK, "node-role\n"),
+                _ => (StatusCode::NOT_FOUND, ""),
+            };
+            Ok(UpstreamReply {
+                status,
+                content_type: None,
+                body: Bytes::from_static(body.as_bytes()),
+            })
+        }
+    }
+
+    /// The policy the agent starts with, given `args`, and the metadata paths it read for it.
+    fn start_up_policy(args: &[&str]) -> (anyhow::Result<Policy>, Vec<String>) {
+        let metadata = InstanceMetadata::default();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let policy = runtime.block_on(policy(&parse(args), &metadata));
+        (policy, metadata.asked.into_inner().unwrap())
+    }
+
+    /// The base ARN and the default role's full ARN of a policy.
+    fn base_and_default(policy: &Policy) -> (Option<&str>, Option<String>) {
+        let default = policy.default_role.as_ref().map(|role| {
+            policy
+                .role_arn(role)
+                .unwrap_or_else(|err| panic!("{role}: {err}"))
+                .as_str()
+                .to_owned()
+        });
+        (policy.base_arn.as_ref().map(|base| base.as_str()), default)
+    }
+
+    const INSTANCE_BASE: &str = "arn:aws:iam::210987654321:role/";
+    const INSTANCE_ROLE: &str = "arn:aws:iam::210987654321:role/node-role";
+    const IAM_INFO: &str = "/latest/meta-data/iam/info";
+    const ROLE_LIST: &str = "/latest/meta-data/iam/security-credentials/";
+
     #[test]
-    fn the_kube2iam_charts_args_parse_with_their_meaning() {
+    fn auto_discover_default_role_alone_also_discovers_the_base_arn_as_kube2iam_does() {
+        // The chart's usual values: every node used to exit with "role "node-role" is a name, but no
+        // base role ARN is set".
+        for spelling in [
+            "--auto-discover-default-role",
+            "--auto-discover-default-role=true",
+        ] {
+            let (policy, asked) = start_up_policy(&[spelling]);
+            let policy = policy.unwrap_or_else(|err| panic!("{spelling}: {err:#}"));
+            assert_eq!(
+                base_and_default(&policy),
+                (Some(INSTANCE_BASE), Some(INSTANCE_ROLE.to_owned())),
+                "{spelling}"
+            );
+            // Annotations' role names are joined to the discovered base.
+            assert_eq!(
+                policy.role_arn("app").unwrap().as_str(),
+                "arn:aws:iam::210987654321:role/app"
+            );
+            assert_eq!(asked, [IAM_INFO, ROLE_LIST], "{spelling}");
+        }
+    }
+
+    #[test]
+    fn the_blog_posts_two_discovery_flags_read_the_instance_profile_once() {
+        for args in [
+            &["--auto-discover-base-arn", "--auto-discover-default-role"][..],
+            &[
+                "--auto-discover-base-arn=true",
+                "--auto-discover-default-role=true",
+            ],
+            &CHART_ARGS,
+        ] {
+            let (policy, asked) = start_up_policy(args);
+            let policy = policy.unwrap_or_else(|err| panic!("{args:?}: {err:#}"));
+            assert_eq!(
+                base_and_default(&policy),
+                (Some(INSTANCE_BASE), Some(INSTANCE_ROLE.to_owned())),
+                "{args:?}"
+            );
+            assert_eq!(asked, [IAM_INFO, ROLE_LIST], "{args:?}");
+        }
+        let (policy, asked) = start_up_policy(&["--auto-discover-base-arn"]);
+        assert_eq!(base_and_default(&policy.unwrap()), (Some(INSTANCE_BASE), None));
+        assert_eq!(asked, [IAM_INFO]);
+    }
+
+    #[test]
+    fn an_explicit_base_role_arn_wins_and_the_discovered_default_stays_the_instances_own_role() {
+        let (policy, asked) = start_up_policy(&[
+            "--base-role-arn=arn:aws:iam::123456789012:role/",
+            "--auto-discover-default-role",
+        ]);
+        let policy = policy.unwrap();
+        assert_eq!(
+            base_and_default(&policy),
+            (
+                Some("arn:aws:iam::123456789012:role/"),
+                Some(INSTANCE_ROLE.to_owned())
+            )
+        );
+        assert_eq!(
+            policy.role_arn("app").unwrap().as_str(),
+            "arn:aws:iam::123456789012:role/app"
+        );
+        assert_eq!(asked, [IAM_INFO, ROLE_LIST]);
+    }
+
+    #[test]
+    fn a_base_role_arn_and_a_default_role_read_nothing_from_the_node() {
+        for args in [
+            &[
+                "--base-role-arn=arn:aws:iam::123456789012:role/",
+                "--default-role=fallback",
+            ][..],
+            // kube2iam's README writes the base ARN without its trailing slash too.
+            &[
+                "--base-role-arn",
+                "arn:aws:iam::123456789012:role",
+                "--default-role",
+                "fallback",
+            ],
+            // A discovery flag written =false is no flag, and conflicts with nothing.
+            &[
+                "--base-role-arn=arn:aws:iam::123456789012:role/",
+                "--default-role=fallback",
+                "--auto-discover-base-arn=false",
+                "--auto-discover-default-role=false",
+            ],
+        ] {
+            let (policy, asked) = start_up_policy(args);
+            let policy = policy.unwrap_or_else(|err| panic!("{args:?}: {err:#}"));
+            assert_eq!(
+                base_and_default(&policy),
+                (
+                    Some("arn:aws:iam::123456789012:role/"),
+                    Some("arn:aws:iam::123456789012:role/fallback".to_owned())
+                ),
+                "{args:?}"
+            );
+            assert!(asked.is_empty(), "{args:?}: {asked:?}");
+        }
+        let (policy, asked) = start_up_policy(&[]);
+        assert_eq!(base_and_default(&policy.unwrap()), (None, None));
+        assert!(asked.is_empty());
+    }
+
+    #[test]
+    fn the_same_thing_named_twice_is_refused_before_the_node_is_asked() {
+        for (args, said) in [
+            (
+                &[
+                    "--auto-discover-base-arn",
+                    "--base-role-arn=arn:aws:iam::123456789012:role/",
+                ][..],
+                "--auto-discover-base-arn and --base-role-arn both name the base ARN",
+            ),
+            (
+                &["--auto-discover-default-role=true", "--default-role=fallback"],
+                "--auto-discover-default-role and --default-role both name the default role",
+            ),
+        ] {
+            let (policy, asked) = start_up_policy(args);
+            let err = format!("{:#}", policy.unwrap_err());
+            assert!(err.contains(said), "{args:?}: {err}");
+            assert!(asked.is_empty(), "{args:?}: {asked:?}");
+        }
+    }
+
+    #[test]
+    fn discovery_without_an_instance_profile_fails_with_what_was_missing() {
+        struct NoProfile;
+        #[async_trait::async_trait]
+        impl Upstream for NoProfile {
+            async fn get(&self, path: &str) -> Result<UpstreamReply, UpstreamError> {
+                Ok(UpstreamReply {
+                    status: StatusCode::NOT_FOUND,
+                    content_type: None,
+                    body: Bytes::new(),
+                })
+                .inspect(|_| assert_eq!(path, IAM_INFO))
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let err = runtime
+            .block_on(policy(&parse(&["--auto-discover-default-role"]), &NoProfile))
+            .unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "cannot discover the base ARN from the node's instance profile: the metadata service \
+             answered /latest/meta-data/iam/info with 404 Not Found"
+        );
+    }
+
+    #[test]
+    fn the_kube2iam_charts_args_parse_and_configure_the_agent_with_their_meaning() {
         let args = parse(&CHART_ARGS);
         assert!(args.auto_discover_base_arn && args.auto_discover_default_role);
         assert!(args.kube2iam.iptables);
         assert_eq!(args.kube2iam.host_interface.as_deref(), Some("eni+"));
-        assert_eq!(args.kube2iam.app_port, Some(8181));
-        assert_eq!(args.kube2iam.metrics_port, Some(8181));
-        assert_eq!(args.kube2iam.host_ip, Some("10.0.0.7".parse().unwrap()));
-        assert_eq!(args.node.as_deref(), Some("$(NODE_NAME)"));
+        assert_eq!(args.node.as_deref(), Some("node-a"));
+        let agent = agent_addr(&args).unwrap();
+        assert_eq!(agent.to_string(), "10.0.0.7:8181");
+        // --metrics-port equal to --app-port: the health routes are on the agent's port.
+        assert_eq!(metrics_addr(&args, agent), None);
+        assert_eq!(args.log_filter(), "info");
     }
 
     #[test]
-    fn booleans_take_kube2iams_spellings() {
-        for (flag, expected) in [
-            ("--namespace-restrictions", true),
-            ("--namespace-restrictions=true", true),
-            ("--namespace-restrictions=false", false),
-            ("--namespace-restrictions=1", true),
+    fn calicos_interface_and_the_downward_api_host_ip_name_the_agents_address() {
+        // kube2iam's README and chart with Calico: the DNAT rule's interface, and the node's IP.
+        let args = parse(&[
+            "--iptables=true",
+            "--host-interface=cali+",
+            "--host-ip=10.0.1.23",
+            "--node=ip-10-0-1-23.ec2.internal",
+        ]);
+        assert!(args.kube2iam.iptables);
+        assert_eq!(args.kube2iam.host_interface.as_deref(), Some("cali+"));
+        assert_eq!(agent_addr(&args).unwrap().to_string(), "10.0.1.23:8181");
+        assert_eq!(args.node.as_deref(), Some("ip-10-0-1-23.ec2.internal"));
+    }
+
+    #[test]
+    fn app_and_metrics_ports_place_the_agent_and_its_health_server() {
+        for (args, agent, metrics) in [
+            (
+                &["--host-ip=10.0.1.23", "--app-port=8181", "--metrics-port=8181"][..],
+                "10.0.1.23:8181",
+                None,
+            ),
+            (
+                &["--host-ip=10.0.1.23", "--app-port=8282", "--metrics-port=9543"],
+                "10.0.1.23:8282",
+                Some("0.0.0.0:9543"),
+            ),
+            (
+                &["--host-ip=10.0.1.23", "--app-port", "8282"],
+                "10.0.1.23:8282",
+                Some("0.0.0.0:9181"),
+            ),
+            // Our own flags win over kube2iam's.
+            (
+                &[
+                    "--host-ip=10.0.1.23",
+                    "--app-port=8282",
+                    "--agent-addr=10.0.1.23:8383",
+                    "--metrics-addr=0.0.0.0:9999",
+                ],
+                "10.0.1.23:8383",
+                Some("0.0.0.0:9999"),
+            ),
         ] {
-            assert_eq!(parse(&[flag]).namespace_restrictions, expected, "{flag}");
+            let parsed = parse(args);
+            let agent_at = agent_addr(&parsed).unwrap();
+            assert_eq!(agent_at.to_string(), agent, "{args:?}");
+            assert_eq!(
+                metrics_addr(&parsed, agent_at)
+                    .map(|addr| addr.to_string())
+                    .as_deref(),
+                metrics,
+                "{args:?}"
+            );
         }
-        assert!(!parse(&[]).namespace_restrictions);
-        let spaced = parse(&["--auto-discover-base-arn", "--iptables", "--verbose"]);
-        assert!(spaced.auto_discover_base_arn && spaced.kube2iam.iptables && spaced.kube2iam.wants_debug());
+    }
+
+    #[test]
+    fn namespace_restrictions_with_regexps_reach_the_pod_source() {
+        let policy = Policy::default();
+        for args in [
+            &[
+                "--node=node-a",
+                "--namespace-restrictions",
+                "--namespace-restriction-format=regexp",
+            ][..],
+            &[
+                "--node=node-a",
+                "--namespace-restrictions=true",
+                "--namespace-restriction-format",
+                "regexp",
+            ],
+        ] {
+            let settings = kube_settings(&parse(args), &policy).unwrap();
+            let (key, format) = settings.namespace_restrictions.expect("restrictions on");
+            assert_eq!(
+                (&*key, format),
+                ("iam.amazonaws.com/allowed-roles", PatternFormat::Regexp),
+                "{args:?}"
+            );
+        }
+        let off = kube_settings(
+            &parse(&["--node=node-a", "--namespace-restrictions=false"]),
+            &policy,
+        )
+        .unwrap();
+        assert!(off.namespace_restrictions.is_none());
+        let glob = kube_settings(&parse(&["--node=node-a", "--namespace-restrictions"]), &policy).unwrap();
+        assert_eq!(
+            glob.namespace_restrictions.map(|(_, format)| format),
+            Some(PatternFormat::Glob)
+        );
+    }
+
+    #[test]
+    fn verbose_debug_and_kube2iams_level_names_set_the_log_filter() {
+        for (args, filter) in [
+            (&["--verbose"][..], "debug"),
+            (&["--verbose=true", "--log-level=warning"], "debug"),
+            (&["--debug"], "debug"),
+            (&["--verbose=false"], "info"),
+            (
+                &["--verbose=false", "--debug=false", "--log-level=warning"],
+                "warn",
+            ),
+            (&["--log-level=warning"], "warn"),
+            (&["--log-level", "fatal"], "error"),
+            (&["--log-level=panic"], "error"),
+            (&["--log-level=error"], "error"),
+            (&[], "info"),
+        ] {
+            assert_eq!(parse(args).log_filter(), filter, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn a_session_ttl_of_kube2iams_default_parses() {
+        assert_eq!(
+            parse(&["--iam-role-session-ttl=15m"]).iam_role_session_ttl,
+            Duration::from_secs(900)
+        );
+        assert_eq!(
+            parse(&["--iam-role-session-ttl", "1h30m"]).iam_role_session_ttl,
+            Duration::from_secs(5400)
+        );
+    }
+
+    #[test]
+    fn metadata_addr_takes_kube2iams_bare_host() {
+        for spelling in [
+            &["--metadata-addr=169.254.169.254"][..],
+            &["--metadata-addr", "169.254.169.254"],
+            &["--metadata-addr=http://169.254.169.254"],
+            &[],
+        ] {
+            let args = parse(spelling);
+            MetadataService::new(&args.metadata_addr).unwrap_or_else(|err| panic!("{spelling:?}: {err}"));
+        }
+        let args = parse(&["--metadata-addr=https://169.254.169.254"]);
+        assert!(MetadataService::new(&args.metadata_addr).is_err());
+    }
+
+    /// Reads one boolean flag of parsed arguments.
+    type ReadFlag = fn(&AgentArgs) -> bool;
+
+    /// kube2iam's boolean flags, each as kube2iam's chart and docs write it (`--flag`, `--flag=true`,
+    /// `--flag=false`) and in Go's other spellings (`strconv.ParseBool`), read back from the parsed
+    /// arguments.
+    #[test]
+    fn booleans_take_kube2iams_spellings() {
+        let flags: [(&str, ReadFlag); 9] = [
+            ("--auto-discover-base-arn", |args| args.auto_discover_base_arn),
+            ("--auto-discover-default-role", |args| {
+                args.auto_discover_default_role
+            }),
+            ("--namespace-restrictions", |args| args.namespace_restrictions),
+            ("--insecure", |args| args.insecure),
+            ("--iptables", |args| args.kube2iam.iptables),
+            ("--verbose", |args| args.kube2iam.verbose),
+            ("--debug", |args| args.kube2iam.debug),
+            ("--use-regional-sts-endpoint", |args| {
+                args.kube2iam.use_regional_sts_endpoint
+            }),
+            ("--resolve-duplicate-cache-ips", |args| {
+                args.kube2iam.resolve_duplicate_cache_ips
+            }),
+        ];
+        let spellings = [
+            ("", true),
+            ("=true", true),
+            ("=false", false),
+            ("=1", true),
+            ("=0", false),
+            ("=t", true),
+            ("=F", false),
+            ("=TRUE", true),
+            ("=False", false),
+        ];
+        for (flag, read) in flags {
+            assert!(!read(&parse(&[])), "{flag} is off by default");
+            for (spelling, expected) in spellings {
+                let arg = format!("{flag}{spelling}");
+                assert_eq!(read(&parse(&[&arg])), expected, "{arg}");
+            }
+            // Followed by another flag, a bare boolean takes no value from it.
+            let args = parse(&[flag, "--node=node-a"]);
+            assert!(read(&args) && args.node.as_deref() == Some("node-a"), "{flag}");
+            let err = crate::agent::tests::parse(&[&format!("{flag}=maybe")])
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("maybe") && err.contains(flag), "{flag}: {err}");
+        }
     }
 
     #[test]
@@ -168,12 +568,9 @@ mod tests {
         ]);
         assert_eq!(args.iam_role_key, "example.com/role");
         assert_eq!(args.iam_external_id_key, "example.com/external-id");
-        assert_eq!(
-            args.namespace_restriction_format,
-            crate::policy::PatternFormat::Regexp
-        );
+        assert_eq!(args.namespace_restriction_format, PatternFormat::Regexp);
         assert_eq!(args.log_filter(), "warn");
-        assert_eq!(args.iam_role_error_ttl, std::time::Duration::from_secs(30));
+        assert_eq!(args.iam_role_error_ttl, Duration::from_secs(30));
         assert!(args.insecure && args.kube2iam.resolve_duplicate_cache_ips);
         assert!(crate::agent::tests::parse(&["--kubeconfig=k", "--api-server=https://a"]).is_err());
     }

@@ -27,7 +27,7 @@ pub struct UpstreamReply {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("bad metadata service address {0:?}")]
+    #[error("bad metadata service address {0:?}: expected http://HOST[:PORT] or HOST[:PORT]")]
     BadAddress(String),
     #[error("the metadata service did not answer {path} within {timeout:?}")]
     Timeout { path: String, timeout: Duration },
@@ -55,18 +55,32 @@ const TOKEN_TTL: Duration = Duration::from_secs(21_600);
 const TOKEN_MARGIN: Duration = Duration::from_secs(600);
 
 impl MetadataService {
-    /// `base` such as `http://169.254.169.254`.
+    /// `base` such as `http://169.254.169.254`, or kube2iam's form without a scheme,
+    /// `169.254.169.254[:PORT]`, which means the same over HTTP.
     pub fn new(base: &str) -> Result<Self, UpstreamError> {
-        let uri: Uri = base
-            .parse()
-            .map_err(|_| UpstreamError::BadAddress(base.to_owned()))?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() || uri.path().len() > 1 {
-            return Err(UpstreamError::BadAddress(base.to_owned()));
+        let bad = || UpstreamError::BadAddress(base.to_owned());
+        let url = match base.contains("://") {
+            true => base.to_owned(),
+            false => format!("http://{base}"),
+        };
+        let uri: Uri = url.parse().map_err(|_| bad())?;
+        let authority = uri.authority().ok_or_else(bad)?;
+        // The authority is a host and maybe a port, nothing else: no user, no empty or named port.
+        let host_and_port = match authority.port_u16() {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => authority.host().to_owned(),
+        };
+        if uri.scheme_str() != Some("http")
+            || authority.host().is_empty()
+            || authority.as_str() != host_and_port
+            || uri.path().len() > 1
+        {
+            return Err(bad());
         }
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(TIMEOUT));
         Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
+            base: url.trim_end_matches('/').to_owned(),
             client: Client::builder(TokioExecutor::new()).build(connector),
             token: Mutex::new(None),
         })
@@ -158,16 +172,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn addresses_are_plain_http_roots() {
-        assert!(MetadataService::new("http://169.254.169.254").is_ok());
-        assert!(MetadataService::new("http://[fd00:ec2::254]/").is_ok());
-        for bad in [
-            "169.254.169.254",
-            "https://169.254.169.254",
-            "http://x/latest",
-            "",
+    fn addresses_are_plain_http_roots_with_or_without_the_scheme() {
+        for (given, base) in [
+            ("http://169.254.169.254", "http://169.254.169.254"),
+            ("http://[fd00:ec2::254]/", "http://[fd00:ec2::254]"),
+            // kube2iam's --metadata-addr: a host and maybe a port, over HTTP.
+            ("169.254.169.254", "http://169.254.169.254"),
+            ("169.254.169.254:8080", "http://169.254.169.254:8080"),
+            ("[fd00:ec2::254]", "http://[fd00:ec2::254]"),
+            ("metadata.internal/", "http://metadata.internal"),
         ] {
-            assert!(MetadataService::new(bad).is_err(), "{bad}");
+            let service = MetadataService::new(given).unwrap_or_else(|err| panic!("{given}: {err}"));
+            assert_eq!(service.base, base, "{given}");
+        }
+        for bad in [
+            "https://169.254.169.254",
+            "ftp://169.254.169.254",
+            "http://x/latest",
+            "169.254.169.254/latest",
+            "http://",
+            "",
+            ":80",
+            "fd00:ec2::254",
+            "169.254.169.254:port",
+            "169.254.169.254 ",
+            "169.254.169.254:",
+            "user@169.254.169.254",
+        ] {
+            let err = MetadataService::new(bad).map(|_| ()).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{bad:?}"))
+                    && err.contains("expected http://HOST[:PORT] or HOST[:PORT]"),
+                "{bad}: {err}"
+            );
         }
     }
 }

@@ -33,6 +33,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: agent
 {{- end -}}
 
+{{/*
+Whether extraArgs turns the agent's boolean flag .key on ("true" or ""), as the agent reads the
+DaemonSet's rendering of it: true, "true" and "" render --key; false and "false" render --key=false.
+The schema allows nothing else for the flags the ClusterRole follows.
+*/}}
+{{- define "interceptor.flagOn" -}}
+{{- if hasKey .args .key -}}
+{{- $value := toString (index .args .key) -}}
+{{- if or (eq $value "true") (eq $value "") -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The agent's image. */}}
 {{- define "interceptor.image" -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
