@@ -45,13 +45,13 @@ impl SimNode {
     pub fn new() -> Result<Self> {
         let name = unique_name("icn");
         let netns = NetNs::create(&name)?;
-        for addr in [
-            format!("{METADATA_IP}/32"),
-            format!("{NODE_IP}/32"),
-            format!("{METADATA_IP6}/128"),
-            format!("{NODE_IP6}/128"),
-        ] {
+        for addr in [format!("{METADATA_IP}/32"), format!("{NODE_IP}/32")] {
             netns.ip(&["addr", "add", &addr, "dev", "lo"])?;
+        }
+        // nodad: an IPv6 address is tentative until the kernel's address work runs, even on lo, and
+        // a bind to it fails (EADDRNOTAVAIL) until then; on a loaded machine that can be a while.
+        for addr in [format!("{METADATA_IP6}/128"), format!("{NODE_IP6}/128")] {
+            netns.ip(&["addr", "add", &addr, "dev", "lo", "nodad"])?;
         }
         let cgroups = CgroupTree::create(&name)?;
         let kubepods = cgroups.mkdir("kubepods.slice/kubepods-besteffort.slice")?;
