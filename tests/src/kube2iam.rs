@@ -16,8 +16,7 @@ use crate::{
 };
 
 /// kube2iam's chart's default `lifecycle.preStop` command, run by `/bin/sh -c` in its pod.
-pub const PRE_STOP: &str =
-    "eval `iptables-save | grep 169.254.169.254 | sed s/-A/'iptables -t nat -D'/g`";
+pub const PRE_STOP: &str = "eval `iptables-save | grep 169.254.169.254 | sed s/-A/'iptables -t nat -D'/g`";
 
 pub struct Kube2iam {
     _agent: Responder,
@@ -31,12 +30,13 @@ impl Kube2iam {
 
     /// Starts kube2iam's agent on `NODE_IP:port` and adds its DNAT rule.
     pub async fn install(node: &SimNode, port: u16) -> Result<Self> {
-        let agent = Responder::spawn(node.bind_tcp((NODE_IP, port).into())?, |exchange| {
-            match exchange.path.as_str() {
-                "/latest/meta-data/iam/security-credentials/" => Self::ROLE.to_owned(),
-                path if path.contains("security-credentials/") => Self::CREDENTIALS.to_owned(),
-                path => format!("kube2iam proxied {path}"),
-            }
+        let agent = Responder::spawn(node.bind_tcp((NODE_IP, port).into())?, |exchange| match exchange
+            .path
+            .as_str()
+        {
+            "/latest/meta-data/iam/security-credentials/" => Self::ROLE.to_owned(),
+            path if path.contains("security-credentials/") => Self::CREDENTIALS.to_owned(),
+            path => format!("kube2iam proxied {path}"),
         });
         let mut dnat = iptables(node)?;
         dnat.args(["-t", "nat", "-A", "PREROUTING", "-p", "tcp"])

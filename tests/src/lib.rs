@@ -24,6 +24,7 @@ pub mod load;
 pub mod moto;
 pub mod netns;
 pub mod privileged;
+pub mod probe;
 pub mod python;
 pub mod responder;
 pub mod sim;

@@ -14,14 +14,29 @@ use anyhow::{Context, Result, ensure};
 use interceptor_common::{names, sizes};
 use interceptor_tests::{
     agent::{Agent, BASE_ROLE_ARN, WorkloadFile},
-    deployed::{DeployedNode, METRICS_PORT, ROLE_LIST, Sts, eventually, role_list},
+    deployed::{DeployedNode, METRICS_PORT, Sts, eventually, role_list},
     kernel,
     lab::{Interactive, StandIn, run},
     privileged,
+    probe::{Outcome, Probe, now_us},
     sim::{AGENT_PORT, METADATA_IP, NODE_IP, NODE_IP6, Pod, SimNode},
 };
 
 const SIM_CLIENT: &str = env!("CARGO_BIN_EXE_sim-client");
+const ROLE_LIST_PATH: &str = "/latest/meta-data/iam/security-credentials/";
+
+fn is_alpha(outcome: &Outcome) -> bool {
+    *outcome
+        == Outcome::Answer {
+            status: 200,
+            body: "alpha".to_owned(),
+        }
+}
+
+/// A connect to the agent's address where nothing listens yet (a restarting agent's old redirect).
+fn is_connection_refused(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Failed(error) if error.contains("Connection refused"))
+}
 
 /// Every address a process in the node's network namespace could listen on for `port`: the agent's,
 /// the node's others, the wildcards, loopback, and the IPv4 ones in IPv4-mapped form.
@@ -155,12 +170,7 @@ async fn pod_role_list(pod: &Pod, container: &Path) -> Result<String, String> {
     let mut command = pod
         .command(container, SIM_CLIENT)
         .map_err(|err| err.to_string())?;
-    command.args([
-        "http",
-        &format!("{METADATA_IP}:80"),
-        "--path",
-        ROLE_LIST.trim_start_matches("http://169.254.169.254"),
-    ]);
+    command.args(["http", &format!("{METADATA_IP}:80"), "--path", ROLE_LIST_PATH]);
     run(command).await.map_err(|err| format!("{err:#}"))
 }
 
@@ -319,20 +329,6 @@ async fn an_agent_that_cannot_bind_its_port_leaves_pods_refused_not_sent_to_whoe
     Ok(())
 }
 
-/// `sim-client probe` of the role list in a pod: one line per attempt until stopped.
-async fn start_probe(pod: &Pod, container: &Path) -> Result<Interactive> {
-    let mut command = pod.command(container, SIM_CLIENT)?;
-    command.args([
-        "probe",
-        &format!("{METADATA_IP}:80"),
-        "--path",
-        ROLE_LIST.trim_start_matches("http://169.254.169.254"),
-        "--pause-ms",
-        "10",
-    ]);
-    Interactive::spawn(command)
-}
-
 /// The unit `deploy/node/interceptor-guard.service`'s command on `node`, in the unit's cgroup: its
 /// `ExecStart` as written, with the binary built here, and the simulated node's cgroup root and bpffs
 /// directory through the environment (on a node, the defaults find them).
@@ -389,29 +385,31 @@ async fn after_a_reboot_the_guard_refuses_pods_until_the_agent_serves() -> Resul
     assert!(said.contains("refused"), "{said}");
 
     // The kubelet starts pods; they ask without pause while the agent is not there yet.
-    let mut probe = start_probe(&pod, &container).await?;
-    for _ in 0..20 {
-        let line = probe.line().await?;
-        assert!(
-            line.contains(" err ") && line.contains("Operation not permitted"),
-            "{line}"
-        );
+    let probe = Probe::start(pod.command(&container, SIM_CLIENT)?, ROLE_LIST_PATH)?;
+    let asked_from = now_us();
+    while probe.attempts().len() < 20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     squat_once(&t.node, &squatter_cgroup, &agent_ports(), "after the guard").await?;
 
     // The agent starts (its pod, as a DaemonSet's, comes up beside the others) and takes over.
     t.restart_agent()?;
-    let mut served = false;
-    while !served {
-        let line = probe.line().await?;
-        served = line.ends_with(" 200 alpha");
+    let served = probe.wait_for(asked_from, is_alpha).await?;
+    let after_serving = probe.wait_for(served.at_us, is_alpha).await?;
+    probe.wait_for(after_serving.at_us, is_alpha).await?;
+    let attempts = probe.finish().await?;
+    let (before, after): (Vec<_>, Vec<_>) = attempts.iter().partition(|attempt| attempt.at_us < served.at_us);
+    assert!(before.len() >= 20, "{before:?}");
+    for attempt in before {
         assert!(
-            served || line.contains("Operation not permitted") || line.contains("Connection refused"),
-            "a pod got something other than a refusal or its role: {line}"
+            attempt.outcome.refused_by_the_programs() || is_connection_refused(&attempt.outcome),
+            "before the agent served, a pod got {attempt:?}"
         );
     }
-    let rest = probe.finish_output().await?;
-    assert!(rest.iter().all(|line| line.ends_with(" 200 alpha")), "{rest:?}");
+    assert!(
+        after.iter().all(|attempt| is_alpha(&attempt.outcome)),
+        "{after:?}"
+    );
     assert_eq!(
         t.stand_in.tcp_accepted(),
         reached_before_guard,
