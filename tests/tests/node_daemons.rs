@@ -673,23 +673,28 @@ async fn the_node_credentials_setting_gives_the_nodes_credentials_where_it_says_
             [Node, Role("host-app"), Nothing, Nothing, Role("csi-own"), Nothing],
         ),
         (
-            default_role.to_vec(),
+            [&default_role[..], &grant_csi[..]].concat(),
             [
                 Node,
                 Role("host-app"),
                 Role("fallback"),
-                Role("fallback"),
+                Node,
                 Role("csi-own"),
                 Role("fallback"),
             ],
         ),
         (
-            [&default_role[..], &["--host-network-credentials", "default-role"]].concat(),
+            [
+                &default_role[..],
+                &grant_csi[..],
+                &["--host-network-credentials", "default-role"],
+            ]
+            .concat(),
             [
                 Role("fallback"),
                 Role("host-app"),
                 Role("fallback"),
-                Role("fallback"),
+                Node,
                 Role("csi-own"),
                 Role("fallback"),
             ],
