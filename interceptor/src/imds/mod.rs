@@ -300,7 +300,12 @@ async fn workload_of(
 
 async fn proxy(state: &ImdsState, path: &str) -> Result<Response, ImdsError> {
     let reply = state.upstream.get(path).await.map_err(ImdsError::Upstream)?;
-    Ok(upstream_response(reply))
+    let mut response = (reply.status, reply.body).into_response();
+    let content_type = reply
+        .content_type
+        .unwrap_or(HeaderValue::from_static("text/plain"));
+    response.headers_mut().insert(header::CONTENT_TYPE, content_type);
+    Ok(response)
 }
 
 /// A `meta-data/iam` path of a pod granted the node's credentials: the node's metadata service answers
@@ -313,25 +318,15 @@ async fn node_iam(
     route: &Route,
     path: &str,
 ) -> Result<Response, ImdsError> {
-    let reply = state.upstream.get(path).await.map_err(ImdsError::Upstream)?;
+    let response = proxy(state, path).await?;
     if matches!(route, Route::RoleCredentials { .. })
-        && reply.status == StatusCode::OK
+        && response.status() == StatusCode::OK
         && let Some(pod) = &workload.pod
     {
         state.metrics.node_credentials_served(grant);
         state.node_credentials.served(pod, grant);
     }
-    Ok(upstream_response(reply))
-}
-
-/// The node's metadata service's reply, passed on as it is: status, body and content type.
-fn upstream_response(reply: upstream::UpstreamReply) -> Response {
-    let mut response = (reply.status, reply.body).into_response();
-    let content_type = reply
-        .content_type
-        .unwrap_or(HeaderValue::from_static("text/plain"));
-    response.headers_mut().insert(header::CONTENT_TYPE, content_type);
-    response
+    Ok(response)
 }
 
 fn text(body: &str) -> Response {

@@ -579,16 +579,19 @@ fn iam_paths_asked(api: &Api) -> Vec<String> {
         .collect()
 }
 
-/// `node_credentials_served_total`'s samples, as the metrics endpoint shows them.
+/// `node_credentials_served_total`'s samples, as the metrics endpoint shows them, sorted.
 fn node_credentials_samples(api: &Api) -> Vec<String> {
     let mut registry = prometheus_client::registry::Registry::default();
     api.metrics.register(&mut registry);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    text.lines()
+    let mut samples: Vec<String> = text
+        .lines()
         .filter(|line| line.starts_with("node_credentials_served_total"))
         .map(str::to_owned)
-        .collect()
+        .collect();
+    samples.sort();
+    samples
 }
 
 #[tokio::test]
