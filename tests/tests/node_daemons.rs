@@ -133,8 +133,9 @@ impl<'n> Container<'n> {
             .context("cannot run curl")?;
         match out.status.code() {
             Some(0) => Ok(Some(Connected(String::from_utf8_lossy(&out.stdout).into_owned()))),
-            // 7: could not connect (refused); 52, 56: nothing or a reset where the answer should be.
-            Some(7 | 52 | 56) => Ok(None),
+            // 7: could not connect (refused); 18, 52, 56: a cut, empty or reset answer (an agent
+            // killed as it answered).
+            Some(7 | 18 | 52 | 56) => Ok(None),
             _ => bail!(
                 "curl {args:?} failed ({}): {}",
                 out.status,
