@@ -482,8 +482,10 @@ fn node_credentials(args: &AgentArgs) -> NodeCredentials {
         .iter()
         .map(ToString::to_string)
         .collect();
-    tracing::info!(host_network = ?args.host_network_credentials, service_accounts = ?service_accounts,
-        "pods that name no role and get the node's own credentials");
+    let host_network = clap::ValueEnum::to_possible_value(&args.host_network_credentials)
+        .map(|value| value.get_name().to_owned());
+    tracing::info!(host_network_credentials = host_network.as_deref(), node_credentials_for = ?service_accounts,
+        "which pods that name no role get the node's own credentials");
     NodeCredentials::new(args.host_network_credentials, args.node_credentials_for.clone())
 }
 
