@@ -358,7 +358,9 @@ async fn start_agent(command: Command) -> Result<Agent> {
 
 /// What every start of the agent must give: the CNI the node's credentials (boto3), the app pod its own
 /// role (the AWS CLI, through moto) and the spot notice, and every pod a refusal of each of the node's
-/// secrets. `askers` ask the refused paths, one client per pod.
+/// secrets. `askers` ask the refused paths, one client per pod. Returns how many requests for the
+/// node's credentials the node's metadata service heard while the CNI fetched them: only then may it
+/// hear any.
 async fn check_start(
     start: usize,
     cni: &Container<'_>,
@@ -366,7 +368,7 @@ async fn check_start(
     askers: &mut [(&str, MetadataClient<'_>)],
     stand_in: &StandIn,
     moto: &str,
-) -> Result<()> {
+) -> Result<usize> {
     let (_, credentials_before) = secret_paths_asked(stand_in);
     ensure!(
         cni.boto3_access_key().await? == StandIn::NODE_ACCESS_KEY,
@@ -398,7 +400,7 @@ async fn check_start(
     for (who, client) in askers {
         assert_secrets_refused(client, who).await?;
     }
-    Ok(())
+    Ok(credentials_after.len() - credentials_before.len())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -468,6 +470,8 @@ async fn node_daemons_keep_their_paths_and_credentials_through_install_and_resta
                 "the daemons never read the node's metadata before the install"
             );
             ensure!(cni.boto3_access_key().await? == StandIn::NODE_ACCESS_KEY);
+            let (_, before_install) = secret_paths_asked(stand_in);
+            let mut credentials_heard = before_install.len();
             let refused =
                 || Counts::get(&handler_counts.failed_connects) + Counts::get(&cni_counts.failed_connects);
             for (start, command) in starts.into_iter().enumerate() {
@@ -490,8 +494,17 @@ async fn node_daemons_keep_their_paths_and_credentials_through_install_and_resta
                     .await,
                     "the daemons were not served after start {start}"
                 );
-                check_start(start, &cni, (&app_pod, &app), &mut askers, stand_in, &moto).await?;
+                credentials_heard +=
+                    check_start(start, &cni, (&app_pod, &app), &mut askers, stand_in, &moto).await?;
             }
+            // Every request for the node's credentials it heard after the install was the CNI's,
+            // passed on by the agent.
+            let (_, credentials) = secret_paths_asked(stand_in);
+            ensure!(
+                credentials.len() == credentials_heard,
+                "{} requests for the node's credentials, {credentials_heard} from the CNI: {credentials:?}",
+                credentials.len()
+            );
             Ok(())
         }
         .await;
