@@ -1,5 +1,6 @@
-//! Request routing (`imds::route`): any method and path gives a route or a refusal, never a panic, and
-//! nothing that names the node's secrets is ever proxied, whatever the allow-list.
+//! Request routing (`imds::route`): any method and path gives a route or a refusal, never a panic;
+//! nothing that names the node's secrets is ever proxied, whatever the allow-list; and by default
+//! every other path below `meta-data` and `dynamic` is.
 //! Input: `<METHOD> <path>`.
 
 #![no_main]
@@ -7,10 +8,10 @@
 use std::sync::LazyLock;
 
 use http::Method;
-use interceptor::imds::route::{AllowList, Route, route};
+use interceptor::imds::route::{AllowList, Route, RouteError, route};
 use libfuzzer_sys::fuzz_target;
 
-static DEFAULT_FACTS: LazyLock<AllowList> = LazyLock::new(AllowList::default_facts);
+static DEFAULT_PATHS: LazyLock<AllowList> = LazyLock::new(AllowList::default_paths);
 static EVERYTHING: LazyLock<AllowList> =
     LazyLock::new(|| AllowList::new(&["**"]).expect("`**` is a valid glob"));
 
@@ -24,12 +25,18 @@ fuzz_target!(|data: &[u8]| {
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return;
     };
-    for allow in [&*DEFAULT_FACTS, &*EVERYTHING] {
-        check(route(&method, path, allow), path);
+    let by_default = route(&method, path, &DEFAULT_PATHS);
+    check(&by_default, path);
+    check(&route(&method, path, &EVERYTHING), path);
+    if by_default == Err(RouteError::Denied) {
+        assert!(
+            !below_meta_data_or_dynamic(path),
+            "{path:?} is below meta-data or dynamic and names no secret: the defaults proxy it"
+        );
     }
 });
 
-fn check(routed: Result<Route, impl std::fmt::Debug>, path: &str) {
+fn check(routed: &Result<Route, RouteError>, path: &str) {
     match routed {
         Ok(Route::Proxy { path: proxied }) => {
             assert_eq!(proxied, path, "a proxied path is passed on as it came");
@@ -38,17 +45,39 @@ fn check(routed: Result<Route, impl std::fmt::Debug>, path: &str) {
         Ok(Route::RoleCredentials { role_name, .. }) => {
             assert!(!role_name.is_empty() && !role_name.contains('/'), "{role_name:?}");
         }
+        Err(RouteError::NodeOnly) => {
+            assert!(names_node_secrets(path), "{path:?} refused as a secret, but names none");
+        }
         _ => {}
     }
 }
 
-/// The node's credentials, identity credentials and user-data, by segment (below the version):
+/// The node's credentials, identity credentials, user-data and signed identity documents, by segment
+/// below the version, in any case, and a segment that only extends such a name (`user-data-x`):
 /// written apart from the router's own prefix rule, so the two check each other.
 fn names_node_secrets(path: &str) -> bool {
-    let mut segments = path.split('/').skip(2);
-    match (segments.next(), segments.next()) {
-        (Some("user-data"), _) => true,
-        (Some("meta-data"), Some(below)) => below == "iam" || below == "identity-credentials",
-        _ => false,
+    let names = |segment: Option<&str>, name: &str| {
+        segment.is_some_and(|segment| {
+            let segment = segment.to_ascii_lowercase();
+            segment == name || segment.starts_with(&format!("{name}-"))
+        })
+    };
+    let segments: Vec<&str> = path.split('/').skip(2).collect();
+    let at = |index: usize| segments.get(index).copied();
+    let top = at(0).map(str::to_ascii_lowercase);
+    match top.as_deref() {
+        Some("meta-data") => names(at(1), "iam") || names(at(1), "identity-credentials"),
+        Some("dynamic") => {
+            at(1).is_some_and(|segment| segment.eq_ignore_ascii_case("instance-identity"))
+                && ["pkcs7", "signature", "rsa2048"]
+                    .iter()
+                    .any(|name| names(at(2), name))
+        }
+        _ => names(at(0), "user-data"),
     }
+}
+
+/// `/<version>/meta-data[/...]` or `/<version>/dynamic[/...]`, exactly so spelled.
+fn below_meta_data_or_dynamic(path: &str) -> bool {
+    matches!(path.split('/').nth(2), Some("meta-data" | "dynamic"))
 }

@@ -31,9 +31,10 @@ use crate::{
     imds::{
         self, ConnectionBounds, ImdsMetrics, ImdsState,
         limits::{ConnectionLimits, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_POD, LimitKeys},
+        node_credentials::{HostNetworkCredentials, NodeCredentials, ServiceAccountRef},
         rate::{DEFAULT_BURST, DEFAULT_REQUESTS_PER_SECOND, RequestQuota, RequestRates},
         recent::RecentRequests,
-        route::{AllowList, DEFAULT_ALLOWED},
+        route::{AllowList, DEFAULT_ALLOWED, REFUSED},
         token::TokenKey,
         upstream::{MetadataService, Upstream},
     },
@@ -192,9 +193,10 @@ pub struct AgentArgs {
     #[arg(long, env = "INTERCEPTOR_REQUIRE_IMDSV2", num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub require_imdsv2: bool,
-    /// Paths below the version (globs, e.g. `meta-data/placement/**`) passed to the node's metadata
-    /// service; replaces the default list of instance facts. The node's credentials, identity
-    /// credentials and user-data are refused whatever this says.
+    /// Paths below the version (globs, e.g. `latest-extra/**`) passed to the node's metadata service,
+    /// added to the default list (every path below meta-data and dynamic) or to
+    /// --metadata-proxy-allow-only's. The node's credentials, identity credentials, user-data and signed
+    /// identity documents are refused whatever this says.
     #[arg(
         long = "metadata-proxy-allow",
         env = "INTERCEPTOR_METADATA_PROXY_ALLOW",
@@ -202,6 +204,27 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     pub metadata_proxy_allow: Vec<String>,
+    /// Paths below the version (globs, e.g. `meta-data/placement/**`) passed to the node's metadata
+    /// service in place of the default list; empty: none. The node's secrets are refused whatever this
+    /// says.
+    #[arg(
+        long = "metadata-proxy-allow-only",
+        env = "INTERCEPTOR_METADATA_PROXY_ALLOW_ONLY",
+        value_name = "GLOB",
+        value_delimiter = ','
+    )]
+    pub metadata_proxy_allow_only: Option<Vec<String>>,
+    /// What a hostNetwork pod that names no role (nor its ServiceAccount) gets: the node's own
+    /// instance-profile credentials (kube2iam's behaviour: the VPC CNI needs them), the default role
+    /// like any other pod, or none (404).
+    #[arg(long, env = "INTERCEPTOR_HOST_NETWORK_CREDENTIALS", value_enum,
+          default_value_t = HostNetworkCredentials::Node)]
+    pub host_network_credentials: HostNetworkCredentials,
+    /// Pods running as one of these ServiceAccounts that name no role get the node's own
+    /// instance-profile credentials, hostNetwork or not (e.g. kube-system/aws-node).
+    #[arg(long, env = "INTERCEPTOR_NODE_CREDENTIALS_FOR", value_name = "NAMESPACE/SERVICEACCOUNT",
+          value_delimiter = ',', value_parser = ServiceAccountRef::parse)]
+    pub node_credentials_for: Vec<ServiceAccountRef>,
     /// Metadata requests a second one pod may make, sustained (outside pods, one cgroup). A request
     /// over it is held until the pod's budget has room, or answered 429 when that is more than 0.5 s
     /// away.
@@ -382,11 +405,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     );
     let limits = connection_limits(&args)?;
     let quota = request_quota(&args)?;
-    let allow = match args.metadata_proxy_allow.as_slice() {
-        [] => AllowList::new(DEFAULT_ALLOWED),
-        patterns => AllowList::new(patterns),
-    }
-    .context("bad --metadata-proxy-allow glob")?;
+    let allow = allow_list(&args)?;
+    let node_credentials = Arc::new(node_credentials(&args));
     let upstream = Arc::new(MetadataService::new(&args.metadata_addr).context("bad --metadata-addr")?);
     let policy = policy(&args, upstream.as_ref()).await?;
     let sources = workload_sources(&args, &policy, &telemetry).await?;
@@ -436,6 +456,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             telemetry: telemetry.clone(),
             sources: sources.clone(),
             policy: policy.clone(),
+            node_credentials: node_credentials.clone(),
             recent: recent.clone(),
         },
     );
@@ -446,6 +467,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         creds,
         upstream,
         allow,
+        node_credentials,
         tokens: TokenKey::random(),
         require_v2: args.require_imdsv2,
         metrics: metrics.clone(),
@@ -490,6 +512,38 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     telemetry.readiness.set_attached(false);
     tracing::info!(bpffs_dir = %args.bpffs_dir.display(), "shutting down; programs stay attached (interceptor uninstall removes them)");
     Ok(())
+}
+
+/// The paths proxied to the node's metadata service: --metadata-proxy-allow-only's, else the default
+/// list, and --metadata-proxy-allow's.
+fn allow_list(args: &AgentArgs) -> Result<AllowList> {
+    let base: Vec<&str> = match &args.metadata_proxy_allow_only {
+        Some(only) => only.iter().map(String::as_str).collect(),
+        None => DEFAULT_ALLOWED.to_vec(),
+    };
+    let patterns: Vec<&str> = base
+        .into_iter()
+        .chain(args.metadata_proxy_allow.iter().map(String::as_str))
+        .filter(|pattern| !pattern.is_empty())
+        .collect();
+    let allow = AllowList::new(&patterns)
+        .context("bad --metadata-proxy-allow or --metadata-proxy-allow-only glob")?;
+    tracing::info!(paths = ?patterns, refused = ?REFUSED, "metadata paths proxied to the node's metadata service");
+    Ok(allow)
+}
+
+/// The node-credentials setting: --host-network-credentials and --node-credentials-for.
+fn node_credentials(args: &AgentArgs) -> NodeCredentials {
+    let service_accounts: Vec<String> = args
+        .node_credentials_for
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let host_network = clap::ValueEnum::to_possible_value(&args.host_network_credentials)
+        .map(|value| value.get_name().to_owned());
+    tracing::info!(host_network_credentials = host_network.as_deref(), node_credentials_for = ?service_accounts,
+        "which pods that name no role get the node's own credentials");
+    NodeCredentials::new(args.host_network_credentials, args.node_credentials_for.clone())
 }
 
 /// --max-connections and --max-connections-per-pod, the second no more than the first.
@@ -904,6 +958,85 @@ mod tests {
                 assert!(err.contains(flag) && err.contains(bad), "{flag} {bad}: {err}");
             }
         }
+    }
+
+    /// Whether `args`' allow list proxies `path` (a GET).
+    fn proxies(args: &[&str], path: &str) -> bool {
+        let allow = allow_list(&parse(args).unwrap()).unwrap();
+        crate::imds::route::route(&axum::http::Method::GET, path, &allow).is_ok()
+    }
+
+    #[test]
+    fn metadata_proxy_allow_adds_to_the_defaults_and_allow_only_replaces_them() {
+        let spot = "/latest/meta-data/spot/instance-action";
+        let root = "/latest/";
+        let region = "/latest/meta-data/placement/region";
+        assert!(proxies(&[], spot) && !proxies(&[], root));
+        assert!(proxies(&["--metadata-proxy-allow", ""], spot));
+        assert!(proxies(&["--metadata-proxy-allow=nothing-here,"], spot));
+        assert!(!proxies(&["--metadata-proxy-allow=nothing-here"], root));
+        let only = ["--metadata-proxy-allow-only", "meta-data/placement/**"];
+        assert!(proxies(&only, region) && !proxies(&only, spot));
+        let only_and_more = [
+            "--metadata-proxy-allow-only=meta-data/placement/**",
+            "--metadata-proxy-allow=meta-data/spot/*",
+        ];
+        assert!(proxies(&only_and_more, region) && proxies(&only_and_more, spot));
+        assert!(
+            !proxies(&["--metadata-proxy-allow-only="], spot),
+            "empty: nothing"
+        );
+        for refused in ["/latest/user-data", "/latest/dynamic/instance-identity/pkcs7"] {
+            for args in [
+                &["--metadata-proxy-allow=**"][..],
+                &["--metadata-proxy-allow-only=**"],
+            ] {
+                assert!(!proxies(args, refused), "{args:?} {refused}");
+            }
+        }
+        let err = allow_list(&parse(&["--metadata-proxy-allow=a["]).unwrap()).unwrap_err();
+        assert!(format!("{err:#}").contains("--metadata-proxy-allow"), "{err:#}");
+    }
+
+    #[test]
+    fn node_credentials_flags_default_to_kube2iams_and_refuse_malformed_service_accounts() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.host_network_credentials, HostNetworkCredentials::Node);
+        assert!(args.node_credentials_for.is_empty());
+        let args = parse(&[
+            "--host-network-credentials=none",
+            "--node-credentials-for",
+            "kube-system/aws-node,kube-system/ebs-csi-node",
+        ])
+        .unwrap();
+        assert_eq!(args.host_network_credentials, HostNetworkCredentials::None);
+        assert_eq!(
+            args.node_credentials_for
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["kube-system/aws-node", "kube-system/ebs-csi-node"]
+        );
+        assert_eq!(
+            parse(&["--host-network-credentials", "default-role"])
+                .unwrap()
+                .host_network_credentials,
+            HostNetworkCredentials::DefaultRole
+        );
+        let err = parse(&["--node-credentials-for=kube-system/aws-node,aws-node"])
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--node-credentials-for")
+                && err.contains("\"aws-node\" is not NAMESPACE/SERVICEACCOUNT"),
+            "{err}"
+        );
+        let err = parse(&["--host-network-credentials=nobody"])
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("node, default-role, none"), "{err}");
     }
 
     #[test]

@@ -33,12 +33,16 @@ pub struct Workload {
     pub pod: Option<PodRef>,
 }
 
-/// A reference to a pod: what Events about it name.
+/// A pod: what Events about it name, and how it runs (what the node-credentials setting reads).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodRef {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+    /// `spec.hostNetwork`: it runs in the node's own network namespace.
+    pub host_network: bool,
+    /// `spec.serviceAccountName` (`default` when unset).
+    pub service_account: String,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -76,6 +76,15 @@ impl Agent {
         Ok(command)
     }
 
+    /// `interceptor status` on `node`, run as an operator runs it there: as root, outside the pods,
+    /// with nothing of the host's environment; the caller adds its flags.
+    pub fn status_command(node: &SimNode) -> Result<Command> {
+        let cgroup = node.cgroup("system.slice/status.service")?;
+        let mut command = node.command(&cgroup, Agent::binary()?)?;
+        command.env_clear().env("PATH", "/usr/bin:/bin").arg("status");
+        Ok(command)
+    }
+
     /// The agent's own credentials and region, as they would come from a node's instance profile;
     /// nothing from the host's AWS configuration leaks in.
     fn environment(command: &mut Command) {

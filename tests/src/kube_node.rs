@@ -133,6 +133,23 @@ pub fn pod_object(pod: &sim::Pod, namespace: &str, name: &str, annotations: &[(&
     object
 }
 
+/// The Pod object of a simulated hostNetwork pod (`spec.hostNetwork: true`): `namespace/name` on this
+/// node, running as `service_account`, with `annotations`, Running.
+pub fn host_network_pod_object(
+    pod: &sim::HostNetworkPod,
+    namespace: &str,
+    name: &str,
+    service_account: &str,
+    annotations: &[(&str, &str)],
+) -> Pod {
+    let mut object = object_only_pod(namespace, name, annotations);
+    object.metadata.uid = Some(pod.uid.clone());
+    let spec = object.spec.as_mut().expect("object_only_pod has a spec");
+    spec.host_network = Some(true);
+    spec.service_account_name = Some(service_account.to_owned());
+    object
+}
+
 /// A Pod object with no pod on the node behind it (no cgroup, no network), as [`pod_object`] makes
 /// one but without a UID: the API server gives it one.
 pub fn object_only_pod(namespace: &str, name: &str, annotations: &[(&str, &str)]) -> Pod {

@@ -25,8 +25,9 @@ pub struct AgentCall {
 }
 
 /// Listeners a connection must reach only when it is not redirected. The one on 169.254.169.254:80 plays
-/// the node's metadata service: it records every path asked of it and holds node secrets that no pod
-/// may ever see.
+/// the node's metadata service: it records every path asked of it, answers the paths node daemons read
+/// ([`StandIn::NODE_FACTS`]) as EC2 does, and holds node secrets that no pod may ever see, save the
+/// node's credentials to the pods the node-credentials setting grants them.
 pub struct StandIn {
     pub metadata: Responder,
     metadata_paths: Arc<Mutex<Vec<String>>>,
@@ -44,6 +45,67 @@ impl StandIn {
     pub const OTHER_PORT: u16 = 8080;
     pub const NODE_ROLE: &str = "node-role";
     pub const NODE_IAM_INFO: &str = r#"{"Code":"Success","InstanceProfileArn":"arn:aws:iam::210987654321:instance-profile/nodes","InstanceProfileId":"AIPANODE"}"#;
+    /// The access key of the node's instance-profile credentials.
+    pub const NODE_ACCESS_KEY: &str = "ASIANODEINSTANCEROLE";
+    /// The node's primary network interface.
+    pub const NODE_MAC: &str = "0e:49:61:0f:c3:11";
+    /// Paths below the version that node daemons read, and the stand-in's answers, as EC2 gives them.
+    pub const NODE_FACTS: &[(&str, &str)] = &[
+        ("meta-data/instance-id", Self::INSTANCE_ID),
+        ("meta-data/instance-type", "m5.large"),
+        ("meta-data/local-ipv4", "10.99.0.1"),
+        ("meta-data/mac", Self::NODE_MAC),
+        ("meta-data/placement/availability-zone", "us-east-1a"),
+        ("meta-data/placement/region", "us-east-1"),
+        ("meta-data/tags/instance/", "Name\neks:nodegroup-name"),
+        ("meta-data/tags/instance/Name", "node-a"),
+        (
+            "meta-data/spot/instance-action",
+            r#"{"action": "terminate", "time": "2026-11-27T08:22:00Z"}"#,
+        ),
+        (
+            "meta-data/events/maintenance/scheduled",
+            r#"[ {"NotBefore" : "21 Jan 2027 09:00:43 GMT", "Code" : "system-reboot", "Description" : "scheduled reboot", "EventId" : "instance-event-0d59937288b749b32", "NotAfter" : "21 Jan 2027 09:17:23 GMT", "State" : "active"} ]"#,
+        ),
+        ("meta-data/autoscaling/target-lifecycle-state", "InService"),
+        ("meta-data/network/interfaces/macs/", "0e:49:61:0f:c3:11/"),
+        (
+            "meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/",
+            "device-number\ninterface-id\nlocal-ipv4s\nmac\nsecurity-group-ids\nsubnet-id\nsubnet-ipv4-cidr-block\nvpc-id",
+        ),
+        (
+            "meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/device-number",
+            "0",
+        ),
+        (
+            "meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/interface-id",
+            "eni-0f95d3625f5c521cc",
+        ),
+        (
+            "meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/local-ipv4s",
+            "10.99.0.1\n10.99.0.17\n10.99.0.18",
+        ),
+        (
+            "meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/security-group-ids",
+            "sg-0b5e8e7a1c2d3e4f5",
+        ),
+        (
+            "meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/subnet-id",
+            "subnet-0a1b2c3d4e5f60718",
+        ),
+        (
+            "meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/subnet-ipv4-cidr-block",
+            "10.99.0.0/16",
+        ),
+        (
+            "meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/vpc-id",
+            "vpc-0c0ffee0c0ffee000",
+        ),
+        (
+            "dynamic/instance-identity/document",
+            r#"{"accountId" : "210987654321", "architecture" : "x86_64", "availabilityZone" : "us-east-1a", "imageId" : "ami-0abcdef1234567890", "instanceId" : "i-0standin0000000001", "instanceType" : "m5.large", "privateIp" : "10.99.0.1", "region" : "us-east-1", "version" : "2017-09-30"}"#,
+        ),
+    ];
 
     pub fn start(node: &SimNode) -> Result<Self> {
         let respond = |body: &'static str| move |_: &Exchange| body.to_owned();
@@ -52,7 +114,7 @@ impl StandIn {
         Ok(Self {
             metadata: Responder::spawn(node.bind_tcp((METADATA_IP, 80).into())?, move |exchange| {
                 paths.lock().unwrap().push(exchange.path.clone());
-                Self::metadata_body(&exchange.path).to_owned()
+                Self::metadata_body(&exchange.path)
             }),
             metadata_paths,
             metadata6: Responder::spawn(
@@ -68,16 +130,40 @@ impl StandIn {
         })
     }
 
-    fn metadata_body(path: &str) -> &'static str {
-        match path {
-            "/latest/meta-data/instance-id" => Self::INSTANCE_ID,
-            "/latest/user-data" => "NODE-SECRET user-data: bootstrap token",
-            // What the agent's discovery reads: the node's instance profile and role.
-            "/latest/meta-data/iam/info" => Self::NODE_IAM_INFO,
-            "/latest/meta-data/iam/security-credentials/" => Self::NODE_ROLE,
-            p if p.contains("security-credentials") => "NODE-SECRET node credentials",
-            _ => Self::METADATA_BODY,
+    /// The answer to `path`, at any version (`/latest/...` or dated).
+    fn metadata_body(path: &str) -> String {
+        let below_version = path.splitn(3, '/').nth(2).unwrap_or_default();
+        if let Some((_, fact)) = Self::NODE_FACTS.iter().find(|(fact, _)| *fact == below_version) {
+            return (*fact).to_owned();
         }
+        match below_version {
+            "user-data" => "NODE-SECRET user-data: bootstrap token".to_owned(),
+            // What the agent's discovery reads: the node's instance profile and role.
+            "meta-data/iam/info" => Self::NODE_IAM_INFO.to_owned(),
+            "meta-data/iam/security-credentials/" => Self::NODE_ROLE.to_owned(),
+            "meta-data/iam/security-credentials/node-role" => Self::node_credentials(),
+            p if p.contains("security-credentials") => "NODE-SECRET node credentials".to_owned(),
+            "dynamic/instance-identity/pkcs7"
+            | "dynamic/instance-identity/signature"
+            | "dynamic/instance-identity/rsa2048" => "NODE-SECRET signed identity document".to_owned(),
+            _ => Self::METADATA_BODY.to_owned(),
+        }
+    }
+
+    /// The node's instance-profile credentials document, fresh for six hours, as EC2 serves it.
+    fn node_credentials() -> String {
+        let now = std::time::SystemTime::now();
+        let expiration = now + Duration::from_secs(6 * 3600);
+        serde_json::json!({
+            "Code": "Success",
+            "LastUpdated": humantime::format_rfc3339_seconds(now).to_string(),
+            "Type": "AWS-HMAC",
+            "AccessKeyId": Self::NODE_ACCESS_KEY,
+            "SecretAccessKey": "NODE-SECRET-access-key-of-the-instance-profile",
+            "Token": "NODE-SECRET-session-token-of-the-instance-profile",
+            "Expiration": humantime::format_rfc3339_seconds(expiration).to_string(),
+        })
+        .to_string()
     }
 
     /// Every path the stand-in metadata service was asked for, in order.

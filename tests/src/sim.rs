@@ -3,8 +3,9 @@
 //! The node is a network namespace whose `lo` holds 169.254.169.254/32 and fd00:ec2::254/128 (where a
 //! test puts its stand-in metadata service) and the node's own addresses (where the agent listens).
 //! Each pod network is a namespace joined to the node by a veth pair, with a default route via the node;
-//! the node's end is named as Calico names it (`cali<n>`), which kube2iam's DNAT rule matches.
-//! Cgroups follow the kubelet's systemd layout under a unique tree:
+//! the node's end is named as Calico names it (`cali<n>`), which kube2iam's DNAT rule matches. A
+//! hostNetwork pod has no network of its own: its processes run in the node's namespace. Cgroups
+//! follow the kubelet's systemd layout under a unique tree:
 //! `<tree>/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/cri-containerd-<id>.scope`.
 
 use std::{
@@ -168,17 +169,32 @@ impl SimNode {
         self.pod_in(&Arc::new(network), hash)
     }
 
+    /// A hostNetwork pod (`spec.hostNetwork: true`): its cgroups as the kubelet names them, its
+    /// processes in the node's own network namespace ([`SimNode::command`]).
+    pub fn host_network_pod(&mut self) -> Result<HostNetworkPod> {
+        let uid = random_pod_uid();
+        Ok(HostNetworkPod {
+            slice: self.pod_slice(&uid)?,
+            uid,
+        })
+    }
+
     fn pod_in(&mut self, network: &Arc<PodNetwork>, uid: String) -> Result<Pod> {
+        Ok(Pod {
+            network: network.clone(),
+            slice: self.pod_slice(&uid)?,
+            uid,
+        })
+    }
+
+    /// Creates the pod-level cgroup of the pod `uid`.
+    fn pod_slice(&self, uid: &str) -> Result<PathBuf> {
         let slice = self.kubepods.join(format!(
             "kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
             uid.replace('-', "_")
         ));
         std::fs::create_dir(&slice).with_context(|| format!("cannot create {}", slice.display()))?;
-        Ok(Pod {
-            network: network.clone(),
-            uid,
-            slice,
-        })
+        Ok(slice)
     }
 
     /// A command in the node's network namespace and the given cgroup.
@@ -278,16 +294,7 @@ impl Pod {
 
     /// Creates a container cgroup as containerd names it under the systemd driver.
     pub fn container(&self) -> Result<PathBuf> {
-        let id = format!(
-            "{:016x}{:016x}{:016x}{:016x}",
-            random_u64(),
-            random_u64(),
-            random_u64(),
-            random_u64()
-        );
-        let dir = self.slice.join(format!("cri-containerd-{id}.scope"));
-        std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(dir)
+        container_in(&self.slice)
     }
 
     /// Removes the pod's cgroups, as the kubelet does once the pod is gone (a process still in one is
@@ -301,6 +308,34 @@ impl Pod {
     pub fn command(&self, cgroup_dir: &Path, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
         self.network.netns.command(cgroup_dir, program)
     }
+}
+
+/// A hostNetwork pod: its cgroups, on the node's network ([`SimNode::host_network_pod`]).
+pub struct HostNetworkPod {
+    pub uid: String,
+    slice: PathBuf,
+}
+
+impl HostNetworkPod {
+    /// Creates a container cgroup as containerd names it under the systemd driver; run the
+    /// container's processes with [`SimNode::command`].
+    pub fn container(&self) -> Result<PathBuf> {
+        container_in(&self.slice)
+    }
+}
+
+/// Creates a container cgroup in the pod-level cgroup `slice`, as containerd names it.
+fn container_in(slice: &Path) -> Result<PathBuf> {
+    let id = format!(
+        "{:016x}{:016x}{:016x}{:016x}",
+        random_u64(),
+        random_u64(),
+        random_u64(),
+        random_u64()
+    );
+    let dir = slice.join(format!("cri-containerd-{id}.scope"));
+    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
 }
 
 fn random_u64() -> u64 {

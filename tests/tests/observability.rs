@@ -165,7 +165,7 @@ async fn metrics_and_request_logs_follow_a_scripted_set_of_requests() -> anyhow:
         ),
         (key("metadata_refusals_total", &[("reason", "other_role")]), 1.0),
         (key("metadata_refusals_total", &[("reason", "bad_token")]), 1.0),
-        (key("metadata_refusals_total", &[("reason", "proxy_denied")]), 1.0),
+        (key("metadata_refusals_total", &[("reason", "node_secret")]), 1.0),
         (
             key("metadata_refusals_total", &[("reason", "unknown_workload")]),
             1.0,

@@ -69,13 +69,8 @@ fn socket_dir() -> Result<tempfile::TempDir> {
 
 /// `interceptor status` with `args`, run on the node as root: its standard output (it must succeed).
 async fn status(node: &SimNode, args: &[&OsStr]) -> Result<String> {
-    let cgroup = node.cgroup("system.slice/status.service")?;
-    let mut command = node.command(&cgroup, Agent::binary()?)?;
-    command
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .arg("status")
-        .args(args);
+    let mut command = Agent::status_command(node)?;
+    command.args(args);
     run(command).await
 }
 

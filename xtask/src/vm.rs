@@ -162,7 +162,7 @@ fn version_key(package: &str) -> Vec<u64> {
 /// attribution, cgroup ids and paths, the agent on top of them), each with the tests of it left out
 /// there. The tests with moto and the AWS clients exercise user space only and would take minutes to
 /// start Python under emulation: they run on the host.
-const KERNEL_TESTS: [(&str, &[&str]); 7] = [
+const KERNEL_TESTS: [(&str, &[&str]); 8] = [
     ("redirect", &[]),
     ("attribution", &[]),
     ("lifecycle", &[]),
@@ -186,6 +186,15 @@ const KERNEL_TESTS: [(&str, &[&str]); 7] = [
             "an_annotated_pod_gets_its_role_and_a_pod_sharing_its_network_never_does",
             "with_an_auto_discovered_base_arn_the_unannotated_pod_gets_the_default_role_only",
             "a_burst_of_first_requests_from_many_pods_of_one_role_makes_one_call_per_session",
+        ],
+    ),
+    // hostNetwork pods through the redirect in the node's own namespace; the tests with boto3, the
+    // AWS CLI and the metrics parser need Python.
+    (
+        "node_daemons",
+        &[
+            "node_daemons_keep_their_paths_and_credentials_through_install_and_restarts_and_no_pod_gets_a_secret",
+            "the_pods_given_the_nodes_credentials_are_counted_logged_once_and_listed_by_status",
         ],
     ),
 ];

@@ -1,6 +1,7 @@
 //! agent::status: what the agent answers `interceptor status` on its status socket: its settings,
-//! readiness, workload sources, the workloads they know with the role the policy gives each, and the
-//! requests the metadata API answered last.
+//! readiness, workload sources, the workloads they know with the role the policy gives each (or the
+//! node's credentials), the requests the metadata API answered last, and the pods given the node's
+//! credentials.
 
 use std::{
     net::SocketAddrV4,
@@ -11,10 +12,17 @@ use std::{
 
 use super::Sources;
 use crate::{
-    imds::recent::RecentRequests,
+    imds::{
+        ImdsError,
+        node_credentials::{Entitlement, NodeCredentials},
+        recent::RecentRequests,
+    },
     policy::Policy,
     status::{
-        report::{AgentStatus, AttributionStatus, PodStatus, SourceStatus, WorkloadStatus, rfc3339},
+        report::{
+            AgentStatus, AttributionStatus, NodeCredentialsStatus, PodStatus, SourceStatus, WorkloadStatus,
+            rfc3339,
+        },
         socket::{self, StatusSocket},
     },
     telemetry::Telemetry,
@@ -30,6 +38,7 @@ pub(super) struct AgentView {
     pub telemetry: Arc<Telemetry>,
     pub sources: Sources,
     pub policy: Policy,
+    pub node_credentials: Arc<NodeCredentials>,
     pub recent: Arc<RecentRequests>,
 }
 
@@ -80,6 +89,12 @@ impl AgentView {
                 .iter()
                 .map(AttributionStatus::from)
                 .collect(),
+            node_credentials: self
+                .node_credentials
+                .pods_served()
+                .iter()
+                .map(NodeCredentialsStatus::from)
+                .collect(),
         }
     }
 
@@ -115,19 +130,23 @@ impl AgentView {
         (sources, workloads)
     }
 
-    /// The role `workload` gets from the policy now, or why it gets none.
+    /// The role `workload` gets from the policy now, or the node's credentials, or why it gets none.
     fn workload_status(
         &self,
         source: &str,
         workload: Result<&Arc<Workload>, &WorkloadError>,
     ) -> WorkloadStatus {
-        let role = workload
-            .map_err(|err| crate::error_chain(err))
-            .and_then(|workload| {
-                self.policy
-                    .session(&workload.request, &workload.session_name)
-                    .map_err(|err| crate::error_chain(&err))
-            });
+        let (role_arn, no_role, node_credentials) = match workload {
+            Err(err) => (None, Some(crate::error_chain(err)), None),
+            Ok(workload) => match self.node_credentials.entitlement(workload) {
+                Entitlement::Node(grant) => (None, None, Some(grant.label().to_owned())),
+                Entitlement::Nothing => (None, Some(ImdsError::HostNetworkWithoutRole.to_string()), None),
+                Entitlement::Policy => match self.policy.session(&workload.request, &workload.session_name) {
+                    Ok(session) => (Some(session.role.to_string()), None, None),
+                    Err(err) => (None, Some(crate::error_chain(&err)), None),
+                },
+            },
+        };
         WorkloadStatus {
             source: source.to_owned(),
             name: workload.map(|workload| workload.name.clone()).unwrap_or_default(),
@@ -136,8 +155,9 @@ impl AgentView {
                 .ok()
                 .and_then(|workload| workload.pod.as_ref())
                 .map(PodStatus::from),
-            role_arn: role.as_ref().ok().map(|session| session.role.to_string()),
-            no_role: role.err(),
+            role_arn,
+            no_role,
+            node_credentials,
         }
     }
 }

@@ -34,6 +34,10 @@ pub enum ImdsError {
     UnknownWorkload(#[from] WorkloadError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error(
+        "the hostNetwork pod names no role, and --host-network-credentials none gives such pods no credentials"
+    )]
+    HostNetworkWithoutRole,
     #[error("role {asked:?} is not this workload's role")]
     OtherRole { asked: String },
     #[error(transparent)]
@@ -58,7 +62,7 @@ impl ImdsError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Route(RouteError::BadPath) | Self::BadTtl(_) => StatusCode::BAD_REQUEST,
-            Self::Route(RouteError::VersionedToken | RouteError::Denied)
+            Self::Route(RouteError::VersionedToken | RouteError::Denied | RouteError::NodeOnly)
             | Self::Unattributed
             | Self::ForwardedFor => StatusCode::FORBIDDEN,
             Self::Route(RouteError::MethodNotAllowed) => StatusCode::METHOD_NOT_ALLOWED,
@@ -67,7 +71,7 @@ impl ImdsError {
             Self::Route(RouteError::NotFound) | Self::UnknownWorkload(_) | Self::OtherRole { .. } => {
                 StatusCode::NOT_FOUND
             }
-            Self::Policy(PolicyError::NoRole) => StatusCode::NOT_FOUND,
+            Self::Policy(PolicyError::NoRole) | Self::HostNetworkWithoutRole => StatusCode::NOT_FOUND,
             Self::Policy(_) => StatusCode::FORBIDDEN,
             Self::TokenRequired | Self::BadToken(_) => StatusCode::UNAUTHORIZED,
             Self::Identity(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -98,6 +102,7 @@ impl ImdsError {
             Self::Route(RouteError::MethodNotAllowed) => "method_not_allowed",
             Self::Route(RouteError::NotFound) => "not_found",
             Self::Route(RouteError::Denied) => "proxy_denied",
+            Self::Route(RouteError::NodeOnly) => "node_secret",
             Self::Unattributed => "unattributed",
             Self::ForwardedFor => "forwarded_for",
             Self::BadTtl(_) => "bad_ttl",
@@ -108,7 +113,7 @@ impl ImdsError {
             Self::UnknownWorkload(WorkloadError::PodDeleted { .. }) => "pod_deleted",
             Self::UnknownWorkload(WorkloadError::PodFinished { .. }) => "pod_finished",
             Self::UnknownWorkload(WorkloadError::MirrorContested { .. }) => "mirror_contested",
-            Self::Policy(PolicyError::NoRole) => "no_role",
+            Self::Policy(PolicyError::NoRole) | Self::HostNetworkWithoutRole => "no_role",
             Self::Policy(PolicyError::BadRequest { .. }) => "invalid_role",
             Self::Policy(PolicyError::NotAllowed { .. }) => "namespace_restricted",
             Self::Policy(PolicyError::BadRestriction { .. }) => "bad_namespace_restriction",
@@ -141,7 +146,9 @@ impl IntoResponse for ImdsError {
                 "this pod is not known yet; ask again".to_owned()
             }
             Self::UnknownWorkload(_) => "no role is known for this workload".to_owned(),
-            Self::Policy(PolicyError::NoRole) => "this workload has no role".to_owned(),
+            Self::Policy(PolicyError::NoRole) | Self::HostNetworkWithoutRole => {
+                "this workload has no role".to_owned()
+            }
             other => other.to_string(),
         };
         let retry_after = match &self {

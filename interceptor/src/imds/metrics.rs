@@ -1,7 +1,7 @@
 //! imds::metrics: what the metadata API did: requests by route and status, their latency, refusals by
 //! reason, credentials served by role, connections by whether the kernel attributed them,
-//! connections closed at accept by the limit they were over, and requests over their caller's rate
-//! by whether they were held or refused. Label values are fixed strings, status codes and role ARNs
+//! connections closed at accept by the limit they were over, requests over their caller's rate
+//! by whether they were held or refused, and answers that carried the node's own credentials by grant. Label values are fixed strings, status codes and role ARNs
 //! (bounded by the workload source's policy).
 
 use prometheus_client::{
@@ -41,6 +41,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrantLabels {
+    grant: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectionLabels {
     attributed: &'static str,
 }
@@ -59,6 +64,7 @@ pub struct ImdsMetrics {
     connections: Family<ConnectionLabels, Counter>,
     connections_refused: Family<ReasonLabels, Counter>,
     over_rate: Family<OutcomeLabels, Counter>,
+    node_credentials_served: Family<GrantLabels, Counter>,
 }
 
 impl Default for ImdsMetrics {
@@ -71,6 +77,7 @@ impl Default for ImdsMetrics {
             connections: Family::default(),
             connections_refused: Family::default(),
             over_rate: Family::default(),
+            node_credentials_served: Family::default(),
         }
     }
 }
@@ -113,6 +120,11 @@ impl ImdsMetrics {
             "Requests over their caller's rate limit, by outcome: held for a later slot, or refused (429)",
             self.over_rate.clone(),
         );
+        registry.register(
+            "node_credentials_served",
+            "Credential documents of the node's own instance profile served to pods the node-credentials setting grants them, by grant",
+            self.node_credentials_served.clone(),
+        );
     }
 
     pub(super) fn request(
@@ -138,6 +150,12 @@ impl ImdsMetrics {
             .get_or_create(&RoleLabels {
                 role: role.to_owned(),
             })
+            .inc();
+    }
+
+    pub(super) fn node_credentials_served(&self, grant: super::node_credentials::Grant) {
+        self.node_credentials_served
+            .get_or_create(&GrantLabels { grant: grant.label() })
             .inc();
     }
 

@@ -1,7 +1,8 @@
 //! imds: the instance metadata API the redirected callers see. Answers tokens, the caller's role and
-//! credentials, and `iam/info` itself; passes allow-listed instance facts to the node's metadata
-//! service; refuses everything else with the status the real service would give. Each pod's
-//! connections and request rate are bounded ([`limits`], [`rate`]).
+//! credentials, and `iam/info` itself; passes the paths that hold no secret to the node's metadata
+//! service ([`route`]), and the node's own credentials to the pods granted them ([`node_credentials`]);
+//! refuses everything else with the status the real service would give. Each pod's connections and
+//! request rate are bounded ([`limits`], [`rate`]).
 //!
 //! [`router`] is the whole HTTP API and needs no socket; [`serve`] accepts connections and tags each
 //! with what the kernel recorded about its caller.
@@ -9,6 +10,7 @@
 mod error;
 pub mod limits;
 pub mod metrics;
+pub mod node_credentials;
 pub mod rate;
 pub mod recent;
 pub mod route;
@@ -37,6 +39,7 @@ use time::{OffsetDateTime, format_description::BorrowedFormatItem, macros::forma
 use tower::ServiceExt;
 
 use self::{
+    node_credentials::{Entitlement, Grant, NodeCredentials},
     rate::RequestRates,
     recent::{AnsweredRequest, RecentRequests},
     route::{AllowList, Route},
@@ -59,6 +62,8 @@ pub struct ImdsState {
     pub creds: Arc<CredentialCache>,
     pub upstream: Arc<dyn Upstream>,
     pub allow: AllowList,
+    /// Which pods get the node's own credentials, and which got them.
+    pub node_credentials: Arc<NodeCredentials>,
     pub tokens: TokenKey,
     /// Refuse requests without a token (IMDSv2 only).
     pub require_v2: bool,
@@ -81,6 +86,8 @@ struct RequestRecord {
     route: Option<&'static str>,
     workload: Option<Arc<Workload>>,
     role: Option<String>,
+    /// Set when the caller is answered with the node's own credentials.
+    node_credentials: Option<Grant>,
 }
 
 /// Bound on answering one request, STS call included (the SDKs give up after 1 to 5 seconds).
@@ -162,6 +169,7 @@ async fn handle(
                 cgroup_id = caller.attribution.map(|found| found.cgroup_id.0),
                 workload = record.workload.as_ref().map(|workload| workload.name.as_str()),
                 role = record.role.as_deref(),
+                node_credentials = record.node_credentials.map(Grant::label),
                 %method,
                 path,
                 route,
@@ -184,6 +192,7 @@ async fn handle(
         caller: caller.attribution,
         workload: record.workload,
         role: record.role,
+        node_credentials: record.node_credentials,
         route,
         status,
         refusal,
@@ -206,21 +215,30 @@ async fn answer(
         return mint_token(state, &attribution, headers);
     }
     check_token(state, &attribution, headers)?;
-    let mut session = async || -> Result<SessionKey, ImdsError> {
-        let workload = workload_of(state, &attribution, &caller.cgroup_path).await?;
-        record.workload = Some(workload.clone());
-        let session = state.policy.session(&workload.request, &workload.session_name)?;
-        record.role = Some(session.role.to_string());
-        Ok(session)
-    };
+    if let Route::Proxy { path } = &route {
+        return proxy(state, path).await;
+    }
+    // The `meta-data/iam` paths: answered for the caller's workload.
+    let workload = workload_of(state, &attribution, &caller.cgroup_path).await?;
+    record.workload = Some(workload.clone());
+    match state.node_credentials.entitlement(&workload) {
+        Entitlement::Node(grant) => {
+            record.node_credentials = Some(grant);
+            return node_iam(state, &workload, grant, &route, path).await;
+        }
+        Entitlement::Nothing => return Err(ImdsError::HostNetworkWithoutRole),
+        Entitlement::Policy => {}
+    }
+    if route == Route::IamIndex {
+        return Ok(text("info\nsecurity-credentials/"));
+    }
+    let session = state.policy.session(&workload.request, &workload.session_name)?;
+    record.role = Some(session.role.to_string());
     match route {
-        Route::Token => unreachable!("answered above"),
-        Route::Proxy { path } => proxy(state, &path).await,
-        Route::IamIndex => Ok(text("info\nsecurity-credentials/")),
-        Route::IamInfo => Ok(json(&IamInfo::of(&session().await?))),
-        Route::RoleList { .. } => Ok(text(session().await?.role.name())),
+        Route::Token | Route::Proxy { .. } | Route::IamIndex => unreachable!("answered above"),
+        Route::IamInfo => Ok(json(&IamInfo::of(&session))),
+        Route::RoleList { .. } => Ok(text(session.role.name())),
         Route::RoleCredentials { extended, role_name } => {
-            let session = session().await?;
             if role_name != session.role.name() {
                 return Err(ImdsError::OtherRole { asked: role_name });
             }
@@ -287,6 +305,27 @@ async fn proxy(state: &ImdsState, path: &str) -> Result<Response, ImdsError> {
         .content_type
         .unwrap_or(HeaderValue::from_static("text/plain"));
     response.headers_mut().insert(header::CONTENT_TYPE, content_type);
+    Ok(response)
+}
+
+/// A `meta-data/iam` path of a pod granted the node's credentials: the node's metadata service answers
+/// it (the index, `info`, the role list, the role's document, `-extended` as the node has it), read
+/// with the agent's own token. An answer that carries the credentials is counted and recorded.
+async fn node_iam(
+    state: &ImdsState,
+    workload: &Workload,
+    grant: Grant,
+    route: &Route,
+    path: &str,
+) -> Result<Response, ImdsError> {
+    let response = proxy(state, path).await?;
+    if matches!(route, Route::RoleCredentials { .. })
+        && response.status() == StatusCode::OK
+        && let Some(pod) = &workload.pod
+    {
+        state.metrics.node_credentials_served(grant);
+        state.node_credentials.served(pod, grant);
+    }
     Ok(response)
 }
 

@@ -10,6 +10,7 @@ use std::{
     time::SystemTime,
 };
 
+use super::node_credentials::Grant;
 use crate::{bpf::Attribution, workload::Workload};
 
 /// How many requests the agent remembers for `interceptor status`.
@@ -24,6 +25,8 @@ pub struct AnsweredRequest {
     pub workload: Option<Arc<Workload>>,
     /// The role ARN the workload was given, when the request got that far.
     pub role: Option<String>,
+    /// Set when the caller was answered with the node's own credentials.
+    pub node_credentials: Option<Grant>,
     pub route: &'static str,
     pub status: u16,
     /// Why it was refused (the `reason` label of the metrics), and the error's message.
@@ -83,6 +86,7 @@ mod tests {
             caller: None,
             workload: None,
             role: None,
+            node_credentials: None,
             route: "credentials",
             status,
             refusal: None,

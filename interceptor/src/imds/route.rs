@@ -1,5 +1,6 @@
-//! imds::route: what a request asks for, from its method and path alone, and which instance facts may be
-//! proxied to the node's metadata service. Pure functions, so every path rule is unit-tested.
+//! imds::route: what a request asks for, from its method and path alone, and which paths may be proxied
+//! to the node's metadata service: by default every path below `meta-data` and `dynamic`, never the
+//! node's secrets ([`REFUSED`]). Pure functions, so every path rule is unit-tested.
 
 use axum::http::Method;
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
@@ -17,7 +18,7 @@ pub enum Route {
     RoleList { extended: bool },
     /// `meta-data/iam/security-credentials[-extended]/<role>`.
     RoleCredentials { extended: bool, role_name: String },
-    /// An allow-listed path, passed to the node's metadata service as it is.
+    /// An allowed path, passed to the node's metadata service as it is.
     Proxy { path: String },
 }
 
@@ -53,31 +54,27 @@ pub enum RouteError {
     NotFound,
     #[error("path not allowed")]
     Denied,
+    #[error("path not allowed: the node's secrets are never served (whatever --metadata-proxy-allow says)")]
+    NodeOnly,
 }
 
-/// Node-only paths that are never proxied, whatever the allow-list says: the node's credentials
-/// (answered by the agent for the caller instead), its identity credentials, and user-data.
-const ALWAYS_DENIED: &[&str] = &["meta-data/iam", "meta-data/identity-credentials", "user-data"];
-
-/// Instance facts proxied by default: none of them is a secret or a credential.
-pub const DEFAULT_ALLOWED: &[&str] = &[
-    "meta-data",
-    "meta-data/",
-    "meta-data/ami-id",
-    "meta-data/availability-zone",
-    "meta-data/hostname",
-    "meta-data/instance-id",
-    "meta-data/instance-life-cycle",
-    "meta-data/instance-type",
-    "meta-data/local-hostname",
-    "meta-data/local-ipv4",
-    "meta-data/mac",
-    "meta-data/placement",
-    "meta-data/placement/**",
-    "meta-data/services",
-    "meta-data/services/**",
-    "dynamic/instance-identity/document",
+/// The node's secrets, refused to every caller whatever the allow-list says (each path, and
+/// everything below it): the node's credentials (answered by the agent for the caller instead), its
+/// identity credentials, user-data (often bootstrap secrets), and the signed identity documents,
+/// with which a caller could attest as the node.
+pub const REFUSED: &[&str] = &[
+    "meta-data/iam",
+    "meta-data/identity-credentials",
+    "user-data",
+    "dynamic/instance-identity/pkcs7",
+    "dynamic/instance-identity/signature",
+    "dynamic/instance-identity/rsa2048",
 ];
+
+/// Proxied by default: every path below `meta-data` and `dynamic` (and their listings) but the
+/// [`REFUSED`] ones. That is what node daemons running as pods read: the VPC CNI its network
+/// interfaces, the termination handler its spot and maintenance notices, CSI drivers placement and tags.
+pub const DEFAULT_ALLOWED: &[&str] = &["meta-data", "meta-data/**", "dynamic", "dynamic/**"];
 
 /// Paths (below the version, e.g. `meta-data/instance-id`) that may be proxied.
 #[derive(Clone, Debug)]
@@ -98,23 +95,37 @@ impl AllowList {
         Ok(Self { globs: set.build()? })
     }
 
-    pub fn default_facts() -> Self {
+    pub fn default_paths() -> Self {
         Self::new(DEFAULT_ALLOWED).expect("default allow-list globs are valid")
     }
 
-    fn allows(&self, below_version: &str) -> bool {
-        let denied = ALWAYS_DENIED.iter().any(|prefix| {
-            below_version == *prefix
-                || below_version
-                    .strip_prefix(prefix)
-                    .is_some_and(|rest| rest.starts_with('/') || rest.starts_with('-'))
-        });
-        !denied && self.globs.is_match(below_version)
+    fn allows(&self, below_version: &str) -> Result<(), RouteError> {
+        if is_refused(below_version) {
+            Err(RouteError::NodeOnly)
+        } else if self.globs.is_match(below_version) {
+            Ok(())
+        } else {
+            Err(RouteError::Denied)
+        }
     }
 }
 
+/// Whether a path below the version is one of [`REFUSED`] or below one. Also a name that only extends
+/// one (`user-data-x`), and in any case: nothing here depends on how the node's service treats either.
+fn is_refused(below_version: &str) -> bool {
+    REFUSED.iter().any(|prefix| {
+        below_version
+            .get(..prefix.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+            && below_version[prefix.len()..]
+                .chars()
+                .next()
+                .is_none_or(|next| next == '/' || next == '-')
+    })
+}
+
 /// Routes a request. Checks, in order: the path's shape (400), the token endpoint's rules, the method
-/// (405), the paths the agent answers itself, then the allow-list (403).
+/// (405), the paths the agent answers itself, then the node's secrets and the allow-list (403).
 pub fn route(method: &Method, path: &str, allow: &AllowList) -> Result<Route, RouteError> {
     if !well_formed(path) {
         return Err(RouteError::BadPath);
@@ -136,13 +147,10 @@ pub fn route(method: &Method, path: &str, allow: &AllowList) -> Result<Route, Ro
     {
         return iam_route(iam);
     }
-    if allow.allows(below) {
-        Ok(Route::Proxy {
-            path: path.to_owned(),
-        })
-    } else {
-        Err(RouteError::Denied)
-    }
+    allow.allows(below)?;
+    Ok(Route::Proxy {
+        path: path.to_owned(),
+    })
 }
 
 /// The paths below `meta-data/iam`, which the agent answers for the caller and never proxies.
@@ -201,7 +209,7 @@ mod tests {
     use super::*;
 
     fn get(path: &str) -> Result<Route, RouteError> {
-        route(&Method::GET, path, &AllowList::default_facts())
+        route(&Method::GET, path, &AllowList::default_paths())
     }
 
     fn proxied(path: &str) -> Result<Route, RouteError> {
@@ -212,7 +220,7 @@ mod tests {
 
     #[test]
     fn token_rules() {
-        let allow = AllowList::default_facts();
+        let allow = AllowList::default_paths();
         assert_eq!(route(&Method::PUT, "/latest/api/token", &allow), Ok(Route::Token));
         assert_eq!(
             route(&Method::PUT, "/2021-03-23/api/token", &allow),
@@ -256,21 +264,52 @@ mod tests {
         assert_eq!(get("/latest/meta-data/iam-x"), Err(RouteError::NotFound));
     }
 
+    /// The refused set, each path and what is below it, at `latest` and at a dated version.
+    const NODE_SECRETS: &[&str] = &[
+        "user-data",
+        "user-data/",
+        "user-data/part-1",
+        "meta-data/identity-credentials",
+        "meta-data/identity-credentials/",
+        "meta-data/identity-credentials/ec2/info",
+        "meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+        "dynamic/instance-identity/pkcs7",
+        "dynamic/instance-identity/signature",
+        "dynamic/instance-identity/rsa2048",
+        "dynamic/instance-identity/rsa2048/",
+    ];
+
     #[test]
-    fn node_only_paths_are_denied_even_when_allow_listed() {
+    fn the_nodes_secrets_are_refused_whatever_the_allow_list_says() {
         let everything = AllowList::new(&["**"]).unwrap();
+        let named = AllowList::new(NODE_SECRETS).unwrap();
+        for below in NODE_SECRETS {
+            for version in ["latest", "2021-03-23"] {
+                let path = format!("/{version}/{below}");
+                for allow in [&AllowList::default_paths(), &everything, &named] {
+                    assert_eq!(
+                        route(&Method::GET, &path, allow),
+                        Err(RouteError::NodeOnly),
+                        "{path}"
+                    );
+                }
+            }
+        }
+        // Another spelling is refused too, whatever the node's service would make of it.
         for path in [
-            "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
-            "/latest/meta-data/identity-credentials",
-            "/latest/user-data",
-            "/latest/user-data/",
-            "/2021-03-23/user-data",
+            "/latest/User-Data",
+            "/latest/meta-data/Identity-Credentials/ec2/info",
+            "/latest/dynamic/instance-identity/PKCS7",
+            "/latest/meta-data/IAM/security-credentials/node",
+            "/latest/meta-data/iam-x",
+            "/latest/user-data-x",
         ] {
-            assert_eq!(
-                route(&Method::GET, path, &everything),
-                Err(RouteError::Denied),
-                "{path}"
+            assert!(
+                matches!(get(path), Err(RouteError::NodeOnly | RouteError::NotFound)),
+                "{path}: {:?}",
+                get(path)
             );
+            assert_eq!(route(&Method::GET, path, &everything).ok(), None, "{path}");
         }
         assert_eq!(
             route(&Method::GET, "/latest/meta-data/tags/instance/Name", &everything),
@@ -279,25 +318,53 @@ mod tests {
     }
 
     #[test]
-    fn default_allow_list_proxies_instance_facts_only() {
+    fn by_default_every_other_path_below_meta_data_and_dynamic_is_proxied() {
         for path in [
+            "/latest/meta-data",
             "/latest/meta-data/",
             "/latest/meta-data/instance-id",
             "/latest/meta-data/placement/region",
             "/latest/meta-data/placement/availability-zone",
+            "/latest/meta-data/spot/instance-action",
+            "/latest/meta-data/events/maintenance/scheduled",
+            "/latest/meta-data/autoscaling/target-lifecycle-state",
+            "/latest/meta-data/network/interfaces/macs/",
+            "/latest/meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/local-ipv4s",
+            "/latest/meta-data/tags/instance/",
+            "/latest/meta-data/tags/instance/Name",
+            "/latest/meta-data/public-keys/0/openssh-key",
+            "/latest/meta-data/instance-id/x",
+            "/latest/dynamic",
+            "/latest/dynamic/",
+            "/latest/dynamic/instance-identity/",
             "/latest/dynamic/instance-identity/document",
             "/2021-03-23/meta-data/instance-id",
+            "/2021-03-23/dynamic/instance-identity/document",
         ] {
             assert_eq!(get(path), proxied(path), "{path}");
         }
-        for path in [
-            "/latest/dynamic/instance-identity/signature",
-            "/latest/dynamic/instance-identity/pkcs7",
-            "/latest/meta-data/public-keys/0/openssh-key",
-            "/latest/meta-data/tags/instance/Name",
-            "/latest/meta-data/instance-id/x",
-        ] {
+        for path in ["/latest", "/latest/", "/latest/other", "/latest/meta-datax"] {
             assert_eq!(get(path), Err(RouteError::Denied), "{path}");
+        }
+    }
+
+    #[test]
+    fn an_allow_list_of_its_own_proxies_only_what_it_names() {
+        let allow = AllowList::new(&["meta-data/placement/**"]).unwrap();
+        assert_eq!(
+            route(&Method::GET, "/latest/meta-data/placement/region", &allow),
+            proxied("/latest/meta-data/placement/region")
+        );
+        for path in [
+            "/latest/meta-data/instance-id",
+            "/latest/meta-data/placement",
+            "/latest/dynamic/instance-identity/document",
+        ] {
+            assert_eq!(
+                route(&Method::GET, path, &allow),
+                Err(RouteError::Denied),
+                "{path}"
+            );
         }
     }
 
@@ -322,7 +389,7 @@ mod tests {
 
     #[test]
     fn only_get_and_head_read() {
-        let allow = AllowList::default_facts();
+        let allow = AllowList::default_paths();
         assert_eq!(
             route(&Method::HEAD, "/latest/meta-data/instance-id", &allow),
             proxied("/latest/meta-data/instance-id")

@@ -29,13 +29,19 @@ use crate::{
     creds::{AssumeRole, Documents, Secret, StsError},
     identity::{CgroupError, CgroupPath},
     policy::{BaseArn, RoleRequest},
-    workload::WorkloadError,
+    workload::{PodRef, WorkloadError},
 };
 
 const APP: CgroupId = CgroupId(100);
 const OTHER_APP: CgroupId = CgroupId(101);
 const NO_ROLE: CgroupId = CgroupId(102);
 const STRANGER: CgroupId = CgroupId(103);
+/// A hostNetwork pod that names no role (the VPC CNI's aws-node, say).
+const DAEMON: CgroupId = CgroupId(104);
+/// A pod (not hostNetwork) of a ServiceAccount the node-credentials setting names.
+const CSI: CgroupId = CgroupId(105);
+/// A hostNetwork pod that names a role.
+const HOST_APP: CgroupId = CgroupId(106);
 
 struct Cgroups;
 
@@ -46,6 +52,9 @@ impl CgroupResolver for Cgroups {
             OTHER_APP => Ok(CgroupPath::new("system.slice/other.service")),
             NO_ROLE => Ok(CgroupPath::new("system.slice/norole.service")),
             STRANGER => Ok(CgroupPath::new("system.slice/stranger.service")),
+            DAEMON => Ok(CgroupPath::new("kubepods.slice/daemon")),
+            CSI => Ok(CgroupPath::new("kubepods.slice/csi")),
+            HOST_APP => Ok(CgroupPath::new("kubepods.slice/host-app")),
             _ => Err(CgroupError::UnknownId(cgroup_id.0)),
         }
     }
@@ -75,6 +84,24 @@ fn workload(name: &str, role: Option<&str>) -> Arc<Workload> {
     })
 }
 
+fn pod(name: &str, account: &str, host_network: bool, role: Option<&str>) -> Arc<Workload> {
+    let workload = workload(name, role);
+    Arc::new(Workload {
+        name: format!("kube-system/{name}"),
+        pod: Some(PodRef {
+            namespace: "kube-system".to_owned(),
+            name: name.to_owned(),
+            uid: format!("uid-{name}"),
+            host_network,
+            service_account: account.to_owned(),
+        }),
+        ..(*workload).clone()
+    })
+}
+
+/// The node's credentials document, as its metadata service serves it.
+const NODE_CREDENTIALS: &str = r#"{"Code":"Success","Type":"AWS-HMAC","AccessKeyId":"ASIANODE","SecretAccessKey":"node-secret","Token":"node-token","Expiration":"2030-01-01T00:00:00Z"}"#;
+
 /// Hands out keys named after the role; fails while `down` is set.
 #[derive(Default)]
 struct Sts {
@@ -102,7 +129,8 @@ impl AssumeRole for Sts {
     }
 }
 
-/// Records the paths it is asked for.
+/// Records the paths it is asked for; holds the node's role and its credentials, and no
+/// `-extended` documents (404, as EC2's metadata service).
 #[derive(Default)]
 struct Node {
     asked: Mutex<Vec<String>>,
@@ -112,10 +140,19 @@ struct Node {
 impl Upstream for Node {
     async fn get(&self, path: &str) -> Result<UpstreamReply, upstream::UpstreamError> {
         self.asked.lock().unwrap().push(path.to_owned());
+        let below_version = path.splitn(3, '/').nth(2).unwrap_or_default();
+        let (status, body) = match below_version.strip_prefix("meta-data/iam") {
+            Some("/security-credentials/") => (StatusCode::OK, "node-role"),
+            Some("/security-credentials/node-role") => (StatusCode::OK, NODE_CREDENTIALS),
+            Some("/info") => (StatusCode::OK, r#"{"InstanceProfileArn":"node-profile"}"#),
+            Some("/") => (StatusCode::OK, "info\nsecurity-credentials/"),
+            Some(_) => (StatusCode::NOT_FOUND, "not found"),
+            None => (StatusCode::OK, "i-0123456789abcdef0"),
+        };
         Ok(UpstreamReply {
-            status: StatusCode::OK,
+            status,
             content_type: None,
-            body: Bytes::from_static(b"i-0123456789abcdef0"),
+            body: Bytes::from_static(body.as_bytes()),
         })
     }
 }
@@ -125,6 +162,8 @@ struct Api {
     sts: Arc<Sts>,
     node: Arc<Node>,
     recent: Arc<RecentRequests>,
+    node_credentials: Arc<NodeCredentials>,
+    metrics: ImdsMetrics,
 }
 
 impl Api {
@@ -133,6 +172,15 @@ impl Api {
     }
 
     fn with_quota(require_v2: bool, quota: RequestQuota) -> Self {
+        Self::build(require_v2, quota, NodeCredentials::default())
+    }
+
+    /// The API with the node-credentials setting `setting` and its defaults otherwise.
+    fn with_node_credentials(setting: NodeCredentials) -> Self {
+        Self::build(false, RequestQuota::default(), setting)
+    }
+
+    fn build(require_v2: bool, quota: RequestQuota, node_credentials: NodeCredentials) -> Self {
         let sts = Arc::new(Sts::default());
         let node = Arc::new(Node::default());
         let recent = Arc::new(RecentRequests::default());
@@ -140,7 +188,18 @@ impl Api {
             ("system.slice/app.service", workload("app", Some("app"))),
             ("system.slice/other.service", workload("other", Some("other"))),
             ("system.slice/norole.service", workload("norole", None)),
+            ("kubepods.slice/daemon", pod("aws-node-x", "aws-node", true, None)),
+            (
+                "kubepods.slice/csi",
+                pod("ebs-csi-node-x", "ebs-csi-node", false, None),
+            ),
+            (
+                "kubepods.slice/host-app",
+                pod("host-app", "default", true, Some("app")),
+            ),
         ]));
+        let node_credentials = Arc::new(node_credentials);
+        let metrics = ImdsMetrics::default();
         let state = ImdsState {
             cgroups: Arc::new(Cgroups),
             workloads: Arc::new(workloads),
@@ -150,10 +209,11 @@ impl Api {
             },
             creds: Arc::new(CredentialCache::new(sts.clone(), Duration::from_secs(3600), 100)),
             upstream: node.clone(),
-            allow: AllowList::default_facts(),
+            allow: AllowList::default_paths(),
+            node_credentials: node_credentials.clone(),
             tokens: TokenKey::random(),
             require_v2,
-            metrics: ImdsMetrics::default(),
+            metrics: metrics.clone(),
             node_health: None,
             recent: recent.clone(),
             rates: Arc::new(RequestRates::new(quota, ImdsMetrics::default())),
@@ -163,6 +223,8 @@ impl Api {
             sts,
             node,
             recent,
+            node_credentials,
+            metrics,
         }
     }
 
@@ -505,4 +567,191 @@ async fn a_caller_over_its_rate_gets_429_with_retry_after_after_the_hold_and_oth
     // A second later the caller's budget has room again.
     tokio::time::advance(std::time::Duration::from_secs(1)).await;
     assert_eq!(api.get(APP, CREDS).await.body, "app");
+}
+
+/// Which paths the node's metadata service was asked for below `meta-data/iam`.
+fn iam_paths_asked(api: &Api) -> Vec<String> {
+    let asked = api.node.asked.lock().unwrap();
+    asked
+        .iter()
+        .filter(|path| path.contains("/iam"))
+        .cloned()
+        .collect()
+}
+
+/// `node_credentials_served_total`'s samples, as the metrics endpoint shows them, sorted.
+fn node_credentials_samples(api: &Api) -> Vec<String> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    api.metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let mut samples: Vec<String> = text
+        .lines()
+        .filter(|line| line.starts_with("node_credentials_served_total"))
+        .map(str::to_owned)
+        .collect();
+    samples.sort();
+    samples
+}
+
+#[tokio::test]
+async fn a_granted_pod_gets_the_nodes_iam_answers_as_the_node_gives_them_and_each_document_is_counted() {
+    let service_account = node_credentials::ServiceAccountRef::parse("kube-system/ebs-csi-node").unwrap();
+    let api = Api::with_node_credentials(NodeCredentials::new(
+        node_credentials::HostNetworkCredentials::Node,
+        vec![service_account],
+    ));
+    for caller in [DAEMON, CSI] {
+        assert_eq!(api.get(caller, CREDS).await.body, "node-role");
+        let document = api.get(caller, &format!("{CREDS}node-role")).await;
+        assert_eq!(
+            (document.status, document.body.as_str()),
+            (StatusCode::OK, NODE_CREDENTIALS)
+        );
+        assert_eq!(
+            api.get(caller, &format!("{CREDS}app")).await.status,
+            StatusCode::NOT_FOUND,
+            "the node's answer for a role it does not have"
+        );
+        let extended = api
+            .get(
+                caller,
+                "/latest/meta-data/iam/security-credentials-extended/node-role",
+            )
+            .await;
+        assert_eq!(extended.status, StatusCode::NOT_FOUND, "as the node has it");
+        assert!(
+            api.get(caller, "/latest/meta-data/iam/info")
+                .await
+                .body
+                .contains("node-profile")
+        );
+        assert_eq!(
+            api.get(caller, "/latest/meta-data/iam/").await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        api.get(DAEMON, "/2021-03-23/meta-data/iam/security-credentials/node-role")
+            .await
+            .body,
+        NODE_CREDENTIALS,
+        "a dated version is passed on as asked"
+    );
+    assert_eq!(iam_paths_asked(&api).len(), 13, "{:?}", iam_paths_asked(&api));
+    assert_eq!(
+        node_credentials_samples(&api),
+        [
+            r#"node_credentials_served_total{grant="host_network"} 2"#,
+            r#"node_credentials_served_total{grant="service_account"} 1"#
+        ]
+    );
+    let served: Vec<_> = api
+        .node_credentials
+        .pods_served()
+        .into_iter()
+        .map(|served| (served.pod.name, served.grant, served.answers))
+        .collect();
+    assert_eq!(
+        served,
+        [
+            ("aws-node-x".to_owned(), Grant::HostNetwork, 2),
+            ("ebs-csi-node-x".to_owned(), Grant::ServiceAccount, 1)
+        ]
+    );
+    let newest = &api.recent.newest_first()[0];
+    assert_eq!(
+        (newest.node_credentials, newest.role.as_deref(), newest.status),
+        (Some(Grant::HostNetwork), None, 200)
+    );
+}
+
+#[tokio::test]
+async fn a_pod_that_names_a_role_or_is_not_granted_never_reaches_the_nodes_credentials() {
+    let api = Api::new(false);
+    assert_eq!(api.get(HOST_APP, CREDS).await.body, "app");
+    let own = api.get(HOST_APP, &format!("{CREDS}app")).await;
+    assert!(own.body.contains("ASIA-app"), "{}", own.body);
+    assert_eq!(
+        api.get(HOST_APP, &format!("{CREDS}node-role")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    for path in [CREDS.to_owned(), format!("{CREDS}node-role")] {
+        let reply = api.get(CSI, &path).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::NOT_FOUND,
+            "not granted: no role, no default"
+        );
+    }
+    assert!(iam_paths_asked(&api).is_empty(), "{:?}", iam_paths_asked(&api));
+    assert!(node_credentials_samples(&api).is_empty());
+    assert!(api.node_credentials.pods_served().is_empty());
+}
+
+#[tokio::test]
+async fn host_network_pods_get_nothing_under_none_and_the_default_role_under_default_role() {
+    let none = Api::with_node_credentials(NodeCredentials::new(
+        node_credentials::HostNetworkCredentials::None,
+        Vec::new(),
+    ));
+    for path in [
+        CREDS.to_owned(),
+        format!("{CREDS}node-role"),
+        "/latest/meta-data/iam/info".to_owned(),
+    ] {
+        assert_eq!(
+            none.get(DAEMON, &path).await.status,
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        none.recent.newest_first()[0]
+            .refusal
+            .as_ref()
+            .map(|(reason, _)| *reason),
+        Some("no_role")
+    );
+    assert_eq!(
+        none.get(DAEMON, "/latest/meta-data/instance-id").await.status,
+        StatusCode::OK,
+        "the paths that hold no secret are still proxied"
+    );
+    assert_eq!(none.get(HOST_APP, CREDS).await.body, "app");
+    assert!(iam_paths_asked(&none).is_empty());
+
+    let default_role = Api::with_node_credentials(NodeCredentials::new(
+        node_credentials::HostNetworkCredentials::DefaultRole,
+        Vec::new(),
+    ));
+    assert_eq!(
+        default_role.get(DAEMON, CREDS).await.status,
+        StatusCode::NOT_FOUND,
+        "no default role here: nothing"
+    );
+    assert!(iam_paths_asked(&default_role).is_empty());
+}
+
+#[tokio::test]
+async fn the_nodes_secrets_are_refused_to_granted_pods_too() {
+    let api = Api::new(false);
+    for path in [
+        "/latest/user-data",
+        "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+        "/latest/dynamic/instance-identity/pkcs7",
+        "/latest/dynamic/instance-identity/signature",
+        "/latest/dynamic/instance-identity/rsa2048",
+    ] {
+        let reply = api.get(DAEMON, path).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(
+            api.recent.newest_first()[0]
+                .refusal
+                .as_ref()
+                .map(|(reason, _)| *reason),
+            Some("node_secret")
+        );
+    }
+    assert!(api.node.asked.lock().unwrap().is_empty());
 }

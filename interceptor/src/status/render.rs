@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::report::{AgentStatus, AttributionStatus, KernelReport, Report};
+use super::report::{AgentStatus, AttributionStatus, KernelReport, NodeCredentialsStatus, Report};
 
 /// The whole report as text.
 pub fn render(report: &Report) -> String {
@@ -129,15 +129,23 @@ fn agent_status(out: &mut String, status: &AgentStatus) {
                 (None, Some(cgroup)) => cgroup.clone(),
                 (None, None) => "-".to_owned(),
             };
-            let role = match (&workload.role_arn, &workload.no_role) {
-                (Some(arn), _) => arn.clone(),
-                (None, Some(why)) => format!("no role: {why}"),
-                (None, None) => "-".to_owned(),
+            let role = match (&workload.role_arn, &workload.no_role, &workload.node_credentials) {
+                (_, _, Some(grant)) => node_credentials(grant),
+                (Some(arn), _, None) => arn.clone(),
+                (None, Some(why), None) => format!("no role: {why}"),
+                (None, None, None) => "-".to_owned(),
             };
             vec![workload.name.clone(), workload.source.clone(), matched_by, role]
         })
         .collect();
     table(out, &["NAME", "SOURCE", "CGROUP OR POD", "ROLE"], rows);
+    out.push_str("\nPods given the node's credentials (most recent first)\n");
+    let rows = status.node_credentials.iter().map(node_credentials_row).collect();
+    table(
+        out,
+        &["POD", "UID", "GRANT", "ANSWERS", "FIRST (UTC)", "LAST (UTC)"],
+        rows,
+    );
     out.push_str("\nRecent requests (newest first)\n");
     let rows = status.attributions.iter().map(attribution_row).collect();
     table(
@@ -154,16 +162,30 @@ fn agent_status(out: &mut String, status: &AgentStatus) {
     );
 }
 
+fn node_credentials_row(served: &NodeCredentialsStatus) -> Vec<String> {
+    vec![
+        format!("{}/{}", served.pod.namespace, served.pod.name),
+        served.pod.uid.clone(),
+        served.grant.clone(),
+        served.answers.to_string(),
+        time_of_day(&served.first_at),
+        time_of_day(&served.last_at),
+    ]
+}
+
+fn node_credentials(grant: &str) -> String {
+    format!("node credentials ({grant})")
+}
+
 fn attribution_row(request: &AttributionStatus) -> Vec<String> {
-    // The time of day is enough beside requests seconds apart; the JSON has the whole timestamp.
-    let time = request.at.get(11..19).unwrap_or(&request.at).to_owned();
-    let outcome = match (&request.role_arn, &request.reason) {
-        (_, Some(reason)) => format!("refused: {reason}"),
-        (Some(arn), None) => arn.clone(),
-        (None, None) => "-".to_owned(),
+    let outcome = match (&request.role_arn, &request.reason, &request.node_credentials) {
+        (_, Some(reason), _) => format!("refused: {reason}"),
+        (_, None, Some(grant)) => node_credentials(grant),
+        (Some(arn), None, None) => arn.clone(),
+        (None, None, None) => "-".to_owned(),
     };
     vec![
-        time,
+        time_of_day(&request.at),
         request
             .cgroup_id
             .map_or_else(|| "-".to_owned(), |id| id.to_string()),
@@ -172,6 +194,11 @@ fn attribution_row(request: &AttributionStatus) -> Vec<String> {
         request.status.to_string(),
         outcome,
     ]
+}
+
+/// The time of day is enough beside events seconds apart; the JSON has the whole timestamp.
+fn time_of_day(rfc3339: &str) -> String {
+    rfc3339.get(11..19).unwrap_or(rfc3339).to_owned()
 }
 
 fn yes_no(value: bool) -> String {
@@ -214,7 +241,7 @@ mod tests {
     use super::*;
     use crate::{
         bpf::inspect::{AttachedProgram, PinnedMapInfo, Pins},
-        status::report::{AgentReport, PodStatus, SourceStatus, WorkloadStatus},
+        status::report::{AgentReport, NodeCredentialsStatus, PodStatus, SourceStatus, WorkloadStatus},
     };
 
     #[test]
@@ -237,6 +264,14 @@ mod tests {
         let mut empty = String::new();
         table(&mut empty, &["A"], Vec::new());
         assert_eq!(empty, "(none)\n");
+    }
+
+    fn aws_node() -> PodStatus {
+        PodStatus {
+            namespace: "kube-system".into(),
+            name: "aws-node-x".into(),
+            uid: "u-2".into(),
+        }
     }
 
     fn kernel() -> KernelReport {
@@ -278,20 +313,32 @@ mod tests {
                 kind: "kubernetes".into(),
                 from: "node-a".into(),
                 synced: true,
-                workloads: 1,
+                workloads: 2,
             }],
-            workloads: vec![WorkloadStatus {
-                source: "kubernetes".into(),
-                name: "shop/cart".into(),
-                cgroup: None,
-                pod: Some(PodStatus {
-                    namespace: "shop".into(),
-                    name: "cart".into(),
-                    uid: "u-1".into(),
-                }),
-                role_arn: Some("arn:aws:iam::123456789012:role/cart".into()),
-                no_role: None,
-            }],
+            workloads: vec![
+                WorkloadStatus {
+                    source: "kubernetes".into(),
+                    name: "shop/cart".into(),
+                    cgroup: None,
+                    pod: Some(PodStatus {
+                        namespace: "shop".into(),
+                        name: "cart".into(),
+                        uid: "u-1".into(),
+                    }),
+                    role_arn: Some("arn:aws:iam::123456789012:role/cart".into()),
+                    no_role: None,
+                    node_credentials: None,
+                },
+                WorkloadStatus {
+                    source: "kubernetes".into(),
+                    name: "kube-system/aws-node-x".into(),
+                    cgroup: None,
+                    pod: Some(aws_node()),
+                    role_arn: None,
+                    no_role: None,
+                    node_credentials: Some("host_network".into()),
+                },
+            ],
             attributions: vec![
                 AttributionStatus {
                     at: "2025-01-02T03:05:06.123Z".into(),
@@ -303,6 +350,21 @@ mod tests {
                     route: "credentials".into(),
                     status: 200,
                     role_arn: Some("arn:aws:iam::123456789012:role/cart".into()),
+                    node_credentials: None,
+                    reason: None,
+                    error: None,
+                },
+                AttributionStatus {
+                    at: "2025-01-02T03:05:06.5Z".into(),
+                    cgroup_id: Some(4243),
+                    socket_cookie: Some(8),
+                    pid: Some(100),
+                    workload: Some("kube-system/aws-node-x".into()),
+                    pod: Some(aws_node()),
+                    route: "credentials".into(),
+                    status: 200,
+                    role_arn: None,
+                    node_credentials: Some("host_network".into()),
                     reason: None,
                     error: None,
                 },
@@ -316,10 +378,18 @@ mod tests {
                     route: "unrouted".into(),
                     status: 403,
                     role_arn: None,
+                    node_credentials: None,
                     reason: Some("unattributed".into()),
                     error: Some("connection not attributed".into()),
                 },
             ],
+            node_credentials: vec![NodeCredentialsStatus {
+                pod: aws_node(),
+                grant: "host_network".into(),
+                answers: 3,
+                first_at: "2025-01-02T03:04:30Z".into(),
+                last_at: "2025-01-02T03:05:06.5Z".into(),
+            }],
         };
         let report = Report {
             kernel: kernel(),
@@ -353,16 +423,22 @@ ready
 
 Sources
 KIND        FROM    SYNCED  WORKLOADS
-kubernetes  node-a  yes     1
+kubernetes  node-a  yes     2
 
 Workloads
-NAME       SOURCE      CGROUP OR POD  ROLE
-shop/cart  kubernetes  pod u-1        arn:aws:iam::123456789012:role/cart
+NAME                    SOURCE      CGROUP OR POD  ROLE
+shop/cart               kubernetes  pod u-1        arn:aws:iam::123456789012:role/cart
+kube-system/aws-node-x  kubernetes  pod u-2        node credentials (host_network)
+
+Pods given the node's credentials (most recent first)
+POD                     UID  GRANT         ANSWERS  FIRST (UTC)  LAST (UTC)
+kube-system/aws-node-x  u-2  host_network  3        03:04:30     03:05:06
 
 Recent requests (newest first)
-TIME (UTC)  CGROUP ID  WORKLOAD   ROUTE        STATUS  ROLE OR REFUSAL
-03:05:06    4242       shop/cart  credentials  200     arn:aws:iam::123456789012:role/cart
-03:05:07    -          -          unrouted     403     refused: unattributed
+TIME (UTC)  CGROUP ID  WORKLOAD                ROUTE        STATUS  ROLE OR REFUSAL
+03:05:06    4242       shop/cart               credentials  200     arn:aws:iam::123456789012:role/cart
+03:05:06    4243       kube-system/aws-node-x  credentials  200     node credentials (host_network)
+03:05:07    -          -                       unrouted     403     refused: unattributed
 ";
         assert_eq!(text, expected, "\n{text}");
     }

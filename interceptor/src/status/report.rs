@@ -9,7 +9,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
     bpf::inspect::{AttachedProgram, Pins},
-    imds::recent::AnsweredRequest,
+    imds::{node_credentials::ServedPod, recent::AnsweredRequest},
     workload::PodRef,
 };
 
@@ -63,6 +63,10 @@ pub struct AgentStatus {
     pub workloads: Vec<WorkloadStatus>,
     /// The last requests answered, newest first.
     pub attributions: Vec<AttributionStatus>,
+    /// The pods given the node's own credentials, the most recent first (an agent that predates them
+    /// sends none).
+    #[serde(default)]
+    pub node_credentials: Vec<NodeCredentialsStatus>,
 }
 
 /// A workload source: the static file or the node's pods from Kubernetes.
@@ -90,6 +94,9 @@ pub struct WorkloadStatus {
     pub role_arn: Option<String>,
     /// Why it gets no role, when it gets none.
     pub no_role: Option<String>,
+    /// Why it gets the node's own credentials (`host_network`, `service_account`), when it does.
+    #[serde(default)]
+    pub node_credentials: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +133,9 @@ pub struct AttributionStatus {
     /// The HTTP status answered.
     pub status: u16,
     pub role_arn: Option<String>,
+    /// Why it was answered with the node's own credentials, when it was.
+    #[serde(default)]
+    pub node_credentials: Option<String>,
     /// Why it was refused (the `reason` label of the metrics) and the refusal's message.
     pub reason: Option<String>,
     pub error: Option<String>,
@@ -146,8 +156,34 @@ impl From<&AnsweredRequest> for AttributionStatus {
             route: request.route.to_owned(),
             status: request.status,
             role_arn: request.role.clone(),
+            node_credentials: request.node_credentials.map(|grant| grant.label().to_owned()),
             reason: request.refusal.as_ref().map(|(reason, _)| (*reason).to_owned()),
             error: request.refusal.as_ref().map(|(_, message)| message.clone()),
+        }
+    }
+}
+
+/// A pod given the node's own credentials.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCredentialsStatus {
+    pub pod: PodStatus,
+    /// `host_network` or `service_account`.
+    pub grant: String,
+    /// Credential documents it was given.
+    pub answers: u64,
+    /// RFC 3339, UTC.
+    pub first_at: String,
+    pub last_at: String,
+}
+
+impl From<&ServedPod> for NodeCredentialsStatus {
+    fn from(served: &ServedPod) -> Self {
+        Self {
+            pod: PodStatus::from(&served.pod),
+            grant: served.grant.label().to_owned(),
+            answers: served.answers,
+            first_at: rfc3339(served.first),
+            last_at: rfc3339(served.last),
         }
     }
 }

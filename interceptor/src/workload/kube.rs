@@ -187,15 +187,7 @@ impl KubeWorkloads {
         self.pod_store
             .state()
             .iter()
-            .map(|pod| {
-                let meta = &pod.metadata;
-                let pod_ref = PodRef {
-                    namespace: meta.namespace.clone().unwrap_or_default(),
-                    name: meta.name.clone().unwrap_or_default(),
-                    uid: meta.uid.clone().unwrap_or_default(),
-                };
-                (pod_ref, self.workload_of(pod))
-            })
+            .map(|pod| (pod_ref(pod), self.workload_of(pod)))
             .collect()
     }
 
@@ -237,11 +229,7 @@ impl KubeWorkloads {
             session_name: session_name(&namespace, &name),
             name: format!("{namespace}/{name}"),
             request,
-            pod: Some(PodRef {
-                namespace,
-                name,
-                uid: meta.uid.clone().unwrap_or_default(),
-            }),
+            pod: Some(pod_ref(pod)),
         }))
     }
 
@@ -257,11 +245,7 @@ impl KubeWorkloads {
         if has_role(&pod.metadata.annotations) {
             return None;
         }
-        let name = pod
-            .spec
-            .as_ref()
-            .and_then(|spec| spec.service_account_name.as_deref())
-            .unwrap_or(DEFAULT_SERVICE_ACCOUNT);
+        let name = service_account_of(pod);
         let namespace = pod.metadata.namespace.as_deref()?;
         let account = accounts.get(&ObjectRef::new(name).within(namespace))?;
         has_role(&account.metadata.annotations).then_some(account)
@@ -316,6 +300,30 @@ impl WorkloadSource for KubeWorkloads {
             self.events.refused(pod, refusal, message);
         }
     }
+}
+
+/// The pod's names and how it runs.
+fn pod_ref(pod: &Pod) -> PodRef {
+    let meta = &pod.metadata;
+    PodRef {
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        uid: meta.uid.clone().unwrap_or_default(),
+        host_network: pod
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.host_network)
+            .unwrap_or(false),
+        service_account: service_account_of(pod).to_owned(),
+    }
+}
+
+/// The ServiceAccount the pod runs as.
+fn service_account_of(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|spec| spec.service_account_name.as_deref())
+        .unwrap_or(DEFAULT_SERVICE_ACCOUNT)
 }
 
 /// The default STS session name of a pod: `<namespace>.<pod>` within STS's 64 characters. The pod's

@@ -29,3 +29,37 @@ fn a_failing_watch_is_retried_within_three_seconds_however_long_it_fails() {
         "it never backed off: {longest:?}"
     );
 }
+
+#[test]
+fn a_pods_ref_says_whether_it_is_host_network_and_its_service_account() {
+    let mut pod = Pod {
+        metadata: ObjectMeta {
+            name: Some("aws-node-x".to_owned()),
+            namespace: Some("kube-system".to_owned()),
+            uid: Some("u-1".to_owned()),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            host_network: Some(true),
+            service_account_name: Some("aws-node".to_owned()),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    slim_pod(&mut pod, &[]);
+    let kept = pod_ref(&pod);
+    assert_eq!(
+        (kept.namespace.as_str(), kept.name.as_str(), kept.uid.as_str()),
+        ("kube-system", "aws-node-x", "u-1")
+    );
+    assert_eq!(
+        (kept.host_network, kept.service_account.as_str()),
+        (true, "aws-node")
+    );
+    pod.spec = Some(PodSpec::default());
+    let plain = pod_ref(&pod);
+    assert_eq!(
+        (plain.host_network, plain.service_account.as_str()),
+        (false, "default")
+    );
+}
