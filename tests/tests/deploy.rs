@@ -6,6 +6,7 @@
 use std::{collections::BTreeMap, path::Path, process::Command};
 
 use anyhow::{Context, Result, ensure};
+use interceptor::imds::node_credentials::HostNetworkCredentials;
 use interceptor_tests::{
     chart::{
         by_kind_and_name, chart_dir, daemonset, env, output, parse_yaml, repo, run, strings, template,
@@ -333,6 +334,8 @@ fn every_option_on_renders_monitors_service_and_the_uninstall_daemonset() -> Res
             "--bpffs-dir=/sys/fs/bpf/interceptor",
             "--cgroup-root=/sys/fs/cgroup/kubepods.slice",
             "--remove-node-taint=example.com/iam-agent-not-ready",
+            "--host-network-credentials=none",
+            "--node-credentials-for=kube-system/aws-node,kube-system/ebs-csi-node-sa",
             "--base-role-arn=arn:aws:iam::123456789012:role/",
             "--default-role=fallback",
             "--iam-role-session-ttl=30m",
@@ -729,5 +732,14 @@ fn rendered_args_parse_as_the_agents_own_flags() -> Result<()> {
         all_on.remove_node_taint.as_deref(),
         Some("example.com/iam-agent-not-ready")
     );
+    assert_eq!(all_on.host_network_credentials, HostNetworkCredentials::None);
+    let granted: Vec<String> = all_on
+        .node_credentials_for
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(granted, ["kube-system/aws-node", "kube-system/ebs-csi-node-sa"]);
+    assert_eq!(default.host_network_credentials, HostNetworkCredentials::Node);
+    assert!(default.node_credentials_for.is_empty());
     Ok(())
 }
