@@ -166,6 +166,24 @@ impl Agent {
         Ok((child.wait().context("cannot wait for the agent")?, lines))
     }
 
+    /// Stops the agent as the kubelet stops a container (SIGTERM), and waits, at most 30 s, for it to
+    /// exit.
+    pub fn stop(&mut self) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("a pid")?;
+        // SAFETY: kill(2) of our own child, which has not been waited for yet.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot signal the agent");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait()?.is_none() {
+            if std::time::Instant::now() > deadline {
+                bail!("the agent did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     /// Kills the agent at once (SIGKILL, as a crash or an OOM kill would) and waits for it to exit.
     pub fn kill(&mut self) -> Result<()> {
         self.child.kill().context("cannot kill the agent")?;
