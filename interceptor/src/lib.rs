@@ -37,3 +37,58 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// How many characters of a value from outside the agent (an annotation, a role name from a request
+/// path, a namespace's pattern) a response body, a log line or an Event shows: enough for any role
+/// name or common ARN, and a 256 KiB annotation costs a line, not 256 KiB, per request.
+pub(crate) const ECHO_MAX_CHARS: usize = 128;
+
+/// `text` as a log field shows it: whole up to [`ECHO_MAX_CHARS`] characters, else cut there with a
+/// note of its full length.
+pub(crate) fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(ECHO_MAX_CHARS) {
+        None => text.into(),
+        Some((cut, _)) => format!("{}… ({} characters)", &text[..cut], text.chars().count()).into(),
+    }
+}
+
+/// A value from outside the agent as a message quotes it: escaped (no line breaks or control
+/// characters reach a log), and cut as [`bounded`] cuts it.
+pub(crate) struct Echo<'a>(pub &'a str);
+
+impl std::fmt::Display for Echo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.char_indices().nth(ECHO_MAX_CHARS) {
+            None => write!(f, "{:?}", self.0),
+            Some((cut, _)) => write!(f, "{:?}… ({} characters)", &self.0[..cut], self.0.chars().count()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoes_are_quoted_escaped_and_cut_with_their_length() {
+        assert_eq!(Echo("app").to_string(), r#""app""#);
+        assert_eq!(Echo("a\nb").to_string(), r#""a\nb""#);
+        let long = "é".repeat(300);
+        let echoed = Echo(&long).to_string();
+        assert_eq!(
+            echoed,
+            format!("{:?}… (300 characters)", "é".repeat(ECHO_MAX_CHARS))
+        );
+        assert_eq!(bounded("/latest/meta-data/"), "/latest/meta-data/");
+        let path = format!("/latest/{}", "x".repeat(16_000));
+        assert_eq!(
+            bounded(&path),
+            format!("{}… (16008 characters)", &path[..ECHO_MAX_CHARS])
+        );
+        assert_eq!(
+            bounded(&"y".repeat(ECHO_MAX_CHARS)).len(),
+            ECHO_MAX_CHARS,
+            "at the bound: whole"
+        );
+    }
+}

@@ -10,7 +10,7 @@ use super::{route::RouteError, token::TokenError};
 use crate::{
     creds::StsError,
     identity::CgroupError,
-    policy::PolicyError,
+    policy::{Limit, PolicyError},
     workload::{Refusal, WorkloadError},
 };
 
@@ -34,7 +34,7 @@ pub enum ImdsError {
     UnknownWorkload(#[from] WorkloadError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
-    #[error("role {asked:?} is not this workload's role")]
+    #[error("role {} is not this workload's role", crate::Echo(.asked))]
     OtherRole { asked: String },
     #[error(transparent)]
     Sts(#[from] StsError),
@@ -109,7 +109,13 @@ impl ImdsError {
             Self::UnknownWorkload(WorkloadError::PodFinished { .. }) => "pod_finished",
             Self::UnknownWorkload(WorkloadError::MirrorContested { .. }) => "mirror_contested",
             Self::Policy(PolicyError::NoRole) => "no_role",
-            Self::Policy(PolicyError::BadRequest { .. }) => "invalid_role",
+            Self::Policy(PolicyError::BadRequest { problem, .. }) => match **problem {
+                PolicyError::BadExternalId(_) | PolicyError::TooLong(Limit::ExternalId) => {
+                    "invalid_external_id"
+                }
+                PolicyError::TooLong(Limit::SessionName) => "invalid_session_name",
+                _ => "invalid_role",
+            },
             Self::Policy(PolicyError::NotAllowed { .. }) => "namespace_restricted",
             Self::Policy(PolicyError::BadRestriction { .. }) => "bad_namespace_restriction",
             Self::Policy(_) => "role_not_allowed",

@@ -163,7 +163,7 @@ async fn handle(
                 workload = record.workload.as_ref().map(|workload| workload.name.as_str()),
                 role = record.role.as_deref(),
                 %method,
-                path,
+                path = %crate::bounded(path),
                 route,
                 status,
                 latency_us = latency.as_micros() as u64,

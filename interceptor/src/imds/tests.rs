@@ -36,6 +36,8 @@ const APP: CgroupId = CgroupId(100);
 const OTHER_APP: CgroupId = CgroupId(101);
 const NO_ROLE: CgroupId = CgroupId(102);
 const STRANGER: CgroupId = CgroupId(103);
+/// Workloads whose requests are over AWS's limits, or not valid and long: see [`hostile_requests`].
+const HOSTILE: [CgroupId; 4] = [CgroupId(104), CgroupId(105), CgroupId(106), CgroupId(107)];
 
 struct Cgroups;
 
@@ -46,12 +48,13 @@ impl CgroupResolver for Cgroups {
             OTHER_APP => Ok(CgroupPath::new("system.slice/other.service")),
             NO_ROLE => Ok(CgroupPath::new("system.slice/norole.service")),
             STRANGER => Ok(CgroupPath::new("system.slice/stranger.service")),
+            id if HOSTILE.contains(&id) => Ok(CgroupPath::new(&hostile_path(id))),
             _ => Err(CgroupError::UnknownId(cgroup_id.0)),
         }
     }
 }
 
-struct Workloads(HashMap<&'static str, Arc<Workload>>);
+struct Workloads(HashMap<String, Arc<Workload>>);
 
 #[async_trait::async_trait]
 impl WorkloadSource for Workloads {
@@ -73,6 +76,37 @@ fn workload(name: &str, role: Option<&str>) -> Arc<Workload> {
         },
         pod: None,
     })
+}
+
+fn hostile_path(id: CgroupId) -> String {
+    format!("system.slice/hostile-{}.service", id.0)
+}
+
+/// The requests of the [`HOSTILE`] workloads, as an annotation could state them.
+fn hostile_requests() -> [RoleRequest; 4] {
+    let request = RoleRequest {
+        role: Some("app".to_owned()),
+        origin: Some("annotation iam.amazonaws.com/role of pod team/hostile".into()),
+        ..RoleRequest::default()
+    };
+    [
+        RoleRequest {
+            role: Some("r".repeat(2049)),
+            ..request.clone()
+        },
+        RoleRequest {
+            external_id: Some("x".repeat(1225)),
+            ..request.clone()
+        },
+        RoleRequest {
+            session_name: Some("s".repeat(65)),
+            ..request.clone()
+        },
+        RoleRequest {
+            role: Some(format!("{}!", "r".repeat(2000))),
+            ..request
+        },
+    ]
 }
 
 /// Hands out keys named after the role; fails while `down` is set.
@@ -136,11 +170,25 @@ impl Api {
         let sts = Arc::new(Sts::default());
         let node = Arc::new(Node::default());
         let recent = Arc::new(RecentRequests::default());
-        let workloads = Workloads(HashMap::from([
-            ("system.slice/app.service", workload("app", Some("app"))),
-            ("system.slice/other.service", workload("other", Some("other"))),
-            ("system.slice/norole.service", workload("norole", None)),
-        ]));
+        let mut workloads = HashMap::from([
+            (
+                "system.slice/app.service".to_owned(),
+                workload("app", Some("app")),
+            ),
+            (
+                "system.slice/other.service".to_owned(),
+                workload("other", Some("other")),
+            ),
+            ("system.slice/norole.service".to_owned(), workload("norole", None)),
+        ]);
+        for (id, request) in HOSTILE.into_iter().zip(hostile_requests()) {
+            let hostile = Workload {
+                request,
+                ..(*workload("hostile", None)).clone()
+            };
+            workloads.insert(hostile_path(id), Arc::new(hostile));
+        }
+        let workloads = Workloads(workloads);
         let state = ImdsState {
             cgroups: Arc::new(Cgroups),
             workloads: Arc::new(workloads),
@@ -343,6 +391,47 @@ async fn another_roles_name_gets_404_and_no_keys() {
     let reply = api.get(APP, &format!("{CREDS}other")).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert!(!reply.body.contains("ASIA"));
+}
+
+#[tokio::test]
+async fn requests_over_aws_limits_are_refused_with_a_reason_and_no_value_is_echoed_whole() {
+    let api = Api::new(false);
+    let mut reasons = Vec::new();
+    for id in HOSTILE {
+        let reply = api.get(id, CREDS).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+        assert!(reply.body.len() < 400, "{}", reply.body);
+        let newest = &api.recent.newest_first()[0];
+        let (reason, message) = newest.refusal.clone().unwrap();
+        assert!(message.len() < 400, "{message}");
+        reasons.push(reason);
+    }
+    assert_eq!(
+        reasons,
+        [
+            "invalid_role",
+            "invalid_external_id",
+            "invalid_session_name",
+            "invalid_role"
+        ]
+    );
+    assert!(
+        api.get(HOSTILE[3], CREDS)
+            .await
+            .body
+            .contains("… (2001 characters) is not valid"),
+        "a value within its limit is quoted cut, with its length"
+    );
+    // A role name in the path, as long as a request head may be.
+    let asked = "o".repeat(15_000);
+    let reply = api.get(APP, &format!("{CREDS}{asked}")).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    let (reason, message) = api.recent.newest_first()[0].refusal.clone().unwrap();
+    assert_eq!(reason, "other_role");
+    assert!(
+        message.len() < 200 && message.contains("(15000 characters)"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
