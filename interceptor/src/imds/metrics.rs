@@ -2,7 +2,7 @@
 //! reason, credentials served by role, connections by whether the kernel attributed them,
 //! connections closed at accept by the limit they were over, and requests over their caller's rate
 //! by whether they were held or refused. Label values are fixed strings, status codes and role ARNs
-//! (bounded by the workload source's policy).
+//! (the first [`MAX_ROLE_SERIES`](crate::telemetry::MAX_ROLE_SERIES), the others `other`).
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -95,7 +95,7 @@ impl ImdsMetrics {
         );
         registry.register(
             "credentials_served",
-            "Credential documents served, by role ARN",
+            "Credential documents served, by role ARN (after the first 100, other)",
             self.credentials_served.clone(),
         );
         registry.register(
@@ -136,7 +136,7 @@ impl ImdsMetrics {
     pub(super) fn credentials_served(&self, role: &str) {
         self.credentials_served
             .get_or_create(&RoleLabels {
-                role: role.to_owned(),
+                role: crate::telemetry::ROLE_LABELS.of(role),
             })
             .inc();
     }
@@ -156,5 +156,30 @@ impl ImdsMetrics {
         self.connections
             .get_or_create(&ConnectionLabels { attributed })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::{MAX_ROLE_SERIES, OTHER_ROLE};
+
+    #[test]
+    fn credentials_served_keeps_a_series_for_at_most_the_first_roles() {
+        let metrics = ImdsMetrics::default();
+        for n in 0..MAX_ROLE_SERIES + 50 {
+            metrics.credentials_served(&format!("arn:aws:iam::123456789012:role/served-{n}"));
+        }
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("credentials_served_total{"))
+            .collect();
+        assert!(series.len() <= MAX_ROLE_SERIES + 1, "{} series", series.len());
+        let other = format!(r#"role="{OTHER_ROLE}""#);
+        assert!(series.iter().any(|line| line.contains(&other)), "{text}");
     }
 }
