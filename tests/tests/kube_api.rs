@@ -27,6 +27,7 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ListParams, WatchEvent, WatchParams},
     config::{KubeConfigOptions, Kubeconfig},
+    core::ObjectList,
     runtime::{
         WatchStreamExt,
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
@@ -647,6 +648,17 @@ fn kube_lists_page_and_select_as_the_real_server_does() -> Result<()> {
             }
         }
         assert_eq!((names.join(","), pages), ("p1,p2,p3,p4,p5".to_owned(), 3));
+        // At resourceVersion 0 the watch cache answers, and ignores the limit: all, no continue token.
+        // (kube never asks so: it drops resourceVersion 0 from a list with a limit.)
+        let uri = format!(
+            "/api/v1/namespaces/{}/pods?limit=2&resourceVersion=0",
+            cluster.namespace
+        );
+        let cached: ObjectList<Pod> = client
+            .request(axum::http::Request::get(uri).body(Vec::new())?)
+            .await?;
+        assert_eq!(cached.items.len(), 5);
+        assert_eq!(cached.metadata.continue_, None);
 
         // Label selectors, equality- and set-based.
         let mut labelled = cluster.here("p3");

@@ -1,6 +1,7 @@
 //! workload::kube: the node's pods from the Kubernetes API, as a [`WorkloadSource`]. kube-runtime
 //! reflectors keep the pods scheduled to this node (and, when the rules need them, the namespaces and
-//! ServiceAccounts) in memory, stripped to the fields the rules read; [`index`] finds a pod by the UID
+//! ServiceAccounts) in memory, listed in small pages and stripped as they arrive to the fields the
+//! rules read, each annotation cut to its limit; [`index`] finds a pod by the UID
 //! in its cgroup path and waits, bounded, for one the API server has not delivered yet; the pod's
 //! annotations become its [`RoleRequest`]; [`events`] tells the pod's owners, through Kubernetes
 //! Events, why it was refused.
@@ -87,12 +88,7 @@ impl KubeWorkloads {
     pub fn start(client: Client, settings: KubeSettings) -> Arc<Self> {
         let metrics = KubeMetrics::default();
         let pods = Arc::new(PodIndex::new(metrics.clone()));
-        // From the API server's watch cache (resourceVersion 0), as the kubelet lists its pods: an
-        // exact list would have etcd scan every pod of the cluster for this node's. The cache serves
-        // it whole, whatever the page size: its size follows the pods on this node.
-        let pod_watch = list_config()
-            .fields(&format!("spec.nodeName={}", settings.node))
-            .any_semantic();
+        let pod_watch = list_config().fields(&format!("spec.nodeName={}", settings.node));
         let pod_keys: Vec<Kept> = request_annotations(&settings)
             .into_iter()
             .chain([Kept::new(MIRROR_KEY.into(), MIRROR_MAX_CHARS)])
@@ -333,9 +329,10 @@ fn session_name(namespace: &str, pod: &str) -> String {
     }
 }
 
-/// How the reflectors list: in pages of [`LIST_PAGE_SIZE`]. Namespaces and ServiceAccounts, every one
-/// in the cluster, are listed at the latest resourceVersion: the API server's watch cache ignores
-/// `limit` at resourceVersion 0 and would send them all in one response, however large.
+/// How the reflectors list: in pages of [`LIST_PAGE_SIZE`], at the latest resourceVersion. At
+/// resourceVersion 0 the API server answers from its watch cache, which ignores `limit`: every
+/// ServiceAccount of the cluster in one response, however large (kube drops resourceVersion 0 from a
+/// list with a limit for that reason).
 fn list_config() -> watcher::Config {
     watcher::Config::default().page_size(LIST_PAGE_SIZE)
 }
