@@ -6,7 +6,7 @@
 use std::{
     collections::HashSet,
     sync::{
-        Arc, LazyLock, RwLock,
+        Arc, RwLock,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -21,7 +21,7 @@ use axum::{
 };
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tokio::net::TcpListener;
@@ -96,28 +96,33 @@ impl ResultLabels {
     }
 }
 
-/// Role ARNs that keep series of their own in the metrics labelled by role. A node's pods name a few
-/// dozen roles at most; each costs some 25 series (a histogram of STS latency among them), so the
-/// agent exposes at most about 2,500 of them however many roles its pods name over its life.
+/// Role ARNs that keep series of their own in a metric labelled by role. A node's pods name a few
+/// dozen roles at most; each costs about 20 series (a histogram of STS latency among them), so the
+/// agent exposes at most about 2,000 of them however many roles its pods name over its life.
 pub const MAX_ROLE_SERIES: usize = 100;
 /// The `role` label of what roles past [`MAX_ROLE_SERIES`] are counted under (no role ARN reads so).
 pub const OTHER_ROLE: &str = "other";
 
-/// The `role` label of every metric labelled by role: the first [`MAX_ROLE_SERIES`] role ARNs the
-/// agent sees keep theirs until it restarts; later ones share [`OTHER_ROLE`], and each sample recorded
-/// so is counted (`role_labels_over_cap_total`).
-pub struct RoleLabels {
+/// The `role` label of a metric's samples: the first [`MAX_ROLE_SERIES`] role ARNs it sees keep
+/// theirs until the agent restarts; later ones share [`OTHER_ROLE`], whose series count what fell
+/// over the cap. Clones share one set.
+#[derive(Clone, Debug)]
+pub struct RoleLabelCap {
     cap: usize,
-    own: RwLock<HashSet<String>>,
-    over_cap: Counter,
+    own: Arc<RwLock<HashSet<String>>>,
 }
 
-impl RoleLabels {
-    fn new(cap: usize) -> Self {
+impl Default for RoleLabelCap {
+    fn default() -> Self {
+        Self::with_cap(MAX_ROLE_SERIES)
+    }
+}
+
+impl RoleLabelCap {
+    fn with_cap(cap: usize) -> Self {
         Self {
             cap,
-            own: RwLock::default(),
-            over_cap: Counter::default(),
+            own: Arc::default(),
         }
     }
 
@@ -131,14 +136,9 @@ impl RoleLabels {
             own.insert(role.to_owned());
             return role.to_owned();
         }
-        self.over_cap.inc();
         OTHER_ROLE.to_owned()
     }
 }
-
-/// The agent's one set of role labels, shared by every metric labelled by role so that a role has
-/// series of its own in all of them or in none.
-pub static ROLE_LABELS: LazyLock<RoleLabels> = LazyLock::new(|| RoleLabels::new(MAX_ROLE_SERIES));
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
@@ -161,11 +161,6 @@ impl Default for Telemetry {
             })
             .set(1);
         registry.register("build_info", "The agent's version (value 1)", build_info);
-        registry.register(
-            "role_labels_over_cap",
-            "Samples of the metrics labelled by role recorded under role=\"other\": the first 100 role ARNs keep series of their own",
-            ROLE_LABELS.over_cap.clone(),
-        );
         Self {
             registry: RwLock::new(registry),
             readiness: Readiness::default(),
@@ -277,11 +272,11 @@ mod tests {
     }
 
     #[test]
-    fn the_first_roles_keep_their_labels_and_later_ones_share_other_and_are_counted() {
-        let labels = RoleLabels::new(2);
+    fn the_first_roles_keep_their_labels_and_later_ones_share_other() {
+        let labels = RoleLabelCap::with_cap(2);
         let arn = |name: &str| format!("arn:aws:iam::123456789012:role/{name}");
         assert_eq!(labels.of(&arn("a")), arn("a"));
-        assert_eq!(labels.of(&arn("b")), arn("b"));
+        assert_eq!(labels.clone().of(&arn("b")), arn("b"), "clones share the set");
         assert_eq!(labels.of(&arn("c")), OTHER_ROLE);
         assert_eq!(
             labels.of(&arn("a")),
@@ -289,7 +284,6 @@ mod tests {
             "a role with its own series keeps it"
         );
         assert_eq!(labels.of(&arn("d")), OTHER_ROLE);
-        assert_eq!(labels.over_cap.get(), 2);
         assert_eq!(labels.own.read().unwrap().len(), 2);
     }
 
