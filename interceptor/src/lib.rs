@@ -8,6 +8,7 @@
 //! - [`workload`]: who a cgroup belongs to and which role it asks for (static file, Kubernetes pods).
 //! - [`policy`]: role names and ARNs, external ids, session names: which session a workload gets.
 //! - [`creds`]: STS AssumeRole, cached and refreshed per session.
+//! - [`heap`]: memory the agent frees goes back to the node (glibc's malloc keeps it otherwise).
 //! - [`imds`]: the metadata HTTP API the redirected callers talk to.
 //! - [`telemetry`]: logs, Prometheus metrics, `/healthz` and `/readyz`.
 //! - [`agent`]: the `interceptor agent` command: flags, start-up order, shutdown.
@@ -17,6 +18,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod creds;
+pub mod heap;
 pub mod identity;
 pub mod imds;
 mod periodic;

@@ -12,6 +12,7 @@ use anyhow::Result;
 use interceptor_tests::{
     bench,
     deployed::{ROLE_LIST, Sts, curl, eventually, health, status_of},
+    exposition::sample_value,
     kube_node::{KubeNode, pod_object},
     lab::{Interactive, run},
     privileged,
@@ -82,14 +83,6 @@ async fn requests_until_served(pod: &Pod, container: &Path) -> Result<u64> {
     .await;
     anyhow::ensure!(served, "the pod's role list was never served");
     Ok(requests)
-}
-
-/// A counter of the agent's `/metrics`, by its name and labels as the exposition writes them.
-fn counter(exposition: &str, sample: &str) -> f64 {
-    exposition
-        .lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -164,7 +157,7 @@ async fn a_flooding_pod_gets_its_budget_and_cap_while_a_quiet_pod_gets_every_ans
     // Every refusal counted, and logged at info once for the whole flood (once per 10 s per pod).
     let (_, metrics) = health(&cluster.node, "/metrics").await?;
     assert_eq!(
-        counter(
+        sample_value(
             &metrics,
             r#"interceptor_metadata_refusals_total{reason="throttled"}"#
         ),
@@ -187,10 +180,10 @@ async fn a_flooding_pod_gets_its_budget_and_cap_while_a_quiet_pod_gets_every_ans
     // connects (EPERM) without the agent; the other container's are closed and refused the same way,
     // while the quiet pod is served.
     let refusals = |metrics: &str| {
-        counter(
+        sample_value(
             metrics,
             r#"interceptor_metadata_connections_refused_total{reason="caller_limit"}"#,
-        ) + counter(
+        ) + sample_value(
             metrics,
             r#"interceptor_bpf_connections_total{outcome="over_limit"}"#,
         )
@@ -219,7 +212,7 @@ async fn a_flooding_pod_gets_its_budget_and_cap_while_a_quiet_pod_gets_every_ans
         "the holder's connections past the cap were neither closed nor refused"
     );
     let kernel_refused = |metrics: &str| {
-        counter(
+        sample_value(
             metrics,
             r#"interceptor_bpf_connections_total{outcome="over_limit"}"#,
         )
@@ -300,15 +293,15 @@ async fn pods_holding_their_caps_leave_a_newcomer_connections_of_its_own() -> Re
         eventually(|| async {
             health(&cluster.node, "/metrics")
                 .await
-                .is_ok_and(|(_, metrics)| counter(&metrics, reserved) >= 4.0)
+                .is_ok_and(|(_, metrics)| sample_value(&metrics, reserved) >= 4.0)
         })
         .await,
         "the second pod's connections past its guarantee were not refused"
     );
     let (_, metrics) = health(&cluster.node, "/metrics").await?;
-    assert_eq!(counter(&metrics, reserved), 4.0);
+    assert_eq!(sample_value(&metrics, reserved), 4.0);
     assert_eq!(
-        counter(
+        sample_value(
             &metrics,
             r#"interceptor_metadata_connections_refused_total{reason="global_limit"}"#
         ),
