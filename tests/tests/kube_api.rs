@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use futures::{StreamExt, TryStreamExt};
 use interceptor_tests::{
-    kube_api::{FakeApiServer, RequestLog},
+    kube_api::{FakeApiServer, RequestLog, TOTAL_ANNOTATION_SIZE_LIMIT},
     lab::Interactive,
     privileged, python,
     sim::SimNode,
@@ -797,6 +797,16 @@ fn bad_input_gets_a_status_and_namespaces_take_their_contents_along() -> Result<
                 (body["kind"].as_str(), body["code"].as_u64()),
                 (Some("Status"), Some(400))
             );
+
+            // Annotations of 256 KiB in all, keys and values, are taken; a byte more is refused.
+            let mut annotated = cluster.here("p1");
+            let key = "example.com/blob";
+            let at_limit = "z".repeat(TOTAL_ANNOTATION_SIZE_LIMIT - key.len());
+            annotated.metadata.annotations = Some([(key.to_owned(), at_limit.clone())].into());
+            pods.replace("p1", &Default::default(), &annotated).await?;
+            annotated.metadata.annotations = Some([(key.to_owned(), format!("{at_limit}z"))].into());
+            let over = pods.replace("p1", &Default::default(), &annotated).await;
+            assert_eq!(status(over)?, (422, "Invalid".to_owned()));
 
             let namespaces: Api<Namespace> = Api::all(client);
             let labels = namespaces
