@@ -45,12 +45,19 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
 /// name or common ARN, and a 256 KiB annotation costs a line, not 256 KiB, per request.
 pub(crate) const ECHO_MAX_CHARS: usize = 128;
 
+/// Where `text` is cut (a byte offset) and its length in characters, when it is longer than
+/// [`ECHO_MAX_CHARS`].
+fn echo_cut(text: &str) -> Option<(usize, usize)> {
+    let (cut, _) = text.char_indices().nth(ECHO_MAX_CHARS)?;
+    Some((cut, text.chars().count()))
+}
+
 /// `text` as a log field shows it: whole up to [`ECHO_MAX_CHARS`] characters, else cut there with a
 /// note of its full length.
 pub(crate) fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
-    match text.char_indices().nth(ECHO_MAX_CHARS) {
+    match echo_cut(text) {
         None => text.into(),
-        Some((cut, _)) => format!("{}… ({} characters)", &text[..cut], text.chars().count()).into(),
+        Some((cut, chars)) => format!("{}… ({chars} characters)", &text[..cut]).into(),
     }
 }
 
@@ -60,9 +67,9 @@ pub(crate) struct Echo<'a>(pub &'a str);
 
 impl std::fmt::Display for Echo<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0.char_indices().nth(ECHO_MAX_CHARS) {
+        match echo_cut(self.0) {
             None => write!(f, "{:?}", self.0),
-            Some((cut, _)) => write!(f, "{:?}… ({} characters)", &self.0[..cut], self.0.chars().count()),
+            Some((cut, chars)) => write!(f, "{:?}… ({chars} characters)", &self.0[..cut]),
         }
     }
 }
