@@ -1,6 +1,6 @@
 //! Role ARNs, base ARNs, role names, external ids, session names and namespace restrictions (`policy`):
-//! any text is accepted or refused without a panic, and what is accepted keeps the rules STS and IAM
-//! set.
+//! any text is accepted or refused without a panic, what is accepted keeps the rules (and the length
+//! limits) STS and IAM set, and a refusal quotes the text cut.
 //! Input: the text, tried as each of them.
 
 #![no_main]
@@ -8,7 +8,7 @@
 use std::sync::LazyLock;
 
 use interceptor::policy::{
-    AllowedRoles, BaseArn, ExternalId, PatternFormat, Policy, RoleArn, RoleRequest, SessionName,
+    AllowedRoles, BaseArn, ExternalId, Limit, PatternFormat, Policy, RoleArn, RoleRequest, SessionName,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -50,7 +50,17 @@ fuzz_target!(|data: &[u8]| {
             origin: Some("annotation".into()),
             allowed: Some(std::sync::Arc::new(allowed)),
         };
-        let _ = POLICY.session(&request, text);
+        match POLICY.session(&request, text) {
+            Ok(session) => {
+                assert!(
+                    !Limit::SessionName.exceeded_by(text),
+                    "a session name over 64 is refused"
+                );
+                assert!(!Limit::RoleArn.exceeded_by(session.role.as_str()));
+            }
+            // However long the text, a refusal quotes at most 128 characters of it.
+            Err(err) => assert!(err.to_string().len() < 4096, "{:.200}", err.to_string()),
+        }
     }
 });
 

@@ -236,7 +236,9 @@ pub struct AgentArgs {
     #[arg(long, env = "INTERCEPTOR_POD_REQUEST_BURST", value_name = "N",
           default_value_t = DEFAULT_BURST, value_parser = count_up_to(MAX_COUNT_FLAG))]
     pub pod_request_burst: NonZeroU32,
-    /// Metadata connections the agent keeps open at once; more are closed at accept.
+    /// Metadata connections the agent keeps open at once; more are closed at accept. Past three
+    /// quarters of it, only pods holding fewer than 4 are admitted, so that every pod can open 4
+    /// however many the others hold (for up to N / 16 pods: 256 at the default).
     #[arg(long, env = "INTERCEPTOR_MAX_CONNECTIONS", value_name = "N",
           default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = count_up_to(MAX_COUNT_FLAG))]
     pub max_connections: NonZeroU32,

@@ -97,6 +97,7 @@ fn with_command(mut args: Vec<OsString>) -> Vec<OsString> {
 }
 
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    interceptor::heap::give_back_large_blocks();
     telemetry::init_tracing(args.log_format, &args.log_filter())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.get())

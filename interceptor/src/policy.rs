@@ -1,29 +1,37 @@
 //! policy: which role a workload gets. Turns what a workload asks for (a role name joined to the base
 //! ARN, or a full ARN; else the default role) into a validated [`RoleArn`], and holds the other STS
 //! inputs a workload may set: [`ExternalId`] (validated) and [`SessionName`] (sanitised to STS's rules).
-//! [`AllowedRoles`] are a namespace's restrictions on the roles its pods may name.
+//! A value over AWS's own [`Limit`] is refused before anything else looks at it. [`AllowedRoles`] are a
+//! namespace's restrictions on the roles its pods may name.
 
 use std::{fmt, sync::Arc};
 
 use globset::{GlobBuilder, GlobMatcher};
+
+use crate::Echo;
 
 /// Why a workload gets no role.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
     #[error("the workload names no role and there is no default role")]
     NoRole,
-    #[error("{arn:?} is not a valid IAM role ARN: {problem}")]
+    #[error("{} is not a valid IAM role ARN: {problem}", Echo(.arn))]
     BadRoleArn { arn: String, problem: ArnProblem },
-    #[error("role name {name:?} is not valid: {problem}")]
+    #[error("role name {} is not valid: {problem}", Echo(.name))]
     BadRoleName { name: String, problem: ArnProblem },
     #[error(
-        "role {0:?} is a name, but no base role ARN is set (--base-role-arn or --auto-discover-base-arn)"
+        "role {} is a name, but no base role ARN is set (--base-role-arn or --auto-discover-base-arn)",
+        Echo(.0)
     )]
     NoBaseArn(String),
-    #[error("{arn:?} is not a valid base role ARN: {problem}")]
+    #[error("{} is not a valid base role ARN: {problem}", Echo(.arn))]
     BadBaseArn { arn: String, problem: ArnProblem },
-    #[error("{0:?} is not a valid external id (2-1224 characters of [A-Za-z0-9+=,.@:/_-])")]
+    #[error("{} is not a valid external id (2-1224 characters of [A-Za-z0-9+=,.@:/_-])", Echo(.0))]
     BadExternalId(String),
+    /// A value over AWS's limit; it is not quoted, as the workload source may have cut it (only so
+    /// much of an annotation is kept).
+    #[error("{}", .0.refusal())]
+    TooLong(Limit),
     /// What the workload's source says is not valid; `origin` names where it was read, so the person
     /// who wrote it can find it.
     #[error("{origin}: {problem}")]
@@ -31,7 +39,7 @@ pub enum PolicyError {
         origin: Arc<str>,
         problem: Box<PolicyError>,
     },
-    #[error("role {role} is not allowed in namespace {namespace:?} (its {key} annotation)")]
+    #[error("role {} is not allowed in namespace {namespace:?} (its {key} annotation)", Echo(.role))]
     NotAllowed {
         role: String,
         namespace: String,
@@ -45,9 +53,48 @@ pub enum PolicyError {
     },
 }
 
+/// The values of a role request that AWS bounds, each with its bound in characters. A workload
+/// source may keep only so much of a value: it keeps at least one character more than the limit, so a
+/// value it cut is still over it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// IAM's limit on a role ARN, whether the request names a full ARN or a name joined to the base.
+    RoleArn,
+    /// STS's limit on an external id.
+    ExternalId,
+    /// STS's limit on a role session name.
+    SessionName,
+}
+
+impl Limit {
+    pub const fn max_chars(self) -> usize {
+        match self {
+            Limit::RoleArn => 2048,
+            Limit::ExternalId => 1224,
+            Limit::SessionName => 64,
+        }
+    }
+
+    /// Whether `text` is longer than the limit (counted without walking past it).
+    pub fn exceeded_by(self, text: &str) -> bool {
+        text.chars().nth(self.max_chars()).is_some()
+    }
+
+    fn refusal(self) -> String {
+        let what = match self {
+            Limit::RoleArn => "the role is longer than a role ARN may be",
+            Limit::ExternalId => "the external id is longer than STS takes",
+            Limit::SessionName => "the session name is longer than STS takes",
+        };
+        format!("{what} ({} characters)", self.max_chars())
+    }
+}
+
 /// What is wrong with a role ARN, a base ARN or a role name (the `[path/]name` after `role/`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ArnProblem {
+    #[error("the role ARN is longer than 2048 characters")]
+    LongArn,
     #[error("it does not start with arn:<partition>:iam::<12-digit account>:role/")]
     Prefix,
     #[error("the role name (after the last `/`) is empty")]
@@ -83,6 +130,9 @@ impl RoleArn {
     }
 
     fn parse_checked(text: &str) -> Result<Self, ArnProblem> {
+        if Limit::RoleArn.exceeded_by(text) {
+            return Err(ArnProblem::LongArn);
+        }
         let prefix = ArnPrefix::parse(text).ok_or(ArnProblem::Prefix)?;
         let name_len = check_path_and_name(&text[prefix.len..])?;
         Ok(Self {
@@ -262,7 +312,10 @@ pub struct ExternalId(String);
 
 impl ExternalId {
     pub fn parse(text: &str) -> Result<Self, PolicyError> {
-        let ok = (2..=1224).contains(&text.len())
+        if Limit::ExternalId.exceeded_by(text) {
+            return Err(PolicyError::TooLong(Limit::ExternalId));
+        }
+        let ok = (2..=Limit::ExternalId.max_chars()).contains(&text.len())
             && text
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"+=,.@:/_-".contains(&b));
@@ -281,7 +334,16 @@ impl ExternalId {
 pub struct SessionName(String);
 
 impl SessionName {
-    const MAX: usize = 64;
+    const MAX: usize = Limit::SessionName.max_chars();
+
+    /// The session name a workload asks for: refused over 64 characters (cut, it would name a session
+    /// the workload did not ask for), else sanitised.
+    pub fn requested(text: &str) -> Result<Self, PolicyError> {
+        if Limit::SessionName.exceeded_by(text) {
+            return Err(PolicyError::TooLong(Limit::SessionName));
+        }
+        Ok(Self::sanitize(text))
+    }
 
     /// Replaces every character STS refuses with `-`, truncates to 64 characters and pads names
     /// shorter than 2.
@@ -344,6 +406,9 @@ impl Policy {
     /// carry a path, `team/app`) are joined to the base ARN as they are: `/app` is refused, not
     /// trimmed, like every name that would put an empty segment into the ARN.
     pub fn role_arn(&self, role: &str) -> Result<RoleArn, PolicyError> {
+        if Limit::RoleArn.exceeded_by(role) {
+            return Err(PolicyError::TooLong(Limit::RoleArn));
+        }
         if role.starts_with("arn:") {
             return RoleArn::parse(role);
         }
@@ -392,9 +457,10 @@ impl Policy {
                 .map(ExternalId::parse)
                 .transpose()
                 .map_err(in_request)?,
-            session_name: SessionName::sanitize(
-                request.session_name.as_deref().unwrap_or(default_session_name),
-            ),
+            session_name: match request.session_name.as_deref() {
+                Some(name) => SessionName::requested(name).map_err(in_request)?,
+                None => SessionName::sanitize(default_session_name),
+            },
         })
     }
 }
@@ -408,6 +474,10 @@ pub enum PatternFormat {
     /// Regular expressions, anchored at both ends (kube2iam's are not: `app` would match `my-app-admin`).
     Regexp,
 }
+
+/// The longest namespace restriction annotation taken: room for some 50 role ARNs, and a node's agent,
+/// which keeps every namespace's, keeps at most this much of each. A longer one allows no role.
+pub const MAX_RESTRICTION_CHARS: usize = 4096;
 
 /// A namespace's restriction: the role ARNs its pods may name. Patterns that are not ARNs are joined to
 /// the base ARN first, as role names are.
@@ -441,7 +511,13 @@ impl AllowedRoles {
         base_arn: Option<&BaseArn>,
     ) -> Self {
         let text = annotation.unwrap_or_default().trim();
-        let parsed = Self::patterns(text, format, base_arn);
+        let parsed = if text.chars().nth(MAX_RESTRICTION_CHARS).is_some() {
+            Err(format!(
+                "the annotation is longer than {MAX_RESTRICTION_CHARS} characters"
+            ))
+        } else {
+            Self::patterns(text, format, base_arn)
+        };
         let (patterns, problem) = match parsed {
             Ok(patterns) => (patterns, None),
             Err(problem) => (Vec::new(), Some(problem)),
@@ -526,14 +602,23 @@ impl RolePattern {
             _ => "",
         };
         match format {
+            // The errors' own texts quote the whole pattern: only what went wrong is kept.
             PatternFormat::Glob => GlobBuilder::new(&format!("{base}{source}"))
                 .literal_separator(false)
                 .build()
                 .map(|glob| Self::Glob(glob.compile_matcher()))
-                .map_err(|err| format!("bad glob {source:?}: {err}")),
+                .map_err(|err| format!("bad glob {}: {}", Echo(source), err.kind())),
             PatternFormat::Regexp => regex::Regex::new(&format!("^(?:{}{source})$", regex::escape(base)))
                 .map(Self::Regexp)
-                .map_err(|err| format!("bad regexp {source:?}: {err}")),
+                .map_err(|err| {
+                    let text = err.to_string();
+                    let what = text
+                        .lines()
+                        .last()
+                        .unwrap_or_default()
+                        .trim_start_matches("error: ");
+                    format!("bad regexp {}: {what}", Echo(source))
+                }),
         }
     }
 
@@ -909,6 +994,153 @@ mod tests {
             policy().session(&named, "w").unwrap().session_name.as_str(),
             "mine"
         );
+    }
+
+    /// A request whose `field` is `value`, as a pod annotation would make it.
+    fn annotated(field: Limit, value: &str) -> RoleRequest {
+        let value = Some(value.to_owned());
+        let request = RoleRequest {
+            origin: Some("annotation iam.amazonaws.com/role of pod team/web".into()),
+            ..request("app")
+        };
+        match field {
+            Limit::RoleArn => RoleRequest {
+                role: value,
+                ..request
+            },
+            Limit::ExternalId => RoleRequest {
+                external_id: value,
+                ..request
+            },
+            Limit::SessionName => RoleRequest {
+                session_name: value,
+                ..request
+            },
+        }
+    }
+
+    #[test]
+    fn values_over_aws_limits_are_refused_unquoted_and_those_at_them_pass() {
+        let arn_of = |len: usize| {
+            let prefix = "arn:aws:iam::123456789012:role/";
+            let path = "p/".repeat((len - prefix.len() - 1) / 2);
+            let arn = format!("{prefix}{path}{}", "n".repeat(len - prefix.len() - path.len()));
+            assert_eq!(arn.len(), len);
+            arn
+        };
+        // No role ARN reaches 2048 characters within IAM's path and name limits: the values at their
+        // limits that pass are the external id's and the session name's.
+        let at_limits = [
+            (Limit::ExternalId, "x".repeat(1224)),
+            (Limit::SessionName, "s".repeat(64)),
+        ];
+        for (field, value) in at_limits {
+            assert!(
+                policy().session(&annotated(field, &value), "w").is_ok(),
+                "{field:?}"
+            );
+        }
+        let over_limits = [
+            (Limit::RoleArn, arn_of(2049)),
+            (Limit::RoleArn, "n".repeat(2049)),
+            (Limit::RoleArn, "é".repeat(2049)),
+            (Limit::ExternalId, "x".repeat(1225)),
+            (Limit::SessionName, "s".repeat(65)),
+            (Limit::SessionName, "s".repeat(256 * 1024)),
+        ];
+        for (field, value) in over_limits {
+            let err = policy().session(&annotated(field, &value), "w").unwrap_err();
+            let PolicyError::BadRequest { problem, .. } = &err else {
+                panic!("{field:?}: {err:?}")
+            };
+            assert_eq!(**problem, PolicyError::TooLong(field));
+            let message = err.to_string();
+            assert!(message.len() < 200, "{message}");
+            assert!(
+                !message.contains(&value[..20]),
+                "the value is not quoted: {message}"
+            );
+        }
+        assert_eq!(
+            PolicyError::TooLong(Limit::RoleArn).to_string(),
+            "the role is longer than a role ARN may be (2048 characters)"
+        );
+    }
+
+    #[test]
+    fn a_name_within_the_limit_whose_arn_is_over_it_is_quoted_cut_with_its_length() {
+        let name = "n".repeat(2040);
+        let err = policy().role_arn(&name).unwrap_err();
+        assert_eq!(
+            err,
+            PolicyError::BadRoleName {
+                name: name.clone(),
+                problem: ArnProblem::LongArn
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "role name {:?}… (2040 characters) is not valid: the role ARN is longer than 2048 characters",
+                "n".repeat(crate::ECHO_MAX_CHARS)
+            )
+        );
+    }
+
+    #[test]
+    fn values_in_refusals_are_quoted_cut() {
+        let long_bad = format!("{}!", "a".repeat(1000));
+        let refusals = [
+            policy().role_arn(&format!("arn:aws:iam::123456789012:role/{long_bad}")),
+            Policy::default().role_arn(&long_bad),
+            policy().role_arn(&format!("arn:aws:iam::1:role/{long_bad}")),
+        ];
+        for refused in refusals {
+            let message = refused.unwrap_err().to_string();
+            assert!(
+                message.len() < 300 && message.contains("characters)"),
+                "{message}"
+            );
+        }
+        let message = ExternalId::parse(&long_bad).unwrap_err().to_string();
+        assert!(
+            message.contains("… (1001 characters) is not a valid external id"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn restrictions_are_bounded_and_their_problems_quote_patterns_cut() {
+        let base = BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap();
+        let parse =
+            |text: &str, format| AllowedRoles::parse("team", "k".into(), Some(text), format, Some(&base));
+        let many = format!("[{}]", vec![r#""app-*""#; MAX_RESTRICTION_CHARS / 9].join(","));
+        assert!(many.len() <= MAX_RESTRICTION_CHARS && parse(&many, PatternFormat::Glob).problem().is_none());
+        let too_many = format!("[{}]", vec![r#""app-*""#; MAX_RESTRICTION_CHARS / 7].join(","));
+        assert_eq!(
+            parse(&too_many, PatternFormat::Glob).problem(),
+            Some("the annotation is longer than 4096 characters")
+        );
+        let bad_glob = format!(r#"["{}[a"]"#, "x".repeat(3000));
+        let bad_regexp = format!("({}", "x".repeat(3000));
+        for (text, format) in [
+            (bad_glob, PatternFormat::Glob),
+            (bad_regexp, PatternFormat::Regexp),
+        ] {
+            let allowed = parse(&text, format);
+            let problem = allowed.problem().unwrap();
+            assert!(
+                problem.len() < 300 && problem.contains("characters)"),
+                "{problem}"
+            );
+        }
+        let problem = parse("(", PatternFormat::Regexp).problem().unwrap().to_owned();
+        assert_eq!(problem, r#"bad regexp "(": unclosed group"#);
+        let problem = parse(r#"["a["]"#, PatternFormat::Glob)
+            .problem()
+            .unwrap()
+            .to_owned();
+        assert_eq!(problem, r#"bad glob "a[": unclosed character class; missing ']'"#);
     }
 
     #[test]

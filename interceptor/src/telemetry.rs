@@ -3,9 +3,12 @@
 //! metrics under the `interceptor_` prefix), `/healthz` (the process is alive) and `/readyz` (programs
 //! attached, workload source synced, the node's own credentials available).
 
-use std::sync::{
-    Arc, RwLock,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use anyhow::{Context, Result};
@@ -90,6 +93,50 @@ impl ResultLabels {
         Self {
             result: if ok { "success" } else { "error" },
         }
+    }
+}
+
+/// Role ARNs that keep series of their own in a metric labelled by role. A node's pods name a few
+/// dozen roles at most; each costs about 20 series (a histogram of STS latency among them), so the
+/// agent exposes at most about 2,000 of them however many roles its pods name over its life.
+pub const MAX_ROLE_SERIES: usize = 100;
+/// The `role` label of what roles past [`MAX_ROLE_SERIES`] are counted under (no role ARN reads so).
+pub const OTHER_ROLE: &str = "other";
+
+/// The `role` label of a metric's samples: the first [`MAX_ROLE_SERIES`] role ARNs it sees keep
+/// theirs until the agent restarts; later ones share [`OTHER_ROLE`], whose series count what fell
+/// over the cap. Clones share one set.
+#[derive(Clone, Debug)]
+pub struct RoleLabelCap {
+    cap: usize,
+    own: Arc<RwLock<HashSet<String>>>,
+}
+
+impl Default for RoleLabelCap {
+    fn default() -> Self {
+        Self::with_cap(MAX_ROLE_SERIES)
+    }
+}
+
+impl RoleLabelCap {
+    fn with_cap(cap: usize) -> Self {
+        Self {
+            cap,
+            own: Arc::default(),
+        }
+    }
+
+    /// The label of a sample of `role`.
+    pub fn of(&self, role: &str) -> String {
+        if self.own.read().unwrap_or_else(|e| e.into_inner()).contains(role) {
+            return role.to_owned();
+        }
+        let mut own = self.own.write().unwrap_or_else(|e| e.into_inner());
+        if own.contains(role) || own.len() < self.cap {
+            own.insert(role.to_owned());
+            return role.to_owned();
+        }
+        OTHER_ROLE.to_owned()
     }
 }
 
@@ -222,6 +269,22 @@ mod tests {
             get(&telemetry, "/readyz").await,
             (StatusCode::OK, "ready\n".to_owned())
         );
+    }
+
+    #[test]
+    fn the_first_roles_keep_their_labels_and_later_ones_share_other() {
+        let labels = RoleLabelCap::with_cap(2);
+        let arn = |name: &str| format!("arn:aws:iam::123456789012:role/{name}");
+        assert_eq!(labels.of(&arn("a")), arn("a"));
+        assert_eq!(labels.clone().of(&arn("b")), arn("b"), "clones share the set");
+        assert_eq!(labels.of(&arn("c")), OTHER_ROLE);
+        assert_eq!(
+            labels.of(&arn("a")),
+            arn("a"),
+            "a role with its own series keeps it"
+        );
+        assert_eq!(labels.of(&arn("d")), OTHER_ROLE);
+        assert_eq!(labels.own.read().unwrap().len(), 2);
     }
 
     #[tokio::test]

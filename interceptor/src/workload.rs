@@ -67,7 +67,7 @@ pub enum WorkloadError {
 /// Why a workload was refused a role, for the sources that tell someone (Kubernetes Events).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Refusal {
-    /// Its role annotation (or external id) is not valid.
+    /// Its role annotation, external id or session name is not valid, or is over AWS's limit.
     BadAnnotation,
     /// Its namespace does not allow the role.
     NamespaceRestricted,

@@ -88,6 +88,15 @@ impl Samples {
     }
 }
 
+/// The value of `sample` (a metric's name and labels, as the agent writes them) in an exposition read
+/// as text, without a parser; 0 when absent (a counter nobody has touched yet).
+pub fn sample_value(exposition: &str, sample: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The value of `label` in the labels of a sample's key after its `{` (`a="x",b="y"}`), which
 /// [`Samples::parse`] writes without escapes: the values it reads are fixed strings, numbers and ARNs.
 fn label_value<'k>(labels: &'k str, label: &str) -> Option<&'k str> {

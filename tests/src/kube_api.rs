@@ -1,10 +1,11 @@
 //! A fake Kubernetes API server for the tests: pods, namespaces, service accounts, nodes and events
 //! (core/v1 and events.k8s.io/v1), with the parts of the real protocol that kube's `watcher`, `reflector` and
-//! `events::Recorder` and kubectl use: discovery, get, list with `limit`/`continue` pagination and
-//! field and label selectors, watch (replay from a resourceVersion, bookmarks, streaming lists with
-//! `sendInitialEvents`, 410 Gone after a compaction), create, replace, merge patch, JSON patch
-//! (RFC 6902, a failed `test` answered 422 as the real server does) and delete,
-//! server-side tables and `PartialObjectMetadata`.
+//! `events::Recorder` and kubectl use: discovery, get, list with `limit`/`continue` pagination (a list
+//! at resourceVersion 0 whole, as the watch cache serves it) and field and label selectors, watch
+//! (replay from a resourceVersion, bookmarks, streaming lists with `sendInitialEvents`, 410 Gone after
+//! a compaction), create, replace, merge patch, JSON patch (RFC 6902, a failed `test` answered 422 as
+//! the real server does) and delete, server-side tables and `PartialObjectMetadata`. Objects whose
+//! annotations are over the real server's 256 KiB are refused (422).
 //!
 //! It listens on the simulated node's address (`http://10.99.0.1:6443`), on a thread of its own that
 //! runs inside the node's network namespace, so the agent reaches it as it would reach a real API
@@ -1099,6 +1100,7 @@ impl Shared {
     ) -> Result<Value, ApiError> {
         let info = &KINDS[kind];
         check_shape(&object)?;
+        check_annotations_size(&object)?;
         let Some(fields) = object.as_object_mut() else {
             return Err(ApiError::bad_request("the body is not a JSON object"));
         };
@@ -1848,6 +1850,29 @@ fn check_shape(object: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The real server's `TotalAnnotationSizeLimitB`: an object's annotations, keys and values, hold at
+/// most 256 KiB.
+pub const TOTAL_ANNOTATION_SIZE_LIMIT: usize = 256 * 1024;
+
+/// Refuses (422) an object whose annotations are over [`TOTAL_ANNOTATION_SIZE_LIMIT`], as the real
+/// server's validation does.
+fn check_annotations_size(object: &Value) -> Result<(), ApiError> {
+    let size: usize = object["metadata"]["annotations"]
+        .as_object()
+        .map(|all| {
+            all.iter()
+                .map(|(key, value)| key.len() + value.as_str().map_or(0, str::len))
+                .sum()
+        })
+        .unwrap_or(0);
+    if size > TOTAL_ANNOTATION_SIZE_LIMIT {
+        return Err(ApiError::invalid(format!(
+            "metadata.annotations: Too long: must have at most {TOTAL_ANNOTATION_SIZE_LIMIT} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// RFC 7386: objects merge, `null` removes, anything else replaces.
 fn merge_patch(target: &mut Value, patch: &Value) {
     let Value::Object(patch) = patch else {
@@ -2018,8 +2043,13 @@ struct Page {
 }
 
 fn list(state: &StoreState, filter: &Filter, params: &Params) -> Result<Page, ApiError> {
-    let limit = params.number("limit")?.filter(|&limit| limit > 0);
     let rv_param = params.get("resourceVersion").unwrap_or("");
+    // At resourceVersion 0 the real server answers from its watch cache, which ignores `limit`: the
+    // whole list in one response, with no continue token (kube-apiserver's cacher sends only other
+    // lists with a limit on to etcd, which pages them).
+    let limit = params
+        .number("limit")?
+        .filter(|&limit| limit > 0 && rv_param != "0");
     let version_match = params.get("resourceVersionMatch").unwrap_or("");
     let (rv, after) = match params.get("continue").filter(|token| !token.is_empty()) {
         Some(token) => {

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use futures::{StreamExt, TryStreamExt};
 use interceptor_tests::{
-    kube_api::{FakeApiServer, RequestLog},
+    kube_api::{FakeApiServer, RequestLog, TOTAL_ANNOTATION_SIZE_LIMIT},
     lab::Interactive,
     privileged, python,
     sim::SimNode,
@@ -31,6 +31,7 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ListParams, WatchEvent, WatchParams},
     config::{KubeConfigOptions, Kubeconfig},
+    core::ObjectList,
     runtime::{
         WatchStreamExt,
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
@@ -651,6 +652,17 @@ fn kube_lists_page_and_select_as_the_real_server_does() -> Result<()> {
             }
         }
         assert_eq!((names.join(","), pages), ("p1,p2,p3,p4,p5".to_owned(), 3));
+        // At resourceVersion 0 the watch cache answers, and ignores the limit: all, no continue token.
+        // (kube never asks so: it drops resourceVersion 0 from a list with a limit.)
+        let uri = format!(
+            "/api/v1/namespaces/{}/pods?limit=2&resourceVersion=0",
+            cluster.namespace
+        );
+        let cached: ObjectList<Pod> = client
+            .request(axum::http::Request::get(uri).body(Vec::new())?)
+            .await?;
+        assert_eq!(cached.items.len(), 5);
+        assert_eq!(cached.metadata.continue_, None);
 
         // Label selectors, equality- and set-based.
         let mut labelled = cluster.here("p3");
@@ -789,6 +801,16 @@ fn bad_input_gets_a_status_and_namespaces_take_their_contents_along() -> Result<
                 (body["kind"].as_str(), body["code"].as_u64()),
                 (Some("Status"), Some(400))
             );
+
+            // Annotations of 256 KiB in all, keys and values, are taken; a byte more is refused.
+            let mut annotated = cluster.here("p1");
+            let key = "example.com/blob";
+            let at_limit = "z".repeat(TOTAL_ANNOTATION_SIZE_LIMIT - key.len());
+            annotated.metadata.annotations = Some([(key.to_owned(), at_limit.clone())].into());
+            pods.replace("p1", &Default::default(), &annotated).await?;
+            annotated.metadata.annotations = Some([(key.to_owned(), format!("{at_limit}z"))].into());
+            let over = pods.replace("p1", &Default::default(), &annotated).await;
+            assert_eq!(status(over)?, (422, "Invalid".to_owned()));
 
             let namespaces: Api<Namespace> = Api::all(client);
             let labels = namespaces

@@ -1,5 +1,6 @@
 //! Per-pod limits tried as a flooding pod would: the real agent with its Kubernetes source and moto as
-//! STS, small limits set by flags, a pod of two containers flooding the agent beside a quiet pod.
+//! STS, small limits set by flags, a pod of two containers flooding the agent beside a quiet pod; and
+//! the global connection cap, which pods holding theirs cannot fill for a pod that comes later.
 //! The flood gets its pod's budget and no more, shared by its containers, and its connections past its
 //! pod's cap are closed at accept; the quiet pod meanwhile gets every answer, with its own
 //! credentials, which the flood never sees. Asserted with counts; the time the run took only bounds
@@ -11,6 +12,7 @@ use anyhow::Result;
 use interceptor_tests::{
     bench,
     deployed::{ROLE_LIST, Sts, curl, eventually, health, status_of},
+    exposition::sample_value,
     kube_node::{KubeNode, pod_object},
     lab::{Interactive, run},
     privileged,
@@ -81,14 +83,6 @@ async fn requests_until_served(pod: &Pod, container: &Path) -> Result<u64> {
     .await;
     anyhow::ensure!(served, "the pod's role list was never served");
     Ok(requests)
-}
-
-/// A counter of the agent's `/metrics`, by its name and labels as the exposition writes them.
-fn counter(exposition: &str, sample: &str) -> f64 {
-    exposition
-        .lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -163,7 +157,7 @@ async fn a_flooding_pod_gets_its_budget_and_cap_while_a_quiet_pod_gets_every_ans
     // Every refusal counted, and logged at info once for the whole flood (once per 10 s per pod).
     let (_, metrics) = health(&cluster.node, "/metrics").await?;
     assert_eq!(
-        counter(
+        sample_value(
             &metrics,
             r#"interceptor_metadata_refusals_total{reason="throttled"}"#
         ),
@@ -186,10 +180,10 @@ async fn a_flooding_pod_gets_its_budget_and_cap_while_a_quiet_pod_gets_every_ans
     // connects (EPERM) without the agent; the other container's are closed and refused the same way,
     // while the quiet pod is served.
     let refusals = |metrics: &str| {
-        counter(
+        sample_value(
             metrics,
             r#"interceptor_metadata_connections_refused_total{reason="caller_limit"}"#,
-        ) + counter(
+        ) + sample_value(
             metrics,
             r#"interceptor_bpf_connections_total{outcome="over_limit"}"#,
         )
@@ -218,7 +212,7 @@ async fn a_flooding_pod_gets_its_budget_and_cap_while_a_quiet_pod_gets_every_ans
         "the holder's connections past the cap were neither closed nor refused"
     );
     let kernel_refused = |metrics: &str| {
-        counter(
+        sample_value(
             metrics,
             r#"interceptor_bpf_connections_total{outcome="over_limit"}"#,
         )
@@ -249,6 +243,76 @@ async fn a_flooding_pod_gets_its_budget_and_cap_while_a_quiet_pod_gets_every_ans
         })
         .await
     );
+    Ok(())
+}
+
+/// The global cap tried as pods holding connections would: `--max-connections 16
+/// --max-connections-per-pod 8`, so that two pods at their caps would fill it. The first pod holds its
+/// 8; the second asks for 8 and is admitted 4, as past 12 open (three quarters) only pods holding
+/// fewer than 4 are; a third pod, arriving last, is still served on connections of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_holding_their_caps_leave_a_newcomer_connections_of_its_own() -> Result<()> {
+    if !privileged::can_run("fair global connection cap") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let (first, second, newcomer) = (node.pod()?, node.pod()?, node.pod()?);
+    let containers = (first.container()?, second.container()?, newcomer.container()?);
+    let cluster = KubeNode::start(
+        node,
+        Sts::Down,
+        &["--max-connections", "16", "--max-connections-per-pod", "8"],
+    )?;
+    for (pod, name) in [(&first, "first"), (&second, "second"), (&newcomer, "newcomer")] {
+        cluster.api.apply_pod(pod_object(
+            pod,
+            "load",
+            name,
+            &[(ROLE_KEY, &format!("app-{name}"))],
+        ));
+    }
+    requests_until_served(&newcomer, &containers.2).await?;
+
+    let hold = |pod, container| {
+        pod_command(
+            pod,
+            container,
+            &["hold", &format!("{METADATA_IP}:80"), "--count", "8"],
+        )
+    };
+    let mut holders = Vec::new();
+    for (pod, container) in [(&first, &containers.0), (&second, &containers.1)] {
+        let mut holder = hold(pod, container)?;
+        let held = holder.line().await?;
+        assert_eq!(bench::output_field(&held, "opened")?, 8.0, "{held}");
+        holders.push(holder);
+    }
+    // 12 kept: the first pod's 8 and the second's 4; the second's last 4 closed at accept.
+    let reserved = r#"interceptor_metadata_connections_refused_total{reason="reserved"}"#;
+    assert!(
+        eventually(|| async {
+            health(&cluster.node, "/metrics")
+                .await
+                .is_ok_and(|(_, metrics)| sample_value(&metrics, reserved) >= 4.0)
+        })
+        .await,
+        "the second pod's connections past its guarantee were not refused"
+    );
+    let (_, metrics) = health(&cluster.node, "/metrics").await?;
+    assert_eq!(sample_value(&metrics, reserved), 4.0);
+    assert_eq!(
+        sample_value(
+            &metrics,
+            r#"interceptor_metadata_connections_refused_total{reason="global_limit"}"#
+        ),
+        0.0
+    );
+
+    let asked = flood(&newcomer, &containers.2, "", 2, 6).await?;
+    assert_eq!((asked.ok, asked.closed, asked.other), (6, 0, 0), "{asked:?}");
+    for holder in holders {
+        holder.finish().await?;
+    }
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! creds::metrics: STS AssumeRole calls by role and result (success, error, timeout) and their latency;
-//! cache lookups (hit, stale, miss), background refreshes and the number of sessions held.
+//! cache lookups (hit, stale, miss), background refreshes and the number of sessions held. Role labels
+//! are capped ([`RoleLabelCap`]).
 
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use prometheus_client::{
 };
 
 use super::StsError;
-use crate::telemetry::ResultLabels;
+use crate::telemetry::{ResultLabels, RoleLabelCap};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StsLabels {
@@ -90,6 +91,7 @@ pub struct CacheMetrics {
     lookups: Family<ResultLabels, Counter>,
     refreshes: Family<ResultLabels, Counter>,
     sessions: Gauge,
+    roles: RoleLabelCap,
 }
 
 impl Default for CacheMetrics {
@@ -100,6 +102,7 @@ impl Default for CacheMetrics {
             lookups: Family::default(),
             refreshes: Family::default(),
             sessions: Gauge::default(),
+            roles: RoleLabelCap::default(),
         }
     }
 }
@@ -108,12 +111,12 @@ impl CacheMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "sts_assume_role",
-            "STS AssumeRole calls by role ARN and result (success, error, or timeout: no answer in time)",
+            "STS AssumeRole calls by role ARN (after the first 100, other) and result (success, error, or timeout: no answer in time)",
             self.sts_calls.clone(),
         );
         registry.register_with_unit(
             "sts_assume_role_duration",
-            "Time AssumeRole calls took, by role ARN (a call that timed out counts its timeout)",
+            "Time AssumeRole calls took, by role ARN (after the first 100, other; a call that timed out counts its timeout)",
             Unit::Seconds,
             self.sts_latency.clone(),
         );
@@ -135,7 +138,7 @@ impl CacheMetrics {
     }
 
     pub(super) fn sts_call(&self, role: &str, result: StsResult, took: Duration) {
-        let role = role.to_owned();
+        let role = self.roles.of(role);
         self.sts_latency
             .get_or_create(&RoleLabels { role: role.clone() })
             .observe(took.as_secs_f64());
@@ -161,5 +164,38 @@ impl CacheMetrics {
 
     pub(super) fn sessions(&self, count: usize) {
         self.sessions.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::{MAX_ROLE_SERIES, OTHER_ROLE};
+
+    #[test]
+    fn sts_calls_keep_a_series_for_at_most_the_first_roles() {
+        let metrics = CacheMetrics::default();
+        for n in 0..MAX_ROLE_SERIES + 50 {
+            let role = format!("arn:aws:iam::123456789012:role/assumed-{n}");
+            metrics.sts_call(&role, StsResult::Success, Duration::from_millis(20));
+        }
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let roles = |prefix: &str| {
+            text.lines()
+                .filter(|line| line.starts_with(prefix))
+                .filter_map(|line| line.split("role=\"").nth(1)?.split('"').next())
+                .collect::<std::collections::HashSet<_>>()
+        };
+        for prefix in [
+            "sts_assume_role_total{",
+            "sts_assume_role_duration_seconds_count{",
+        ] {
+            let roles = roles(prefix);
+            assert_eq!(roles.len(), MAX_ROLE_SERIES + 1, "{prefix}");
+            assert!(roles.contains(OTHER_ROLE), "{prefix}: {text}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use super::{route::RouteError, token::TokenError};
 use crate::{
     creds::StsError,
     identity::CgroupError,
-    policy::PolicyError,
+    policy::{Limit, PolicyError},
     workload::{Refusal, WorkloadError},
 };
 
@@ -38,7 +38,7 @@ pub enum ImdsError {
         "the hostNetwork pod names no role, and --host-network-credentials none gives such pods no credentials"
     )]
     HostNetworkWithoutRole,
-    #[error("role {asked:?} is not this workload's role")]
+    #[error("role {} is not this workload's role", crate::Echo(.asked))]
     OtherRole { asked: String },
     #[error(transparent)]
     Sts(#[from] StsError),
@@ -114,7 +114,13 @@ impl ImdsError {
             Self::UnknownWorkload(WorkloadError::PodFinished { .. }) => "pod_finished",
             Self::UnknownWorkload(WorkloadError::MirrorContested { .. }) => "mirror_contested",
             Self::Policy(PolicyError::NoRole) | Self::HostNetworkWithoutRole => "no_role",
-            Self::Policy(PolicyError::BadRequest { .. }) => "invalid_role",
+            Self::Policy(PolicyError::BadRequest { problem, .. }) => match **problem {
+                PolicyError::BadExternalId(_) | PolicyError::TooLong(Limit::ExternalId) => {
+                    "invalid_external_id"
+                }
+                PolicyError::TooLong(Limit::SessionName) => "invalid_session_name",
+                _ => "invalid_role",
+            },
             Self::Policy(PolicyError::NotAllowed { .. }) => "namespace_restricted",
             Self::Policy(PolicyError::BadRestriction { .. }) => "bad_namespace_restriction",
             Self::Policy(_) => "role_not_allowed",

@@ -1,9 +1,12 @@
 //! imds::limits: who shares a limit ([`LimitKey`]: a pod, or outside pods a cgroup), and bounds on
 //! the metadata connections open at once, over all callers and per caller, so that one workload
-//! flooding the agent can neither starve the others nor run the agent out of file descriptors. A
-//! connection over a bound is closed at accept, before a byte is read, and while a pod holds all its
-//! connections the kernel refuses its containers' further connects ([`ConnectGate`]), so that a pod
-//! reconnecting in a loop costs the agent nothing. The request rate per caller is [`super::rate`]'s.
+//! flooding the agent can neither starve the others nor run the agent out of file descriptors. The
+//! last quarter of the total is a reserve that only callers holding fewer than
+//! [`GUARANTEED_CONNECTIONS`] may draw on, so that pods holding their whole share cannot starve a
+//! pod that holds none. A connection over a bound is closed at accept, before a byte is read, and
+//! while a pod holds all its connections the kernel refuses its containers' further connects
+//! ([`ConnectGate`]), so that a pod reconnecting in a loop costs the agent nothing. The request rate
+//! per caller is [`super::rate`]'s.
 
 use std::{
     collections::HashMap,
@@ -23,6 +26,12 @@ pub const DEFAULT_MAX_CONNECTIONS: NonZeroU32 = NonZeroU32::new(4096).expect("no
 /// from a pod's processes needs (the tests make 100 from one container), far below
 /// [`DEFAULT_MAX_CONNECTIONS`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_POD: NonZeroU32 = NonZeroU32::new(128).expect("non-zero");
+
+/// Connections every caller may open however many the others hold, as long as the reserve (the last
+/// quarter of the total) lasts: an SDK holds one or two while it fetches credentials. At the defaults
+/// the reserve holds 256 callers' worth, more than the 250 pods an EKS node runs with prefix
+/// delegation (110 without).
+pub const GUARANTEED_CONNECTIONS: u32 = 4;
 
 /// Who shares a limit. All containers of a pod share its limits, so a pod cannot multiply its share
 /// by running more containers (or by making cgroups below its own); outside pods (node daemons of a
@@ -97,6 +106,8 @@ pub enum OverLimit {
     Global,
     /// The caller holds its share (`--max-connections-per-pod`).
     Caller,
+    /// Only the reserve is left, and the caller holds its guarantee already.
+    Reserved,
 }
 
 impl OverLimit {
@@ -104,6 +115,7 @@ impl OverLimit {
         match self {
             OverLimit::Global => "global_limit",
             OverLimit::Caller => "caller_limit",
+            OverLimit::Reserved => "reserved",
         }
     }
 }
@@ -120,6 +132,9 @@ pub trait ConnectGate: Send + Sync {
 pub struct ConnectionLimits {
     max_total: NonZeroU32,
     max_per_caller: NonZeroU32,
+    /// Open connections from which on only callers holding fewer than `guaranteed` are admitted.
+    reserve_from: u32,
+    guaranteed: u32,
     gate: Option<Arc<dyn ConnectGate>>,
     open: Mutex<OpenConnections>,
 }
@@ -146,6 +161,8 @@ impl ConnectionLimits {
         Self {
             max_total,
             max_per_caller,
+            reserve_from: max_total.get() - max_total.get() / 4,
+            guaranteed: GUARANTEED_CONNECTIONS.min(max_per_caller.get()),
             gate: None,
             open: Mutex::new(OpenConnections::default()),
         }
@@ -159,14 +176,16 @@ impl ConnectionLimits {
     }
 
     /// Counts a new connection of `caller`, made by `cgroup_id`; it stays counted until the returned
-    /// guard drops.
+    /// guard drops. Refused when all are open, when the caller holds its share, or when only the
+    /// reserve is left and the caller holds its guarantee.
     pub fn admit(
         self: &Arc<Self>,
         caller: Option<LimitKey>,
         cgroup_id: Option<CgroupId>,
     ) -> Result<OpenConnection, OverLimit> {
         let mut open = self.lock();
-        if open.total >= self.max_total.get() {
+        let total = open.total;
+        if total >= self.max_total.get() {
             return Err(OverLimit::Global);
         }
         let held = open.by_caller.entry(caller.clone()).or_default();
@@ -179,6 +198,9 @@ impl ConnectionLimits {
                 }
             }
             return Err(OverLimit::Caller);
+        }
+        if total >= self.reserve_from && *held >= self.guaranteed {
+            return Err(OverLimit::Reserved);
         }
         *held += 1;
         open.total += 1;
@@ -263,6 +285,60 @@ mod tests {
             limits.admit(a, None).is_ok(),
             "a closed connection frees its place"
         );
+    }
+
+    /// Opens connections for `caller` until one is refused; returns them and why the next was not.
+    fn hold_all(limits: &Arc<ConnectionLimits>, caller: &LimitKey) -> (Vec<OpenConnection>, OverLimit) {
+        let mut held = Vec::new();
+        loop {
+            match limits.admit(Some(caller.clone()), None) {
+                Ok(open) => held.push(open),
+                Err(over) => return (held, over),
+            }
+        }
+    }
+
+    #[test]
+    fn past_three_quarters_of_the_total_only_callers_below_their_guarantee_are_admitted() {
+        let limits = Arc::new(ConnectionLimits::new(count(16), count(8)));
+        let caller = |id| LimitKey::Cgroup(CgroupId(id));
+        let (first, over) = hold_all(&limits, &caller(1));
+        assert_eq!((first.len(), over), (8, OverLimit::Caller));
+        let (second, over) = hold_all(&limits, &caller(2));
+        assert_eq!(
+            (second.len(), over),
+            (4, OverLimit::Reserved),
+            "past 12 open, the second holds its guarantee and no more"
+        );
+        let (newcomer, over) = hold_all(&limits, &caller(3));
+        assert_eq!((newcomer.len(), over), (4, OverLimit::Global));
+        drop(first);
+        let (more, over) = hold_all(&limits, &caller(2));
+        assert_eq!(
+            (more.len(), over),
+            (4, OverLimit::Caller),
+            "below the reserve again, its whole share"
+        );
+    }
+
+    #[test]
+    fn at_the_defaults_every_pod_of_a_full_node_gets_its_guarantee_however_many_others_hold() {
+        let limits = Arc::new(ConnectionLimits::new(
+            DEFAULT_MAX_CONNECTIONS,
+            DEFAULT_MAX_CONNECTIONS_PER_POD,
+        ));
+        // 250 pods (EKS with prefix delegation), one after the other, each holding all it may: without
+        // the reserve, the first 32 would fill the 4,096 and the other 218 get nothing.
+        let held: Vec<Vec<OpenConnection>> = (0..250)
+            .map(|id| hold_all(&limits, &LimitKey::Cgroup(CgroupId(id))).0)
+            .collect();
+        let counts: Vec<usize> = held.iter().map(Vec::len).collect();
+        assert_eq!(counts[..24], [128; 24], "the first pods, their whole share");
+        assert!(
+            counts[24..].iter().all(|&n| n == GUARANTEED_CONNECTIONS as usize),
+            "every other pod, its guarantee: {counts:?}"
+        );
+        assert!(limits.lock().total <= DEFAULT_MAX_CONNECTIONS.get());
     }
 
     /// Records what the limits ask of the kernel's gate.

@@ -1,8 +1,9 @@
 //! imds::metrics: what the metadata API did: requests by route and status, their latency, refusals by
 //! reason, credentials served by role, connections by whether the kernel attributed them,
-//! connections closed at accept by the limit they were over, requests over their caller's rate
-//! by whether they were held or refused, and answers that carried the node's own credentials by grant. Label values are fixed strings, status codes and role ARNs
-//! (bounded by the workload source's policy).
+//! connections closed at accept by the limit they were over, requests over their caller's rate by
+//! whether they were held or refused, and answers that carried the node's own credentials by grant.
+//! Label values are fixed strings, status codes and role ARNs (the first
+//! [`MAX_ROLE_SERIES`](crate::telemetry::MAX_ROLE_SERIES), the others `other`).
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -13,6 +14,8 @@ use prometheus_client::{
     },
     registry::{Registry, Unit},
 };
+
+use crate::telemetry::RoleLabelCap;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -65,6 +68,7 @@ pub struct ImdsMetrics {
     connections_refused: Family<ReasonLabels, Counter>,
     over_rate: Family<OutcomeLabels, Counter>,
     node_credentials_served: Family<GrantLabels, Counter>,
+    roles: RoleLabelCap,
 }
 
 impl Default for ImdsMetrics {
@@ -78,6 +82,7 @@ impl Default for ImdsMetrics {
             connections_refused: Family::default(),
             over_rate: Family::default(),
             node_credentials_served: Family::default(),
+            roles: RoleLabelCap::default(),
         }
     }
 }
@@ -102,7 +107,7 @@ impl ImdsMetrics {
         );
         registry.register(
             "credentials_served",
-            "Credential documents served, by role ARN",
+            "Credential documents served, by role ARN (after the first 100, other)",
             self.credentials_served.clone(),
         );
         registry.register(
@@ -148,7 +153,7 @@ impl ImdsMetrics {
     pub(super) fn credentials_served(&self, role: &str) {
         self.credentials_served
             .get_or_create(&RoleLabels {
-                role: role.to_owned(),
+                role: self.roles.of(role),
             })
             .inc();
     }
@@ -174,5 +179,30 @@ impl ImdsMetrics {
         self.connections
             .get_or_create(&ConnectionLabels { attributed })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::{MAX_ROLE_SERIES, OTHER_ROLE};
+
+    #[test]
+    fn credentials_served_keeps_a_series_for_at_most_the_first_roles() {
+        let metrics = ImdsMetrics::default();
+        for n in 0..MAX_ROLE_SERIES + 50 {
+            metrics.credentials_served(&format!("arn:aws:iam::123456789012:role/served-{n}"));
+        }
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("credentials_served_total{"))
+            .collect();
+        assert_eq!(series.len(), MAX_ROLE_SERIES + 1);
+        let other = format!(r#"credentials_served_total{{role="{OTHER_ROLE}"}} 50"#);
+        assert!(series.contains(&other.as_str()), "{text}");
     }
 }

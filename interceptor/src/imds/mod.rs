@@ -171,7 +171,7 @@ async fn handle(
                 role = record.role.as_deref(),
                 node_credentials = record.node_credentials.map(Grant::label),
                 %method,
-                path,
+                path = %crate::bounded(path),
                 route,
                 status,
                 latency_us = latency.as_micros() as u64,

@@ -42,6 +42,8 @@ const DAEMON: CgroupId = CgroupId(104);
 const CSI: CgroupId = CgroupId(105);
 /// A hostNetwork pod that names a role.
 const HOST_APP: CgroupId = CgroupId(106);
+/// Workloads whose requests are over AWS's limits, or not valid and long: see [`hostile_requests`].
+const HOSTILE: [CgroupId; 4] = [CgroupId(110), CgroupId(111), CgroupId(112), CgroupId(113)];
 
 struct Cgroups;
 
@@ -55,12 +57,13 @@ impl CgroupResolver for Cgroups {
             DAEMON => Ok(CgroupPath::new("kubepods.slice/daemon")),
             CSI => Ok(CgroupPath::new("kubepods.slice/csi")),
             HOST_APP => Ok(CgroupPath::new("kubepods.slice/host-app")),
+            id if HOSTILE.contains(&id) => Ok(CgroupPath::new(&hostile_path(id))),
             _ => Err(CgroupError::UnknownId(cgroup_id.0)),
         }
     }
 }
 
-struct Workloads(HashMap<&'static str, Arc<Workload>>);
+struct Workloads(HashMap<String, Arc<Workload>>);
 
 #[async_trait::async_trait]
 impl WorkloadSource for Workloads {
@@ -101,6 +104,37 @@ fn pod(name: &str, account: &str, host_network: bool, role: Option<&str>) -> Arc
 
 /// The node's credentials document, as its metadata service serves it.
 const NODE_CREDENTIALS: &str = r#"{"Code":"Success","Type":"AWS-HMAC","AccessKeyId":"ASIANODE","SecretAccessKey":"node-secret","Token":"node-token","Expiration":"2030-01-01T00:00:00Z"}"#;
+
+fn hostile_path(id: CgroupId) -> String {
+    format!("system.slice/hostile-{}.service", id.0)
+}
+
+/// The requests of the [`HOSTILE`] workloads, as an annotation could state them.
+fn hostile_requests() -> [RoleRequest; 4] {
+    let request = RoleRequest {
+        role: Some("app".to_owned()),
+        origin: Some("annotation iam.amazonaws.com/role of pod team/hostile".into()),
+        ..RoleRequest::default()
+    };
+    [
+        RoleRequest {
+            role: Some("r".repeat(2049)),
+            ..request.clone()
+        },
+        RoleRequest {
+            external_id: Some("x".repeat(1225)),
+            ..request.clone()
+        },
+        RoleRequest {
+            session_name: Some("s".repeat(65)),
+            ..request.clone()
+        },
+        RoleRequest {
+            role: Some(format!("{}!", "r".repeat(2000))),
+            ..request
+        },
+    ]
+}
 
 /// Hands out keys named after the role; fails while `down` is set.
 #[derive(Default)]
@@ -184,7 +218,7 @@ impl Api {
         let sts = Arc::new(Sts::default());
         let node = Arc::new(Node::default());
         let recent = Arc::new(RecentRequests::default());
-        let workloads = Workloads(HashMap::from([
+        let mut workloads: HashMap<String, Arc<Workload>> = [
             ("system.slice/app.service", workload("app", Some("app"))),
             ("system.slice/other.service", workload("other", Some("other"))),
             ("system.slice/norole.service", workload("norole", None)),
@@ -197,7 +231,18 @@ impl Api {
                 "kubepods.slice/host-app",
                 pod("host-app", "default", true, Some("app")),
             ),
-        ]));
+        ]
+        .into_iter()
+        .map(|(path, workload)| (path.to_owned(), workload))
+        .collect();
+        for (id, request) in HOSTILE.into_iter().zip(hostile_requests()) {
+            let hostile = Workload {
+                request,
+                ..(*workload("hostile", None)).clone()
+            };
+            workloads.insert(hostile_path(id), Arc::new(hostile));
+        }
+        let workloads = Workloads(workloads);
         let node_credentials = Arc::new(node_credentials);
         let metrics = ImdsMetrics::default();
         let state = ImdsState {
@@ -405,6 +450,47 @@ async fn another_roles_name_gets_404_and_no_keys() {
     let reply = api.get(APP, &format!("{CREDS}other")).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert!(!reply.body.contains("ASIA"));
+}
+
+#[tokio::test]
+async fn requests_over_aws_limits_are_refused_with_a_reason_and_no_value_is_echoed_whole() {
+    let api = Api::new(false);
+    let mut reasons = Vec::new();
+    for id in HOSTILE {
+        let reply = api.get(id, CREDS).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+        assert!(reply.body.len() < 400, "{}", reply.body);
+        let newest = &api.recent.newest_first()[0];
+        let (reason, message) = newest.refusal.clone().unwrap();
+        assert!(message.len() < 400, "{message}");
+        reasons.push(reason);
+    }
+    assert_eq!(
+        reasons,
+        [
+            "invalid_role",
+            "invalid_external_id",
+            "invalid_session_name",
+            "invalid_role"
+        ]
+    );
+    assert!(
+        api.get(HOSTILE[3], CREDS)
+            .await
+            .body
+            .contains("… (2001 characters) is not valid"),
+        "a value within its limit is quoted cut, with its length"
+    );
+    // A role name in the path, as long as a request head may be.
+    let asked = "o".repeat(15_000);
+    let reply = api.get(APP, &format!("{CREDS}{asked}")).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    let (reason, message) = api.recent.newest_first()[0].refusal.clone().unwrap();
+    assert_eq!(reason, "other_role");
+    assert!(
+        message.len() < 200 && message.contains("(15000 characters)"),
+        "{message}"
+    );
 }
 
 #[tokio::test]

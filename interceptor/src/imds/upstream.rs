@@ -29,9 +29,9 @@ pub struct UpstreamReply {
 pub enum UpstreamError {
     #[error("bad metadata service address {0:?}: expected http://HOST[:PORT] or HOST[:PORT]")]
     BadAddress(String),
-    #[error("the metadata service did not answer {path} within {timeout:?}")]
+    #[error("the metadata service did not answer {} within {timeout:?}", crate::bounded(.path))]
     Timeout { path: String, timeout: Duration },
-    #[error("cannot reach the metadata service for {path}: {message}")]
+    #[error("cannot reach the metadata service for {}: {message}", crate::bounded(.path))]
     Unreachable { path: String, message: String },
 }
 

@@ -1,6 +1,7 @@
 //! workload::kube: the node's pods from the Kubernetes API, as a [`WorkloadSource`]. kube-runtime
 //! reflectors keep the pods scheduled to this node (and, when the rules need them, the namespaces and
-//! ServiceAccounts) in memory, stripped to the fields the rules read; [`index`] finds a pod by the UID
+//! ServiceAccounts) in memory, listed in small pages and stripped as they arrive to the fields the
+//! rules read, each annotation cut to its limit; [`index`] finds a pod by the UID
 //! in its cgroup path and waits, bounded, for one the API server has not delivered yet; the pod's
 //! annotations become its [`RoleRequest`]; [`events`] tells the pod's owners, through Kubernetes
 //! Events, why it was refused.
@@ -31,13 +32,19 @@ use self::{events::PodEvents, index::PodIndex};
 use super::{PodRef, Refusal, Workload, WorkloadError, WorkloadSource};
 use crate::{
     identity::{CgroupPath, parse_pod_cgroup},
-    policy::{AllowedRoles, BaseArn, PatternFormat, RoleRequest},
+    policy::{AllowedRoles, BaseArn, Limit, MAX_RESTRICTION_CHARS, PatternFormat, RoleRequest},
 };
 
 /// The annotation a pod (or ServiceAccount) names its STS session with (kiam's).
 pub const SESSION_NAME_KEY: &str = "iam.amazonaws.com/session-name";
 /// The annotation the kubelet puts on a static pod's mirror: the hash its cgroup is named by.
 const MIRROR_KEY: &str = "kubernetes.io/config.mirror";
+/// More than any pod UID (36 characters) or config hash (32) the mirror annotation may name.
+const MIRROR_MAX_CHARS: usize = 64;
+/// Objects per page of a reflector's list. The watcher holds a page whole (the response's text, then
+/// its objects, until each is stripped): at the API server's 256 KiB of annotations per object, about
+/// 6 MiB of text and as much again parsed. kube-runtime's default of 500 would be 125 MiB.
+const LIST_PAGE_SIZE: u32 = 25;
 /// The ServiceAccount of a pod that names none.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
@@ -81,15 +88,11 @@ impl KubeWorkloads {
     pub fn start(client: Client, settings: KubeSettings) -> Arc<Self> {
         let metrics = KubeMetrics::default();
         let pods = Arc::new(PodIndex::new(metrics.clone()));
-        let pod_watch = watcher::Config::default()
-            .fields(&format!("spec.nodeName={}", settings.node))
-            .any_semantic();
-        let pod_keys = [
-            settings.role_key.clone(),
-            settings.external_id_key.clone(),
-            SESSION_NAME_KEY.into(),
-            MIRROR_KEY.into(),
-        ];
+        let pod_watch = list_config().fields(&format!("spec.nodeName={}", settings.node));
+        let pod_keys: Vec<Kept> = request_annotations(&settings)
+            .into_iter()
+            .chain([Kept::new(MIRROR_KEY.into(), MIRROR_MAX_CHARS)])
+            .collect();
         let (pod_store, pods_synced) = spawn_reflector(
             Api::<Pod>::all(client.clone()),
             pod_watch,
@@ -102,10 +105,10 @@ impl KubeWorkloads {
         );
         let mut listed = vec![pods_synced];
         let namespaces = settings.namespace_restrictions.as_ref().map(|(key, _)| {
-            let keys = [key.clone()];
+            let keys = [Kept::new(key.clone(), MAX_RESTRICTION_CHARS)];
             let (store, synced) = spawn_reflector(
                 Api::<Namespace>::all(client.clone()),
-                watcher::Config::default().any_semantic(),
+                list_config(),
                 move |namespace: &mut Namespace| {
                     slim_meta(&mut namespace.metadata, &keys);
                     namespace.spec = None;
@@ -118,14 +121,10 @@ impl KubeWorkloads {
             store
         });
         let service_accounts = settings.serviceaccount_roles.then(|| {
-            let keys = [
-                settings.role_key.clone(),
-                settings.external_id_key.clone(),
-                SESSION_NAME_KEY.into(),
-            ];
+            let keys = request_annotations(&settings);
             let (store, synced) = spawn_reflector(
                 Api::<ServiceAccount>::all(client.clone()),
-                watcher::Config::default().any_semantic(),
+                list_config(),
                 move |account: &mut ServiceAccount| {
                     slim_meta(&mut account.metadata, &keys);
                     account.secrets = None;
@@ -338,6 +337,47 @@ fn session_name(namespace: &str, pod: &str) -> String {
     }
 }
 
+/// How the reflectors list: in pages of [`LIST_PAGE_SIZE`], at the latest resourceVersion. At
+/// resourceVersion 0 the API server answers from its watch cache, which ignores `limit`: every
+/// ServiceAccount of the cluster in one response, however large (kube drops resourceVersion 0 from a
+/// list with a limit for that reason).
+fn list_config() -> watcher::Config {
+    watcher::Config::default().page_size(LIST_PAGE_SIZE)
+}
+
+/// The annotations a pod or ServiceAccount names its role request with, each kept to its AWS limit.
+fn request_annotations(settings: &KubeSettings) -> Vec<Kept> {
+    vec![
+        Kept::new(settings.role_key.clone(), Limit::RoleArn.max_chars()),
+        Kept::new(settings.external_id_key.clone(), Limit::ExternalId.max_chars()),
+        Kept::new(SESSION_NAME_KEY.into(), Limit::SessionName.max_chars()),
+    ]
+}
+
+/// An annotation the rules read, and the most characters a valid value of it has. A longer value is
+/// kept cut to one character more: still over the limit, so still refused as too long, and no
+/// object costs the store more than that, whatever the API server let its owner write.
+#[derive(Clone, Debug)]
+struct Kept {
+    key: Arc<str>,
+    max_chars: usize,
+}
+
+impl Kept {
+    fn new(key: Arc<str>, max_chars: usize) -> Self {
+        Self { key, max_chars }
+    }
+
+    /// `value` cut to one character over the limit, when it is longer.
+    fn cut(&self, mut value: String) -> String {
+        if let Some((end, _)) = value.char_indices().nth(self.max_chars + 1) {
+            value.truncate(end);
+            value.shrink_to_fit();
+        }
+        value
+    }
+}
+
 /// Labels a reflector's log lines and metrics with the resource it watches.
 struct ReflectorLabels {
     resource: &'static str,
@@ -426,10 +466,10 @@ where
     (store, synced)
 }
 
-/// Keeps what the rules read of a pod: its name, namespace, UID, the annotations named by `keys`, its
-/// node, ServiceAccount and phase. Everything else (managedFields, labels, containers, conditions)
-/// goes, so the store's memory stays flat however much the pods change.
-fn slim_pod(pod: &mut Pod, keys: &[Arc<str>]) {
+/// Keeps what the rules read of a pod: its name, namespace, UID, the annotations named by `keys` (cut
+/// to their limits), its node, ServiceAccount and phase. Everything else (managedFields, labels,
+/// containers, conditions) goes, so the store's memory stays flat however much the pods change.
+fn slim_pod(pod: &mut Pod, keys: &[Kept]) {
     slim_meta(&mut pod.metadata, keys);
     pod.spec = pod.spec.take().map(|spec| PodSpec {
         node_name: spec.node_name,
@@ -444,11 +484,14 @@ fn slim_pod(pod: &mut Pod, keys: &[Arc<str>]) {
 }
 
 /// Keeps an object's name, namespace, UID, resourceVersion, deletion time and the annotations named by
-/// `keys`.
-fn slim_meta(meta: &mut ObjectMeta, keys: &[Arc<str>]) {
+/// `keys`, each cut to its limit.
+fn slim_meta(meta: &mut ObjectMeta, keys: &[Kept]) {
     let annotations = meta.annotations.take().map(|all| {
         all.into_iter()
-            .filter(|(key, _)| keys.iter().any(|kept| **kept == **key))
+            .filter_map(|(key, value)| {
+                let kept = keys.iter().find(|kept| *kept.key == *key)?;
+                Some((key, kept.cut(value)))
+            })
             .collect()
     });
     *meta = ObjectMeta {
