@@ -39,7 +39,10 @@ use interceptor_tests::{
 
 const ROLE_KEY: &str = "iam.amazonaws.com/role";
 const TOKEN_HEADER: &str = "X-aws-ec2-metadata-token";
-const CURL: [&str; 6] = ["-sS", "-i", "--noproxy", "*", "--max-time", "10"];
+/// As the SDKs ask the metadata service: an answer within a second or two, else again. A connection
+/// opened just before the programs attach gets no byte through after (its packets to the node's
+/// metadata service are dropped from then on), and only a timeout ends it.
+const CURL: [&str; 6] = ["-sS", "-i", "--noproxy", "*", "--max-time", "2"];
 
 /// What aws-node-termination-handler reads in metadata mode, with IMDSv2 tokens (below `/latest/`).
 const TERMINATION_HANDLER_READS: &[&str] = &[
@@ -134,8 +137,9 @@ impl<'n> Container<'n> {
         match out.status.code() {
             Some(0) => Ok(Some(Connected(String::from_utf8_lossy(&out.stdout).into_owned()))),
             // 7: could not connect (refused); 18, 52, 56: a cut, empty or reset answer (an agent
-            // killed as it answered).
-            Some(7 | 18 | 52 | 56) => Ok(None),
+            // killed as it answered); 28: no answer in time (a connection the programs' attach cut
+            // off, see CURL).
+            Some(7 | 18 | 28 | 52 | 56) => Ok(None),
             _ => bail!(
                 "curl {args:?} failed ({}): {}",
                 out.status,
