@@ -32,6 +32,8 @@ pub const TEST_COMMANDS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("curl", "curl"),
     ("systemd-analyze", "systemd"),
+    // kube2iam's DNAT rule on the simulated node (tests/tests/migration.rs).
+    ("iptables", "iptables"),
 ];
 
 /// The profile of the agent in the image this checks. A cold release build of the static agent took
