@@ -678,11 +678,20 @@ fn put_in_place<P: CgroupProgram>(
         });
     };
     if let Some(link) = dir.link_to_update(name, cgroup_id)? {
-        sys::link_update(link.as_fd(), program.program_fd(name)?).map_err(|source| BpfError::PinLink {
-            path: PathBuf::from(name),
-            source,
-        })?;
-        return Ok(AgentLink::Updated { _link: link });
+        match sys::link_update(link.as_fd(), program.program_fd(name)?) {
+            Ok(()) => return Ok(AgentLink::Updated { _link: link }),
+            // The pinned link runs a program of another type (another version's): it is replaced
+            // below instead, both attached for a moment.
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::info!(program = name, error = %err, "cannot swap the program into its pinned link; replacing the link");
+            }
+            Err(source) => {
+                return Err(BpfError::PinLink {
+                    path: PathBuf::from(name),
+                    source,
+                });
+            }
+        }
     }
     let link = program.attach_to(name, cgroup)?;
     Ok(AgentLink::Pinned {
