@@ -34,7 +34,8 @@ pub mod names {
     pub const AGENT_V4: &str = "AGENT_V4";
     /// Global: the agent's IPv6 [`Endpoint`](super::Endpoint); port 0 when the agent has none.
     pub const AGENT_V6: &str = "AGENT_V6";
-    /// Global: the [`Mode`](super::Mode) of the connect programs, as a u32.
+    /// Slot 0 -> the [`Mode`](super::Mode) of the connect programs, as a u32: one array per load,
+    /// so the agent switches all its programs at once.
     pub const MODE: &str = "MODE";
     /// Global: the cookie of the node's network namespace (u64), where the agent listens; 0 means the
     /// initial network namespace, which is the node's on every Kubernetes node.
@@ -65,8 +66,8 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// The mode a `MODE` global holds; anything but [`Mode::Redirect`] refuses.
-    pub const fn from_global(value: u32) -> Self {
+    /// The mode a `MODE` slot holds; anything but [`Mode::Redirect`] refuses.
+    pub const fn from_value(value: u32) -> Self {
         if value == Mode::Redirect as u32 {
             Mode::Redirect
         } else {
@@ -399,9 +400,9 @@ mod tests {
 
     #[test]
     fn only_the_redirect_value_redirects() {
-        assert_eq!(Mode::from_global(Mode::Redirect as u32), Mode::Redirect);
+        assert_eq!(Mode::from_value(Mode::Redirect as u32), Mode::Redirect);
         for value in [Mode::Refuse as u32, 2, u32::MAX] {
-            assert_eq!(Mode::from_global(value), Mode::Refuse, "{value}");
+            assert_eq!(Mode::from_value(value), Mode::Refuse, "{value}");
         }
     }
 

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use interceptor_common::{ConnectRecord, ConnectionKey, Counter, Endpoint, InetAddr, Mode, sizes};
 
@@ -47,9 +47,10 @@ pub static AGENT_V6: Global<Endpoint> = Global::new(Endpoint {
     _pad: 0,
 });
 
-/// [`Mode`] as a u32; the loader sets it. Refuse until told otherwise.
-#[unsafe(no_mangle)]
-pub static MODE: Global<u32> = Global::new(Mode::Refuse as u32);
+/// [`Mode`] as a u32 in its one slot; zeroed (refuse) until the agent sets it, which it does with one
+/// write for every program of a load at once.
+#[map]
+pub static MODE: Array<u32> = Array::with_max_entries(1, 0);
 
 /// The node's network namespace cookie; 0: the initial namespace's.
 #[unsafe(no_mangle)]
@@ -80,7 +81,7 @@ pub fn reaches_agent(destination: &Endpoint) -> bool {
 
 /// Whether connects to the intercepted endpoints go to the agent, or are refused.
 pub fn mode() -> Mode {
-    Mode::from_global(MODE.load())
+    Mode::from_value(MODE.get(0).copied().unwrap_or(Mode::Refuse as u32))
 }
 
 pub fn is_guarded_port(port: u16) -> bool {

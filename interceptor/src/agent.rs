@@ -334,6 +334,41 @@ fn guarded_ports(agent_addr: SocketAddrV4, metrics_addr: Option<SocketAddr>) -> 
         .collect()
 }
 
+/// The agent's ports as its flags give them, for the programs that refuse when the agent cannot tell
+/// its address: --agent-addr's or --app-port's, and --metrics-addr's or --metrics-port's.
+fn guarded_ports_of_flags(args: &AgentArgs) -> Vec<u16> {
+    let agent_port = args
+        .agent_addr
+        .map(|addr| addr.port())
+        .or(args.kube2iam.app_port)
+        .unwrap_or(DEFAULT_AGENT_PORT);
+    let metrics_port = args
+        .metrics_addr
+        .map(|addr| addr.port())
+        .or(args.kube2iam.metrics_port)
+        .unwrap_or(DEFAULT_METRICS_PORT);
+    vec![agent_port, metrics_port]
+}
+
+/// Warns of a guarded port among the kernel's ephemeral ports: a workload's connect or listen on an
+/// unbound socket takes one of those without a bind, which the guard sees.
+fn warn_of_ephemeral_ports(ports: &[u16]) {
+    let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let bounds: Vec<u16> = range.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+    if let [low, high] = bounds[..] {
+        for port in ports.iter().filter(|port| (low..=high).contains(port)) {
+            tracing::warn!(
+                port,
+                low,
+                high,
+                "the agent's port is among the kernel's ephemeral ports (net.ipv4.ip_local_port_range): reserve it with net.ipv4.ip_local_reserved_ports, or a workload could take it without a bind"
+            );
+        }
+    }
+}
+
 /// The cookie of the agent's network namespace, the node's; `None` (the initial namespace, the node's
 /// on every Kubernetes node) where the kernel cannot tell it.
 fn node_netns_cookie() -> Option<u64> {
@@ -362,8 +397,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     //    a previous agent are kept), and this agent's own cgroup is exempt from whatever programs run
     //    (a restarted agent container has a new cgroup, whose own metadata calls and binds would
     //    otherwise be taken as a pod's).
-    let agent_addr = agent_addr(&args)?;
-    let metrics_addr = metrics_addr(&args, agent_addr);
     let mount = identity::cgroup2_mount()?;
     let cgroup_root = match &args.cgroup_root {
         Some(root) => root.clone(),
@@ -371,12 +404,28 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     };
     let cgroups = Arc::new(CgroupPaths::new(mount.clone(), CGROUP_PATH_CACHE)?);
     let own_cgroup = own_cgroup_id(&mount)?;
+    let agent_addr = match agent_addr(&args) {
+        Ok(addr) => addr,
+        // Without its address the agent cannot serve, but it can still refuse for the next one.
+        Err(err) => {
+            let mut programs = RedirectConfig::guard(cgroup_root, guarded_ports_of_flags(&args));
+            programs.pin_dir = Some(args.bpffs_dir.clone());
+            return Err(match guard::hold(&programs, &cgroups) {
+                Ok(_) => err.context("pods' metadata connects are refused until an agent serves"),
+                Err(hold_err) => err.context(format!(
+                    "and metadata connects could not be refused ({hold_err:#})"
+                )),
+            });
+        }
+    };
+    let metrics_addr = metrics_addr(&args, agent_addr);
     let mut programs = RedirectConfig::new(cgroup_root.clone(), agent_addr);
     programs.exempt_cgroups = vec![own_cgroup];
     programs.guarded_ports = guarded_ports(agent_addr, metrics_addr);
     programs.node_netns_cookie = node_netns_cookie();
     programs.pin_dir = Some(args.bpffs_dir.clone());
-    guard::hold(&programs, &cgroups)?;
+    warn_of_ephemeral_ports(&programs.guarded_ports);
+    let held = guard::hold(&programs, &cgroups)?;
 
     // 1. Hold the ports before any redirect points at them: the health server (so a probe sees
     //    "alive, not ready" for the rest of the start-up) and the metadata API's socket, bound now and
@@ -391,7 +440,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     };
     let socket = match bind_metadata_socket(agent_addr) {
         Ok(socket) => socket,
-        Err(err) => return Err(guard::refuse_after(&programs, err)),
+        Err(err) => return Err(guard::refuse_after(&programs, held.as_ref(), err)),
     };
 
     // 2. Configuration: everything that can be wrong is found before anything is attached.
@@ -428,13 +477,20 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         Ok(listener) => listener,
         Err(err) => {
             let err = anyhow::Error::new(err).context(format!("cannot listen on {agent_addr}"));
-            return Err(guard::refuse_after(&programs, err));
+            return Err(guard::refuse_after(&programs, held.as_ref(), err));
         }
     };
+    // The agent's own refusing programs switch with one write; a previous agent's are replaced.
     programs.mode = Mode::Redirect;
-    let interceptor = match Interceptor::attach(&programs) {
-        Ok(interceptor) => Arc::new(interceptor),
-        Err(err) => return Err(guard::refuse_after(&programs, err.into())),
+    let redirected = match &held {
+        Some(interceptor) => interceptor.set_mode(Mode::Redirect).map(|()| None),
+        None => Interceptor::attach(&programs).map(Some),
+    };
+    let interceptor = match (redirected, held) {
+        (Ok(Some(attached)), _) => Arc::new(attached),
+        (Ok(None), Some(held)) => Arc::new(held),
+        (Ok(None), None) => unreachable!("programs are attached or held"),
+        (Err(err), held) => return Err(guard::refuse_after(&programs, held.as_ref(), err.into())),
     };
     let collector = BpfCollector::new(interceptor.clone());
     telemetry.register(|registry| registry.register_collector(Box::new(collector)));
@@ -820,13 +876,24 @@ async fn discover_instance_role(upstream: &dyn Upstream) -> Result<String> {
     Ok(role.to_owned())
 }
 
-/// `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs driver) under the cgroup2 mount.
+/// `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs driver) under the cgroup2 mount. Both
+/// there is an error: the programs must attach where the kubelet puts pods, which only the operator
+/// knows then (`interceptor guard` run without --cgroup-root on a cgroupfs node makes the other).
 pub(crate) fn detect_kubepods(mount: &Path) -> Result<PathBuf> {
-    ["kubepods.slice", "kubepods"]
+    let found: Vec<PathBuf> = ["kubepods.slice", "kubepods"]
         .iter()
         .map(|name| mount.join(name))
-        .find(|dir| dir.is_dir())
-        .with_context(|| format!("no kubepods cgroup under {}: pass --cgroup-root", mount.display()))
+        .filter(|dir| dir.is_dir())
+        .collect();
+    match &found[..] {
+        [only] => Ok(only.clone()),
+        [] => bail!("no kubepods cgroup under {}: pass --cgroup-root", mount.display()),
+        _ => bail!(
+            "both {} and {} exist: pass --cgroup-root, the one the kubelet puts pods in",
+            found[0].display(),
+            found[1].display()
+        ),
+    }
 }
 
 /// The agent's own cgroup, exempt from redirection so the agent reaches the real metadata service.
@@ -1039,6 +1106,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("node, default-role, none"), "{err}");
+    }
+
+    #[test]
+    fn the_kubelets_pod_cgroup_is_found_when_it_is_the_only_one() {
+        let mount = std::env::temp_dir().join(format!("interceptor-kubepods-{}", std::process::id()));
+        std::fs::create_dir_all(&mount).unwrap();
+        assert!(detect_kubepods(&mount).is_err(), "none");
+        std::fs::create_dir(mount.join("kubepods")).unwrap();
+        assert_eq!(detect_kubepods(&mount).unwrap(), mount.join("kubepods"));
+        std::fs::create_dir(mount.join("kubepods.slice")).unwrap();
+        let err = detect_kubepods(&mount).unwrap_err().to_string();
+        assert!(err.contains("both") && err.contains("--cgroup-root"), "{err}");
+        std::fs::remove_dir(mount.join("kubepods")).unwrap();
+        assert_eq!(detect_kubepods(&mount).unwrap(), mount.join("kubepods.slice"));
+        std::fs::remove_dir_all(mount).unwrap();
     }
 
     #[test]

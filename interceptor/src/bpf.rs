@@ -130,8 +130,8 @@ pub enum BpfError {
         #[source]
         source: io::Error,
     },
-    #[error("BPF map {name} is not a hash map")]
-    NotHashMap { name: &'static str },
+    #[error("BPF map {name} is not of the type this agent expects")]
+    WrongMapType { name: &'static str },
     #[error("BPF map {name}")]
     Syscall {
         name: &'static str,
@@ -205,12 +205,20 @@ impl RedirectConfig {
     }
 
     /// Refuses connects to EC2's metadata endpoints from the whole subtree of `cgroup_root`, and
-    /// guards `guarded_ports`: what holds until an agent serves.
-    pub fn refusing(cgroup_root: PathBuf, guarded_ports: Vec<u16>) -> Self {
+    /// guards `guarded_ports`, with no agent address at all (`interceptor guard`'s): what holds until
+    /// an agent serves.
+    pub fn guard(cgroup_root: PathBuf, guarded_ports: Vec<u16>) -> Self {
+        Self {
+            guarded_ports,
+            ..Self::new(cgroup_root, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).refusing()
+        }
+    }
+
+    /// The same configuration, refusing.
+    pub fn refusing(&self) -> Self {
         Self {
             mode: Mode::Refuse,
-            guarded_ports,
-            ..Self::new(cgroup_root, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
+            ..self.clone()
         }
     }
 }
@@ -285,6 +293,9 @@ pub struct Interceptor {
     /// `OVER_LIMIT_CGROUPS`, set and cleared through a shared reference ([`sys`]). Held for the life
     /// of the programs that read it.
     over_limit: MapData,
+    /// `MODE`, written through a shared reference ([`sys`]): every connect program of this load
+    /// reads it.
+    mode: MapData,
     log_forwarder: JoinHandle<()>,
     cgroup_root: PathBuf,
     _ebpf: Ebpf,
@@ -328,14 +339,9 @@ impl Interceptor {
         let connects_by_tuple = TupleMap::take(&mut ebpf)?;
         let connects_by_cookie = take_map(&mut ebpf, names::CONNECTS_BY_COOKIE)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
-        let over_limit = {
-            let name = names::OVER_LIMIT_CGROUPS;
-            match ebpf.take_map(name) {
-                Some(Map::HashMap(data)) => data,
-                Some(_) => return Err(BpfError::NotHashMap { name }),
-                None => return Err(BpfError::MissingMap { name }),
-            }
-        };
+        let over_limit = take_map_data(&mut ebpf, names::OVER_LIMIT_CGROUPS)?;
+        let mode = take_map_data(&mut ebpf, names::MODE)?;
+        write_mode(&mode, config.mode)?;
         if pin_dir.is_some() {
             // Records a previous agent never consumed describe connections nobody will accept now;
             // fresh ones may be of connections waiting in this agent's listen queue.
@@ -369,10 +375,17 @@ impl Interceptor {
             connects_by_cookie,
             counters,
             over_limit,
+            mode,
             log_forwarder,
             cgroup_root: config.cgroup_root.clone(),
             _ebpf: ebpf,
         })
+    }
+
+    /// Switches every connect program of this load at once: from refusing metadata connects to
+    /// redirecting them to the agent, or back.
+    pub fn set_mode(&self, mode: Mode) -> Result<(), BpfError> {
+        write_mode(&self.mode, mode)
     }
 
     /// Refuses in the kernel (`true`), or allows again, the connects of `cgroup_id` to the intercepted
@@ -443,13 +456,11 @@ fn load(config: &RedirectConfig, pin_dir: Option<&PinDir>) -> Result<Ebpf, BpfEr
         .iter()
         .flat_map(|dir| pin::PINNED_MAPS.map(|name| (name, dir.map(name))))
         .collect();
-    let mode = config.mode as u32;
     let node_netns_cookie = config.node_netns_cookie.unwrap_or(0);
     let mut loader = EbpfLoader::new();
     loader
         .override_global(names::AGENT_V4, &agent_v4, true)
         .override_global(names::AGENT_V6, &agent_v6, true)
-        .override_global(names::MODE, &mode, true)
         .override_global(names::NODE_NETNS_COOKIE, &node_netns_cookie, true)
         .map_max_entries(names::CONNECTS_BY_COOKIE, config.connection_map_entries)
         .map_max_entries(names::CONNECTS_BY_TUPLE, config.connection_map_entries);
@@ -474,7 +485,7 @@ impl TupleMap {
         let name = names::CONNECTS_BY_TUPLE;
         let map = ebpf.take_map(name).ok_or(BpfError::MissingMap { name })?;
         let (Map::HashMap(data) | Map::LruHashMap(data)) = &map else {
-            return Err(BpfError::NotHashMap { name });
+            return Err(BpfError::WrongMapType { name });
         };
         let fd = data
             .fd()
@@ -608,6 +619,22 @@ fn fill_set<K: aya::Pod + PartialEq>(
             .map_err(|source| BpfError::Map { name, source })?;
     }
     Ok(())
+}
+
+/// The map `name` as data, for the syscalls of [`sys`].
+fn take_map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, BpfError> {
+    match ebpf.take_map(name) {
+        Some(Map::HashMap(data) | Map::Array(data)) => Ok(data),
+        Some(_) => Err(BpfError::WrongMapType { name }),
+        None => Err(BpfError::MissingMap { name }),
+    }
+}
+
+fn write_mode(map: &MapData, mode: Mode) -> Result<(), BpfError> {
+    sys::update(map.fd().as_fd(), &0u32, &(mode as u32)).map_err(|source| BpfError::Syscall {
+        name: names::MODE,
+        source,
+    })
 }
 
 /// Adds `keys` to the set map `name`, leaving what it holds.

@@ -36,28 +36,35 @@ pub struct GuardArgs {
     pub metrics_port: u16,
 }
 
-/// The systemd driver's kubepods cgroup, which the kubelet of EKS's AMIs, Bottlerocket and Ubuntu
-/// makes: the guard makes it when the kubelet has not run yet (the kubelet adopts an existing one).
+/// The systemd driver's kubepods cgroup: the guard makes it when neither it nor the cgroupfs
+/// driver's exists yet (pass --cgroup-root for the cgroupfs driver's).
 const KUBEPODS_SLICE: &str = "kubepods.slice";
 
 /// `interceptor guard`: refuses pods' metadata connects and guards the agent's ports until an agent
-/// serves. Does nothing where programs are pinned already (an agent's, or an earlier guard's).
+/// serves. Does nothing where anything is pinned already (an agent's of any version, or an earlier
+/// guard's): on a running node it must never take over from the agent.
 pub fn run(args: &GuardArgs) -> Result<()> {
-    let mount = identity::cgroup2_mount()?;
-    let cgroup_root = match &args.cgroup_root {
-        Some(root) => root.clone(),
-        None => kubepods_or_make(&mount)?,
-    };
-    let mut programs = RedirectConfig::refusing(cgroup_root, vec![args.agent_port, args.metrics_port]);
-    programs.node_netns_cookie = bpf::netns_cookie().context("cannot read the network namespace's cookie")?;
-    programs.pin_dir = Some(args.bpffs_dir.clone());
-    if pin::PinDir::at(&args.bpffs_dir).has_links(&PROGRAMS) {
+    if pin::any_links(&args.bpffs_dir)? {
         println!(
             "interceptor guard: programs are pinned in {} already; left as they are",
             args.bpffs_dir.display()
         );
         return Ok(());
     }
+    let mount = identity::cgroup2_mount()?;
+    let cgroup_root = match &args.cgroup_root {
+        Some(root) => made(root)?,
+        None if ["kubepods.slice", "kubepods"]
+            .iter()
+            .all(|name| !mount.join(name).exists()) =>
+        {
+            made(&mount.join(KUBEPODS_SLICE))?
+        }
+        None => detect_kubepods(&mount)?,
+    };
+    let mut programs = RedirectConfig::guard(cgroup_root, vec![args.agent_port, args.metrics_port]);
+    programs.node_netns_cookie = bpf::netns_cookie().context("cannot read the network namespace's cookie")?;
+    programs.pin_dir = Some(args.bpffs_dir.clone());
     // The programs' log forwarder is a task: attach inside a runtime, then leave them pinned.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -74,25 +81,22 @@ pub fn run(args: &GuardArgs) -> Result<()> {
     Ok(())
 }
 
-/// The kubelet's kubepods cgroup, made (as the systemd driver names it) when it does not exist yet.
-fn kubepods_or_make(mount: &Path) -> Result<PathBuf> {
-    if let Ok(existing) = detect_kubepods(mount) {
-        return Ok(existing);
+/// `cgroup`, made when it does not exist yet (the kubelet has not run since the boot; it takes the
+/// directory over as it finds it).
+fn made(cgroup: &Path) -> Result<PathBuf> {
+    if !cgroup.is_dir() {
+        std::fs::create_dir(cgroup).with_context(|| format!("cannot make {}", cgroup.display()))?;
+        println!("interceptor guard: made {}", cgroup.display());
     }
-    let slice = mount.join(KUBEPODS_SLICE);
-    std::fs::create_dir(&slice).with_context(|| format!("cannot make {}", slice.display()))?;
-    println!(
-        "interceptor guard: made {} (the kubelet's systemd driver adopts it; pass --cgroup-root for another)",
-        slice.display()
-    );
-    Ok(slice)
+    Ok(cgroup.to_owned())
 }
 
 /// The agent's first act. Exempts `programs`' exempt cgroups (the agent's own) in every pinned
 /// layout, pruning the entries of cgroups that are gone, and adds its guarded ports to the pinned set;
-/// then, unless every program is pinned already (a previous agent's, which keep redirecting to this
-/// agent's port and are replaced once it listens, or a guard's), attaches `programs` refusing.
-pub fn hold(programs: &RedirectConfig, cgroups: &Arc<CgroupPaths>) -> Result<()> {
+/// then, unless every program is pinned already on `programs`' cgroup root (a previous agent's, which
+/// keep redirecting to this agent's port and are replaced once it listens, or a guard's), attaches
+/// `programs` refusing, and returns them: the agent switches them to redirect once it listens.
+pub fn hold(programs: &RedirectConfig, cgroups: &Arc<CgroupPaths>) -> Result<Option<Interceptor>> {
     let pin_dir = programs
         .pin_dir
         .as_deref()
@@ -108,30 +112,33 @@ pub fn hold(programs: &RedirectConfig, cgroups: &Arc<CgroupPaths>) -> Result<()>
         );
     }
     pin::guard_ports_in_pinned(pin_dir, &programs.guarded_ports).context("cannot guard the agent's ports")?;
-    if pin::PinDir::at(pin_dir).has_links(&PROGRAMS) {
+    let root_id = identity::cgroup_id(&programs.cgroup_root)?;
+    if pin::PinDir::at(pin_dir).holds_all(&PROGRAMS, root_id.0)? {
         tracing::info!(bpffs_dir = %pin_dir.display(), "programs are pinned already: they hold until this agent's replace them");
-        return Ok(());
+        return Ok(None);
     }
-    let refusing = RedirectConfig {
-        mode: Mode::Refuse,
-        ..programs.clone()
-    };
-    Interceptor::attach(&refusing).context("cannot attach the programs that refuse metadata connects")?;
+    let interceptor = Interceptor::attach(&programs.refusing())
+        .context("cannot attach the programs that refuse metadata connects")?;
     tracing::info!(bpffs_dir = %pin_dir.display(), "metadata connects refused until this agent serves");
-    Ok(())
+    Ok(Some(interceptor))
 }
 
-/// After `err` kept the agent from serving, puts `programs` back to refusing, so no redirect is left
-/// pointing at a port the agent does not hold; returns `err`, with what became of the programs.
-pub fn refuse_after(programs: &RedirectConfig, err: anyhow::Error) -> anyhow::Error {
-    let refusing = RedirectConfig {
-        mode: Mode::Refuse,
-        ..programs.clone()
+/// After `err` kept the agent from serving, leaves the programs refusing, so no redirect is left
+/// pointing at a port the agent does not hold: `held`, the agent's own, refuse already; programs a
+/// previous agent pinned are replaced by refusing ones. Returns `err`, with what became of them.
+pub fn refuse_after(
+    programs: &RedirectConfig,
+    held: Option<&Interceptor>,
+    err: anyhow::Error,
+) -> anyhow::Error {
+    let refused = match held {
+        Some(interceptor) => interceptor.set_mode(Mode::Refuse),
+        None => Interceptor::attach(&programs.refusing()).map(drop),
     };
-    match Interceptor::attach(&refusing) {
-        Ok(_) => err.context("pods' metadata connects are refused until an agent serves"),
+    match refused {
+        Ok(()) => err.context("pods' metadata connects are refused until an agent serves"),
         Err(refuse_err) => err.context(format!(
-            "and the programs could not be set to refuse pods' metadata connects: {refuse_err:#}"
+            "pods' metadata connects could not be set to be refused ({refuse_err:#})"
         )),
     }
 }
@@ -150,28 +157,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_kubelets_cgroup_is_found_or_made_as_the_systemd_driver_names_it() {
-        let mount = tempfile_dir("interceptor-guard-mount");
-        let made = kubepods_or_make(&mount).unwrap();
-        assert_eq!(made, mount.join("kubepods.slice"));
-        assert!(made.is_dir());
-        assert_eq!(kubepods_or_make(&mount).unwrap(), made, "found once it exists");
-
-        let cgroupfs = tempfile_dir("interceptor-guard-cgroupfs");
-        std::fs::create_dir(cgroupfs.join("kubepods")).unwrap();
-        assert_eq!(kubepods_or_make(&cgroupfs).unwrap(), cgroupfs.join("kubepods"));
-        assert!(
-            !cgroupfs.join("kubepods.slice").exists(),
-            "nothing made beside the cgroupfs driver's"
-        );
-        for dir in [mount, cgroupfs] {
-            std::fs::remove_dir_all(dir).unwrap();
-        }
-    }
-
-    fn tempfile_dir(prefix: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    fn a_cgroup_root_is_made_when_missing_and_left_when_there() {
+        let dir = std::env::temp_dir().join(format!("interceptor-guard-made-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        dir
+        let root = dir.join("kubepods");
+        assert_eq!(made(&root).unwrap(), root);
+        assert!(root.is_dir());
+        std::fs::write(root.join("marker"), "").unwrap();
+        assert_eq!(made(&root).unwrap(), root, "an existing one is taken as it is");
+        assert!(root.join("marker").exists());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -124,9 +124,15 @@ impl PinDir {
         Ok((attached_to == cgroup_id).then_some(link))
     }
 
-    /// Whether every one of `programs` has a link pinned in this layout.
-    pub fn has_links(&self, programs: &[&str]) -> bool {
-        programs.iter().all(|program| self.link(program).exists())
+    /// Whether every one of `programs` has a link pinned in this layout, attached to the cgroup
+    /// `cgroup_id`.
+    pub fn holds_all(&self, programs: &[&'static str], cgroup_id: u64) -> Result<bool, BpfError> {
+        for program in programs {
+            if self.link_to_update(program, cgroup_id)?.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Pins `new` (attached already) in place of the previous agent's link of the same program, which
@@ -275,11 +281,11 @@ pub fn exempt_in_pinned(
 /// Adds `ports` to the guarded ports of this version's layout under `dir`, when it has them pinned: a
 /// starting agent's ports are guarded from before it binds them, while the programs a previous agent
 /// left keep guarding that agent's ports until this one's programs replace them.
-pub fn guard_ports_in_pinned(dir: &Path, ports: &[u16]) -> Result<bool, BpfError> {
+pub fn guard_ports_in_pinned(dir: &Path, ports: &[u16]) -> Result<(), BpfError> {
     let name = names::GUARDED_PORTS;
     let path = PinDir::at(dir).map(name);
     if !path.exists() {
-        return Ok(false);
+        return Ok(());
     }
     let map_error = |source| BpfError::Map { name, source };
     let map = MapData::from_pin(&path).map_err(map_error)?;
@@ -287,7 +293,12 @@ pub fn guard_ports_in_pinned(dir: &Path, ports: &[u16]) -> Result<bool, BpfError
     for port in ports {
         set.insert(port, 1, 0).map_err(map_error)?;
     }
-    Ok(true)
+    Ok(())
+}
+
+/// Whether any link is pinned under `dir`, whatever layout version made it.
+pub fn any_links(dir: &Path) -> Result<bool, BpfError> {
+    Ok(!pinned_paths(dir)?.links.is_empty())
 }
 
 /// The paths of the links and maps pinned under `dir`, whatever layout version made them (none when
@@ -381,6 +392,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("interceptor-nothing-pinned-{}", std::process::id()));
         assert_eq!(uninstall(&dir).unwrap(), Vec::new());
         assert_eq!(exempt_in_pinned(&dir, 42, |_| true).unwrap(), Exempted::default());
-        assert!(!guard_ports_in_pinned(&dir, &[8181]).unwrap());
+        guard_ports_in_pinned(&dir, &[8181]).unwrap();
+        assert!(!any_links(&dir).unwrap());
     }
 }
