@@ -304,6 +304,17 @@ pub const fn redirect_target(original: &Endpoint, agent_v4: &Endpoint, agent_v6:
     }
 }
 
+/// Whether a socket of the network namespace `socket_netns` is in the node's: the one the agent named
+/// (`NODE_NETNS_COOKIE`), or, where it could not tell (0, before Linux 5.14), the initial namespace.
+pub const fn in_node_netns(socket_netns: u64, node_netns: u64, initial_netns: u64) -> bool {
+    let node = if node_netns == 0 {
+        initial_netns
+    } else {
+        node_netns
+    };
+    socket_netns == node
+}
+
 /// Host-order port from `bpf_sock_addr.user_port`, which holds the network-order port in its low 16 bits.
 pub const fn port_from_user(user_port: u32) -> u16 {
     u16::from_be(user_port as u16)
@@ -396,6 +407,19 @@ mod tests {
         assert_eq!(redirect_target(&imds4, &v4, &v6), v4);
         assert_eq!(redirect_target(&imds6, &v4, &v6), v6);
         assert_eq!(redirect_target(&imds6, &v4, &unset), v4);
+    }
+
+    #[test]
+    fn the_nodes_network_is_the_one_named_or_else_the_initial_one() {
+        let (initial, node, pod) = (1, 7, 9);
+        assert!(in_node_netns(node, node, initial));
+        assert!(
+            !in_node_netns(initial, node, initial),
+            "named: the initial one is not the node's"
+        );
+        assert!(!in_node_netns(pod, node, initial));
+        assert!(in_node_netns(initial, 0, initial), "unnamed: the initial one");
+        assert!(!in_node_netns(pod, 0, initial));
     }
 
     #[test]

@@ -12,17 +12,12 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use interceptor_common::Counter;
+use interceptor_common::{Counter, in_node_netns};
 
 use crate::{
     maps::{NODE_NETNS_COOKIE, count, is_exempt, is_guarded_port},
-    sock_addr,
+    sock_addr::{self, ALLOW, IPPROTO_TCP, REFUSE},
 };
-
-const ALLOW: i32 = 1;
-/// Fail the bind with EPERM.
-const REFUSE: i32 = 0;
-const IPPROTO_TCP: u32 = 6;
 
 #[cgroup_sock_addr(bind4)]
 pub fn bind4(ctx: SockAddrContext) -> i32 {
@@ -38,7 +33,7 @@ pub fn bind6(ctx: SockAddrContext) -> i32 {
 fn guard(ctx: &SockAddrContext) -> i32 {
     if sock_addr::protocol(ctx) != IPPROTO_TCP
         || !is_guarded_port(sock_addr::port(ctx))
-        || !in_node_netns(ctx)
+        || !socket_in_node_netns(ctx)
     {
         return ALLOW;
     }
@@ -51,7 +46,7 @@ fn guard(ctx: &SockAddrContext) -> i32 {
 }
 
 /// Whether the socket belongs to the node's network namespace, where the agent listens.
-fn in_node_netns(ctx: &SockAddrContext) -> bool {
+fn socket_in_node_netns(ctx: &SockAddrContext) -> bool {
     // SAFETY: the helper takes the program's own context, or null for the initial namespace's cookie.
     let (socket_netns, initial_netns) = unsafe {
         (
@@ -59,9 +54,5 @@ fn in_node_netns(ctx: &SockAddrContext) -> bool {
             bpf_get_netns_cookie(core::ptr::null_mut()),
         )
     };
-    let node = match NODE_NETNS_COOKIE.load() {
-        0 => initial_netns,
-        cookie => cookie,
-    };
-    socket_netns == node
+    in_node_netns(socket_netns, NODE_NETNS_COOKIE.load(), initial_netns)
 }

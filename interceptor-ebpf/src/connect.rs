@@ -25,14 +25,8 @@ use crate::{
         AGENT_V4, AGENT_V6, CONNECTS_BY_COOKIE, count, is_exempt, is_intercepted, is_over_limit, mode,
         reaches_agent,
     },
-    sock_addr,
+    sock_addr::{self, ALLOW, IPPROTO_TCP, REFUSE},
 };
-
-/// Let the syscall proceed, with whatever address the program left in the context.
-const ALLOW: i32 = 1;
-/// Fail the syscall with EPERM.
-const REFUSE: i32 = 0;
-const IPPROTO_TCP: u32 = 6;
 
 /// What a connect becomes.
 enum Verdict {

@@ -8,10 +8,8 @@ use interceptor_common::Endpoint;
 
 use crate::{
     maps::{CONNECTS_BY_COOKIE, is_agent},
-    sock_addr,
+    sock_addr::{self, ALLOW},
 };
-
-const ALLOW: i32 = 1;
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {

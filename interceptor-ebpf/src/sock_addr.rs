@@ -3,6 +3,12 @@
 use aya_ebpf::programs::SockAddrContext;
 use interceptor_common::{Endpoint, InetAddr, port_from_user, port_to_user};
 
+/// Let the syscall proceed, with whatever address the program left in the context.
+pub const ALLOW: i32 = 1;
+/// Fail the syscall with EPERM.
+pub const REFUSE: i32 = 0;
+pub const IPPROTO_TCP: u32 = 6;
+
 pub fn protocol(ctx: &SockAddrContext) -> u32 {
     // SAFETY: a 4-byte read of the kernel's context.
     unsafe { (*ctx.sock_addr).protocol }

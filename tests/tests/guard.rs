@@ -33,11 +33,6 @@ fn is_alpha(outcome: &Outcome) -> bool {
         }
 }
 
-/// A connect to the agent's address where nothing listens yet (a restarting agent's old redirect).
-fn is_connection_refused(outcome: &Outcome) -> bool {
-    matches!(outcome, Outcome::Failed(error) if error.contains("Connection refused"))
-}
-
 /// Every address a process in the node's network namespace could listen on for `port`: the agent's,
 /// the node's others, the wildcards, loopback, and the IPv4 ones in IPv4-mapped form.
 fn address_forms(port: u16) -> Vec<SocketAddr> {
@@ -233,7 +228,7 @@ async fn no_workload_can_take_the_agents_ports_while_it_runs_is_down_or_restarts
 
     // While it is down: the pinned programs keep the ports, and the pod's connects find no one.
     t.agent.kill()?;
-    squat_once(&t.node, &squatter_cgroup, &addrs, "agent down").await?;
+    let refused_down = squat_once(&t.node, &squatter_cgroup, &addrs, "agent down").await?;
     let down = pod_role_list(&pod, &container).await;
     assert!(
         down.as_ref().is_err_and(|err| !err.contains("squatter")),
@@ -252,6 +247,13 @@ async fn no_workload_can_take_the_agents_ports_while_it_runs_is_down_or_restarts
         "the squatter got a port while the agent restarted: {squatted:?}"
     );
     assert!(squatted.attempts > addrs.len() * 2, "{squatted:?}");
+    // The counters are pinned with the programs: the binds refused while no agent ran count too.
+    let refused_in_all = (refused + refused_down + squatted.attempts) as u64;
+    let counted = metric(&t, "interceptor_bpf_binds_refused_total{reason=\"agent_port\"}").await?;
+    assert!(
+        counted >= refused_in_all,
+        "{counted} binds counted, {refused_in_all} refused"
+    );
 
     // A pod's own network is its own business: it may listen on the same port number there, and the
     // node's own services (outside the pods' cgroups) are not the guard's either.
@@ -400,9 +402,10 @@ async fn after_a_reboot_the_guard_refuses_pods_until_the_agent_serves() -> Resul
     let attempts = probe.finish().await?;
     let (before, after): (Vec<_>, Vec<_>) = attempts.iter().partition(|attempt| attempt.at_us < served.at_us);
     assert!(before.len() >= 20, "{before:?}");
-    for attempt in before {
+    // Refused by the programs, never "connection refused": the agent listens before it redirects.
+    for attempt in &before {
         assert!(
-            attempt.outcome.refused_by_the_programs() || is_connection_refused(&attempt.outcome),
+            attempt.outcome.refused_by_the_programs(),
             "before the agent served, a pod got {attempt:?}"
         );
     }
@@ -410,6 +413,15 @@ async fn after_a_reboot_the_guard_refuses_pods_until_the_agent_serves() -> Resul
         after.iter().all(|attempt| is_alpha(&attempt.outcome)),
         "{after:?}"
     );
+    // What the guard's programs refused is counted by the agent that took them over.
+    let not_serving = metric(&t, "interceptor_bpf_connections_total{outcome=\"not_serving\"}").await?;
+    assert!(
+        not_serving >= before.len() as u64,
+        "{not_serving} counted, {} refused",
+        before.len()
+    );
+    let binds = metric(&t, "interceptor_bpf_binds_refused_total{reason=\"agent_port\"}").await?;
+    assert!(binds >= agent_ports().len() as u64, "{binds} binds counted");
     assert_eq!(
         t.stand_in.tcp_accepted(),
         reached_before_guard,
@@ -495,5 +507,36 @@ fn the_guard_unit_is_one_systemd_accepts() -> Result<()> {
         .context("cannot run systemd-analyze (Debian's systemd)")?;
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_restarted_on_another_port_guards_that_one_and_frees_the_old() -> Result<()> {
+    if !privileged::can_run("port move") {
+        return Ok(());
+    }
+    let (mut t, pod, container, squatter_cgroup) = Cast::new()?.deploy()?;
+    t.agent.kill()?;
+    let moved = SocketAddr::from((NODE_IP, AGENT_PORT + 1));
+    let mut command = t.agent_command_in(&t.node.cgroup("system.slice/interceptor.service")?)?;
+    command.args(["--agent-addr", &moved.to_string()]);
+    t.agent = Agent::start(command)?;
+    assert_eq!(pod_role_list(&pod, &container).await, Ok("alpha".to_owned()));
+
+    let old = SocketAddr::from((NODE_IP, AGENT_PORT));
+    let squatter = Squatter::start(&t.node, &squatter_cgroup, &[old, moved], None).await?;
+    assert_eq!(squatter.bound, [old.to_string()], "{:?}", squatter.refused);
+    assert!(
+        squatter
+            .refused
+            .iter()
+            .all(|refusal| refusal.starts_with(&moved.to_string())
+                && refusal.contains("Operation not permitted")),
+        "{:?}",
+        squatter.refused
+    );
+    // Pods' connections go to the new port, never to whoever holds the old one.
+    assert_eq!(pod_role_list(&pod, &container).await, Ok("alpha".to_owned()));
+    assert_eq!(squatter.finish().await?.answered, 0);
     Ok(())
 }

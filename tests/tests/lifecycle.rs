@@ -54,6 +54,15 @@ async fn dropping_the_handle_detaches_every_program() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Each pinned link's id and the program it runs.
+fn pinned_links(bpffs_dir: &std::path::Path) -> anyhow::Result<std::collections::BTreeMap<u32, u32>> {
+    Ok(interceptor::bpf::inspect::pins(bpffs_dir)?
+        .links
+        .into_iter()
+        .map(|link| (link.link_id, link.program_id))
+        .collect())
+}
+
 fn programs_on(root: &std::path::Path) -> anyhow::Result<Vec<usize>> {
     kernel::AGENT_ATTACH_TYPES
         .iter()
@@ -94,10 +103,25 @@ async fn a_restarting_agent_leaves_no_window_and_uninstall_removes_everything() 
         "a pod reached the node's metadata service"
     );
 
-    // The next agent takes over: its programs replace the pinned ones, one of each.
+    // The next agent takes over: its programs go into the pinned links in place (the same links,
+    // new programs), one of each.
+    let links_before = pinned_links(&t.node.bpffs_dir())?;
     t.restart_agent()?;
     assert_eq!(body_of(&role_list().await?), "alpha");
     assert_eq!(programs_on(&root)?, [1; kernel::AGENT_PROGRAMS]);
+    let links_after = pinned_links(&t.node.bpffs_dir())?;
+    assert_eq!(
+        links_after.keys().collect::<Vec<_>>(),
+        links_before.keys().collect::<Vec<_>>(),
+        "the same links"
+    );
+    for (link, program) in &links_after {
+        assert_ne!(
+            Some(program),
+            links_before.get(link),
+            "{link}: the old program runs on"
+        );
+    }
 
     // Uninstall removes everything: nothing attached, nothing pinned, pods reach the metadata service.
     t.agent.kill()?;

@@ -167,11 +167,14 @@ const KERNEL_TESTS: [(&str, &[&str]); 8] = [
     ("attribution", &[]),
     ("lifecycle", &[]),
     ("imds", &[]),
-    // 70 agent starts, a minute and more under emulation: what the kernel does there (delete and
-    // insert in a pinned hash map) the other tests do too.
+    // 70 agent starts, a minute and more under emulation, and a restart on another port: what the
+    // kernel does there (hash map writes, a link update) the other tests do too.
     (
         "guard",
-        &["agents_that_fail_before_attaching_cannot_fill_the_exempt_set"],
+        &[
+            "agents_that_fail_before_attaching_cannot_fill_the_exempt_set",
+            "an_agent_restarted_on_another_port_guards_that_one_and_frees_the_old",
+        ],
     ),
     // The flood tests the agent's connection limits, user space only, with thousands of connections
     // that take minutes under emulation.

@@ -32,15 +32,19 @@ use super::{BpfError, sys};
 const LAYOUT: &str = "v2";
 
 /// The maps a new agent takes over from the one before: the connection records (the cookie records
-/// serve getpeername for connections still open) and the sets the old programs read until they are
-/// replaced. A map added to this list within a layout is created by the first agent that knows it.
-pub const PINNED_MAPS: [&str; 6] = [
+/// serve getpeername for connections still open), the sets the old programs read until they are
+/// replaced, and the counters, so what programs refused while no agent ran (the guard's, a stopped
+/// agent's) is counted by the next. A map added to this list within a layout is created by the first
+/// agent that knows it; a version that adds a counter must bump the layout, as the pinned counters
+/// keep the size they were made with.
+pub const PINNED_MAPS: [&str; 7] = [
     names::CONNECTS_BY_COOKIE,
     names::CONNECTS_BY_TUPLE,
     names::INTERCEPTED,
     names::INTERCEPTED_ADDRS,
     names::EXEMPT_CGROUPS,
     names::GUARDED_PORTS,
+    names::COUNTERS,
 ];
 
 /// `statfs(2)` magic of bpffs.
