@@ -53,14 +53,11 @@ fn check(routed: &Result<Route, RouteError>, path: &str) {
 }
 
 /// The node's credentials, identity credentials, user-data and signed identity documents, by segment
-/// below the version, in any case, and a segment that only extends such a name (`user-data-x`):
-/// written apart from the router's own prefix rule, so the two check each other.
+/// below the version, in any case, and a segment that merely starts with such a name (`user-data-x`,
+/// `iam;x`): written apart from the router's own prefix rule, so the two check each other.
 fn names_node_secrets(path: &str) -> bool {
     let names = |segment: Option<&str>, name: &str| {
-        segment.is_some_and(|segment| {
-            let segment = segment.to_ascii_lowercase();
-            segment == name || segment.starts_with(&format!("{name}-"))
-        })
+        segment.is_some_and(|segment| segment.to_ascii_lowercase().starts_with(name))
     };
     let segments: Vec<&str> = path.split('/').skip(2).collect();
     let at = |index: usize| segments.get(index).copied();

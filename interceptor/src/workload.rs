@@ -54,6 +54,13 @@ pub enum WorkloadError {
         uid: crate::identity::PodUid,
         waited: Duration,
     },
+    /// With ServiceAccount roles, the pod names no role and its ServiceAccount is not in the store
+    /// (listed not yet, or the list failed): what the account names is unknown, so nothing is
+    /// given, neither the default role nor the node's credentials.
+    #[error(
+        "pod {pod} names no role and its ServiceAccount {account} is not known on this node yet, so its role is not known"
+    )]
+    ServiceAccountNotKnown { pod: String, account: String },
     #[error("pod {uid} was deleted")]
     PodDeleted { uid: crate::identity::PodUid },
     #[error("pod {pod} has finished ({phase})")]

@@ -211,9 +211,20 @@ async fn a_pod_without_a_role_takes_its_service_accounts_and_its_own_annotation_
         role_list(&own, &own.container()?).await?,
         (200, "own-role".to_owned())
     );
-    assert_eq!(
-        role_list(&plain, &plain.container()?).await?.0,
-        404,
+    // Until its ServiceAccount is listed, what a pod that names no role gets is not known: it is
+    // asked to come back, and given nothing meanwhile, not the default role nor the node's.
+    let plain_app = plain.container()?;
+    let unknown = curl(&plain, &plain_app, &[ROLE_LIST]).await?;
+    assert_eq!(status_of(&unknown), 503, "{unknown}");
+    assert!(
+        body_of(&unknown).contains("ServiceAccount is not known yet"),
+        "{unknown}"
+    );
+    cluster
+        .api
+        .apply_service_account(service_account_object("ci", "default", &[]));
+    assert!(
+        role_list_becomes(&plain, &plain_app, (404, "")).await,
         "the default ServiceAccount names no role"
     );
     Ok(())

@@ -66,7 +66,9 @@ impl ImdsError {
             | Self::Unattributed
             | Self::ForwardedFor => StatusCode::FORBIDDEN,
             Self::Route(RouteError::MethodNotAllowed) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::UnknownWorkload(WorkloadError::PodNotKnown { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UnknownWorkload(
+                WorkloadError::PodNotKnown { .. } | WorkloadError::ServiceAccountNotKnown { .. },
+            ) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UnknownWorkload(WorkloadError::MirrorContested { .. }) => StatusCode::FORBIDDEN,
             Self::Route(RouteError::NotFound) | Self::UnknownWorkload(_) | Self::OtherRole { .. } => {
                 StatusCode::NOT_FOUND
@@ -110,6 +112,7 @@ impl ImdsError {
             Self::Identity(_) => "identity_error",
             Self::UnknownWorkload(WorkloadError::Unknown(_)) => "unknown_workload",
             Self::UnknownWorkload(WorkloadError::PodNotKnown { .. }) => "pod_not_known",
+            Self::UnknownWorkload(WorkloadError::ServiceAccountNotKnown { .. }) => "serviceaccount_not_known",
             Self::UnknownWorkload(WorkloadError::PodDeleted { .. }) => "pod_deleted",
             Self::UnknownWorkload(WorkloadError::PodFinished { .. }) => "pod_finished",
             Self::UnknownWorkload(WorkloadError::MirrorContested { .. }) => "mirror_contested",
@@ -151,6 +154,9 @@ impl IntoResponse for ImdsError {
             Self::UnknownWorkload(WorkloadError::PodNotKnown { .. }) => {
                 "this pod is not known yet; ask again".to_owned()
             }
+            Self::UnknownWorkload(WorkloadError::ServiceAccountNotKnown { .. }) => {
+                "this pod's ServiceAccount is not known yet; ask again".to_owned()
+            }
             Self::UnknownWorkload(_) => "no role is known for this workload".to_owned(),
             Self::Policy(PolicyError::NoRole) | Self::HostNetworkWithoutRole => {
                 "this workload has no role".to_owned()
@@ -159,7 +165,9 @@ impl IntoResponse for ImdsError {
         };
         let retry_after = match &self {
             Self::Sts(_) => Some(STS_RETRY_AFTER_SECONDS),
-            Self::UnknownWorkload(WorkloadError::PodNotKnown { .. }) => Some(POD_RETRY_AFTER_SECONDS),
+            Self::UnknownWorkload(
+                WorkloadError::PodNotKnown { .. } | WorkloadError::ServiceAccountNotKnown { .. },
+            ) => Some(POD_RETRY_AFTER_SECONDS),
             Self::Throttled(_) => Some(THROTTLED_RETRY_AFTER_SECONDS),
             _ => None,
         };

@@ -110,17 +110,14 @@ impl AllowList {
     }
 }
 
-/// Whether a path below the version is one of [`REFUSED`] or below one. Also a name that only extends
-/// one (`user-data-x`), and in any case: nothing here depends on how the node's service treats either.
+/// Whether a path below the version starts with one of [`REFUSED`], in any case and whatever follows
+/// (`user-data-x`, `meta-data/iam;x/...`, `meta-data/iam./...`): nothing here depends on how the
+/// node's service treats odd characters or letter case.
 fn is_refused(below_version: &str) -> bool {
     REFUSED.iter().any(|prefix| {
         below_version
             .get(..prefix.len())
             .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
-            && below_version[prefix.len()..]
-                .chars()
-                .next()
-                .is_none_or(|next| next == '/' || next == '-')
     })
 }
 
@@ -303,6 +300,13 @@ mod tests {
             "/latest/meta-data/IAM/security-credentials/node",
             "/latest/meta-data/iam-x",
             "/latest/user-data-x",
+            "/latest/meta-data/iam;x/security-credentials/node",
+            "/latest/meta-data/iam./security-credentials/node",
+            "/latest/meta-data/iamx",
+            "/latest/meta-data/identity-credentials;x/ec2/info",
+            "/latest/dynamic/instance-identity/pkcs7;x",
+            "/latest/dynamic/instance-identity/signature.",
+            "/latest/user-data;x",
         ] {
             assert!(
                 matches!(get(path), Err(RouteError::NodeOnly | RouteError::NotFound)),

@@ -204,7 +204,7 @@ impl KubeWorkloads {
             });
         }
         let account;
-        let (annotations, origin) = match self.service_account_naming_a_role(pod) {
+        let (annotations, origin) = match self.service_account_naming_a_role(pod)? {
             Some(found) => {
                 account = found;
                 let account_name = account.metadata.name.as_deref().unwrap_or_default();
@@ -234,20 +234,30 @@ impl KubeWorkloads {
 
     /// The pod's ServiceAccount, when ServiceAccount roles are on, the pod names no role itself and the
     /// account does.
-    fn service_account_naming_a_role(&self, pod: &Pod) -> Option<Arc<ServiceAccount>> {
-        let accounts = self.service_accounts.as_ref()?;
+    /// A ServiceAccount the store does not hold is an error, not "names no role": until it is
+    /// listed, the pod would otherwise get what a pod naming no role gets (the default role, or the
+    /// node's credentials by the node-credentials setting) in place of the account's role.
+    fn service_account_naming_a_role(&self, pod: &Pod) -> Result<Option<Arc<ServiceAccount>>, WorkloadError> {
+        let Some(accounts) = self.service_accounts.as_ref() else {
+            return Ok(None);
+        };
         let has_role = |annotations: &Option<std::collections::BTreeMap<String, String>>| {
             annotations
                 .as_ref()
                 .is_some_and(|all| all.contains_key(&*self.settings.role_key))
         };
         if has_role(&pod.metadata.annotations) {
-            return None;
+            return Ok(None);
         }
         let name = service_account_of(pod);
-        let namespace = pod.metadata.namespace.as_deref()?;
-        let account = accounts.get(&ObjectRef::new(name).within(namespace))?;
-        has_role(&account.metadata.annotations).then_some(account)
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let account = accounts
+            .get(&ObjectRef::new(name).within(namespace))
+            .ok_or_else(|| WorkloadError::ServiceAccountNotKnown {
+                pod: format!("{namespace}/{}", pod.metadata.name.as_deref().unwrap_or_default()),
+                account: format!("{namespace}/{name}"),
+            })?;
+        Ok(has_role(&account.metadata.annotations).then_some(account))
     }
 
     /// The namespace's restriction on the roles its pods name, when restrictions are on. A namespace
