@@ -1,8 +1,9 @@
 //! agent: the `interceptor agent` command. Its flags (each also an `INTERCEPTOR_*` variable), and the
-//! start-up order that keeps a pod from ever reaching the node's credentials: start the health server,
-//! exempt the agent's own cgroup from any programs a previous agent left pinned, load the
-//! configuration, attach the programs (taking over pinned ones from a previous agent), listen, then
-//! report ready. `interceptor uninstall` removes what the agent pinned.
+//! start-up order that keeps a pod from ever reaching the node's credentials or anyone else's port in
+//! the agent's place: refuse first (exempt the agent's own cgroup, guard its ports, attach refusing
+//! programs unless some are pinned: [`guard`]), hold the ports (health server, metadata socket), load
+//! the configuration, listen, switch the programs to redirect, then serve and report ready.
+//! `interceptor uninstall` removes what the agent pinned.
 
 use std::{
     ffi::OsString,
@@ -193,7 +194,7 @@ pub struct AgentArgs {
     #[arg(long, env = "INTERCEPTOR_REQUIRE_IMDSV2", num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub require_imdsv2: bool,
-    /// Paths below the version (globs, e.g. `latest-extra/**`) passed to the node's metadata service,
+    /// Paths below the version (globs, e.g. `meta-data/**`) passed to the node's metadata service,
     /// added to the default list (every path below meta-data and dynamic) or to
     /// --metadata-proxy-allow-only's. The node's credentials, identity credentials, user-data and signed
     /// identity documents are refused whatever this says.

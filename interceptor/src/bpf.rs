@@ -348,7 +348,8 @@ impl Interceptor {
             let flushed = connects_by_tuple.flush_stale()?;
             tracing::info!(flushed, "took over the pinned connection records");
         }
-        let links = attach_all(&mut ebpf, &cgroup, pin_dir.as_ref())?;
+        let cgroup_id = cgroup_id_of(&cgroup, &config.cgroup_root)?;
+        let links = attach_all(&mut ebpf, &cgroup, cgroup_id, pin_dir.as_ref())?;
         fill_set(
             &mut ebpf,
             names::GUARDED_PORTS,
@@ -661,8 +662,12 @@ where
 /// `pin_dir` is set, in place of any pinned on another cgroup). The programs that read the connect
 /// records go first and the connect programs that write them last, so no connect redirected by a new
 /// connect program meets an old `sock_ops` that would not file it (a guard's, which knows no agent).
-fn attach_all(ebpf: &mut Ebpf, cgroup: &File, pin_dir: Option<&PinDir>) -> Result<Vec<AgentLink>, BpfError> {
-    let cgroup_id = cgroup_id_of(cgroup)?;
+fn attach_all(
+    ebpf: &mut Ebpf,
+    cgroup: &File,
+    cgroup_id: u64,
+    pin_dir: Option<&PinDir>,
+) -> Result<Vec<AgentLink>, BpfError> {
     let mut links = Vec::with_capacity(PROGRAMS.len());
     links.push(put_in_place(
         program::<SockOps>(ebpf, SOCK_OPS_PROGRAM)?,
@@ -714,7 +719,7 @@ fn put_in_place<P: CgroupProgram>(
             }
             Err(source) => {
                 return Err(BpfError::PinLink {
-                    path: PathBuf::from(name),
+                    path: dir.link(name),
                     source,
                 });
             }
@@ -726,14 +731,14 @@ fn put_in_place<P: CgroupProgram>(
     })
 }
 
-/// The id of the cgroup open as `cgroup`: its inode number.
-fn cgroup_id_of(cgroup: &File) -> Result<u64, BpfError> {
+/// The id of the cgroup open as `cgroup` (`path`): its inode number.
+fn cgroup_id_of(cgroup: &File, path: &std::path::Path) -> Result<u64, BpfError> {
     use std::os::unix::fs::MetadataExt;
     cgroup
         .metadata()
         .map(|meta| meta.ino())
         .map_err(|source| BpfError::CgroupRoot {
-            path: PathBuf::from("the cgroup root"),
+            path: path.to_owned(),
             source,
         })
 }

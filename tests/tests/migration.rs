@@ -317,7 +317,10 @@ async fn a_kube2iam_node_switches_to_interceptor_and_back_while_pods_and_daemons
                 "{}: {phase}: {tally:?}",
                 client.name
             );
-            if matches!(phase, "kube2iam" | "both" | "kube2iam again") {
+            if matches!(
+                phase,
+                "kube2iam" | "both" | "removing kube2iam" | "kube2iam again"
+            ) {
                 assert!(
                     !tally.sources.contains_key(&Source::NoAnswer),
                     "{}: {phase}: {tally:?}",

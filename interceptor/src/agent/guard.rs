@@ -20,19 +20,19 @@ use crate::{
 
 #[derive(Debug, clap::Args)]
 pub struct GuardArgs {
-    /// cgroup v2 directory whose subtree is guarded, as the agent's --cgroup-root [default: the
-    /// kubelet's kubepods cgroup under the cgroup2 mount; `kubepods.slice` is made there when neither
-    /// it nor `kubepods` exists yet, as before the kubelet's first start]
+    /// cgroup v2 directory whose subtree is guarded, as the agent's --cgroup-root, made when missing
+    /// [default: the kubelet's kubepods cgroup under the cgroup2 mount; `kubepods.slice` is made
+    /// there when neither it nor `kubepods` exists yet, as before the kubelet's first start]
     #[arg(long, env = "INTERCEPTOR_CGROUP_ROOT", value_name = "PATH")]
     pub cgroup_root: Option<PathBuf>,
     /// bpffs directory where the programs are pinned, the agent's --bpffs-dir.
     #[arg(long, env = "INTERCEPTOR_BPFFS_DIR", value_name = "PATH", default_value = DEFAULT_BPFFS_DIR)]
     pub bpffs_dir: PathBuf,
     /// The agent's metadata port (of its --agent-addr): no workload may bind it.
-    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_AGENT_PORT)]
+    #[arg(long, env = "INTERCEPTOR_AGENT_PORT", value_name = "PORT", default_value_t = DEFAULT_AGENT_PORT)]
     pub agent_port: u16,
     /// The agent's health port (of its --metrics-addr): no workload may bind it.
-    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_METRICS_PORT)]
+    #[arg(long, env = "INTERCEPTOR_METRICS_PORT", value_name = "PORT", default_value_t = DEFAULT_METRICS_PORT)]
     pub metrics_port: u16,
 }
 

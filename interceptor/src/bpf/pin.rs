@@ -107,7 +107,7 @@ impl PinDir {
         self.maps_dir().join(name)
     }
 
-    fn link(&self, program: &str) -> PathBuf {
+    pub fn link(&self, program: &str) -> PathBuf {
         self.links_dir().join(program)
     }
 

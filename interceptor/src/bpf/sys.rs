@@ -115,7 +115,8 @@ pub fn attached_programs(cgroup: BorrowedFd<'_>, attach_type: bpf_attach_type) -
 pub fn obj_get(path: &CStr) -> io::Result<OwnedFd> {
     // SAFETY: bpf_attr is a plain C union for which all-zero is the documented "unset" value.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    // The union's object member is the one BPF_OBJ_GET reads.
+    // SAFETY: a reference to a member of a zeroed plain C union: the object member, the one BPF_OBJ_GET
+    // reads.
     let obj = unsafe { &mut attr.__bindgen_anon_4 };
     obj.pathname = path.as_ptr() as u64;
     // SAFETY: pathname points at a NUL-terminated string that outlives the call.
