@@ -603,13 +603,10 @@ fn fill_set<K: aya::Pod + PartialEq>(
     name: &'static str,
     keys: impl Iterator<Item = K>,
 ) -> Result<(), BpfError> {
+    let keys: Vec<K> = keys.collect();
+    add_to_set(ebpf, name, &keys)?;
     let map = ebpf.map_mut(name).ok_or(BpfError::MissingMap { name })?;
     let mut set = HashMap::<_, K, u8>::try_from(map).map_err(|source| BpfError::Map { name, source })?;
-    let keys: Vec<K> = keys.collect();
-    for key in &keys {
-        set.insert(key, 1, 0)
-            .map_err(|source| BpfError::Map { name, source })?;
-    }
     let stale: Vec<K> = set
         .keys()
         .filter_map(Result::ok)
