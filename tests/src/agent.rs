@@ -219,6 +219,19 @@ impl Agent {
         self.wait_for_line(needle, |line| line.contains(needle)).map(drop)
     }
 
+    /// Waits (bounded) until `count` log lines `match`, and returns every matching line so far: the
+    /// agent writes a request's line as it answers, so the line may arrive after the answer.
+    pub fn wait_for_lines(&self, count: usize, matches: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let found: Vec<String> = self.logs().into_iter().filter(|line| matches(line)).collect();
+            if found.len() >= count || std::time::Instant::now() >= deadline {
+                return Ok(found);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits (bounded) for the first log line that `matches`, and returns it. The agent's output is
     /// read by another thread, so a line the agent wrote before answering a request may arrive after
     /// the answer: a test looks for it with this, not with [`Agent::logs`].

@@ -171,12 +171,8 @@ async fn pods_elsewhere_finished_changed_or_deleted_get_what_their_object_says_n
     assert!(role_list_becomes(&web, &containers[0], (200, "app-web-v2")).await);
     assert!(cluster.api.delete_pod("shop", "web"));
     assert!(role_list_becomes(&web, &containers[0], (404, "")).await);
-    let logs = cluster.agent.logs().join("\n");
     for reason in ["pod_not_known", "pod_finished", "pod_deleted", "mirror_contested"] {
-        assert!(
-            logs.contains(&format!("\"reason\":\"{reason}\"")),
-            "{reason} not logged"
-        );
+        cluster.agent.wait_for_log(&format!("\"reason\":\"{reason}\""))?;
     }
     assert_eq!(cluster.stand_in.tcp_accepted(), 0);
     Ok(())

@@ -221,13 +221,16 @@ async fn metrics_and_request_logs_follow_a_scripted_set_of_requests() -> anyhow:
     assert!(after.get("interceptor_bpf_map_entries{map=\"connects_by_cookie\"}") >= 0.0);
 
     // One JSON line per request, with who, what and why; no secret in any line.
-    let logs = t.agent.logs();
-    let requests: Vec<serde_json::Value> = logs
+    let is_request = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .is_ok_and(|entry| entry["message"] == "metadata request")
+    };
+    let lines = t.agent.wait_for_lines(11, is_request)?;
+    let requests: Vec<serde_json::Value> = lines
         .iter()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|entry| entry["message"] == "metadata request")
-        .collect();
-    assert_eq!(requests.len(), 11, "{logs:#?}");
+        .map(|line| serde_json::from_str(line))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(requests.len(), 11, "{:#?}", t.agent.logs());
     for entry in &requests {
         for field in ["route", "status", "latency_us", "path", "peer"] {
             assert!(!entry[field].is_null(), "{field} missing: {entry}");
