@@ -261,6 +261,9 @@ fn run_in_vm(venv: &Path, release: &str, tests: &[KernelTest]) -> Result<bool> {
         .arg(venv.join("bin/vng"))
         .args(["--run", &format!("/boot/vmlinuz-{release}")])
         .args(["--memory", "2G", "--cpus", "2", "--disable-kvm", "--force-9p"])
+        // The guest kernel's warnings, oopses and panics reach the output (its boot messages do
+        // not): a VM that stops before its tests finish says why.
+        .args(["--verbose", "--append", "loglevel=4"])
         .arg("--rwdir")
         .arg(&shared)
         .arg("--exec")
