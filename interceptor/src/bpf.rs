@@ -46,26 +46,28 @@ pub fn object_embedded() -> bool {
     !EMBEDDED_OBJECT.is_empty()
 }
 
-/// The programs of the object, by function name, each attached to the cgroup root; the connect
-/// programs last (see [`attach_all`]).
-const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+const SOCK_OPS_PROGRAM: &str = "file_connection";
+const EGRESS_PROGRAM: &str = "drop_escaped_metadata";
+/// The programs that redirect or refuse connects, and write the connect records.
+const CONNECT_PROGRAMS: [&str; 2] = ["connect4", "connect6"];
+/// The programs beside them: those that read the records, and the bind guard.
+const SUPPORTING_PROGRAMS: [&str; 6] = [
+    SOCK_OPS_PROGRAM,
+    EGRESS_PROGRAM,
     "getpeername4",
     "getpeername6",
     "bind4",
     "bind6",
-    "connect4",
-    "connect6",
 ];
-const SOCK_OPS_PROGRAM: &str = "file_connection";
-const EGRESS_PROGRAM: &str = "drop_escaped_metadata";
-/// Every program, as its link is pinned.
+/// Every program of the object, by function name, each attached to the cgroup root (in
+/// [`attach_order`]) and its link pinned under this name.
 pub const PROGRAMS: [&str; 8] = [
-    SOCK_ADDR_PROGRAMS[0],
-    SOCK_ADDR_PROGRAMS[1],
-    SOCK_ADDR_PROGRAMS[2],
-    SOCK_ADDR_PROGRAMS[3],
-    SOCK_ADDR_PROGRAMS[4],
-    SOCK_ADDR_PROGRAMS[5],
+    "getpeername4",
+    "getpeername6",
+    "bind4",
+    "bind6",
+    CONNECT_PROGRAMS[0],
+    CONNECT_PROGRAMS[1],
     SOCK_OPS_PROGRAM,
     EGRESS_PROGRAM,
 ];
@@ -284,7 +286,8 @@ enum AgentLink {
 
 /// The loaded and attached programs. Dropping it detaches every program, unless they are pinned.
 pub struct Interceptor {
-    // Declared first so the links are dropped (and the programs detached) before anything else.
+    // Declared first so the links are dropped (and the programs detached) before anything else, in
+    // the order [`attach_all`] gives them.
     links: Vec<AgentLink>,
     connects_by_tuple: TupleMap,
     /// Keyed by the raw socket cookie, as the programs key it.
@@ -349,7 +352,7 @@ impl Interceptor {
             tracing::info!(flushed, "took over the pinned connection records");
         }
         let cgroup_id = cgroup_id_of(&cgroup, &config.cgroup_root)?;
-        let links = attach_all(&mut ebpf, &cgroup, cgroup_id, pin_dir.as_ref())?;
+        let links = attach_all(&mut ebpf, &cgroup, cgroup_id, pin_dir.as_ref(), config.mode)?;
         fill_set(
             &mut ebpf,
             names::GUARDED_PORTS,
@@ -656,51 +659,64 @@ where
 
 /// Loads every program and puts it in place: into the link pinned for it on the same cgroup when there
 /// is one (a previous agent's, whose program it replaces in one step), else in a new link (pinned when
-/// `pin_dir` is set, in place of any pinned on another cgroup). The programs that read the connect
-/// records go first and the connect programs that write them last, so no connect redirected by a new
-/// connect program meets an old `sock_ops` that would not file it (a guard's, which knows no agent).
+/// `pin_dir` is set, in place of any pinned on another cgroup). The verifier takes the time, so every
+/// program is loaded before the first goes in place: the programs then go in place back to back, in
+/// [`attach_order`]. The links come back in the order they are to be released: the connect programs
+/// last, so no connect leaves un-redirected while the egress program still drops what it sends.
 fn attach_all(
     ebpf: &mut Ebpf,
     cgroup: &File,
     cgroup_id: u64,
     pin_dir: Option<&PinDir>,
+    mode: Mode,
 ) -> Result<Vec<AgentLink>, BpfError> {
-    let mut links = Vec::with_capacity(PROGRAMS.len());
-    links.push(put_in_place(
-        program::<SockOps>(ebpf, SOCK_OPS_PROGRAM)?,
-        SOCK_OPS_PROGRAM,
-        cgroup,
-        cgroup_id,
-        pin_dir,
-    )?);
-    links.push(put_in_place(
-        program::<CgroupSkb>(ebpf, EGRESS_PROGRAM)?,
-        EGRESS_PROGRAM,
-        cgroup,
-        cgroup_id,
-        pin_dir,
-    )?);
-    // SOCK_ADDR_PROGRAMS ends with the connect programs.
-    for name in SOCK_ADDR_PROGRAMS {
-        links.push(put_in_place(
-            program::<CgroupSockAddr>(ebpf, name)?,
-            name,
-            cgroup,
-            cgroup_id,
-            pin_dir,
-        )?);
+    for name in PROGRAMS {
+        cgroup_program(ebpf, name)?.load_once(name)?;
     }
-    Ok(links)
+    let mut links = attach_order(mode)
+        .into_iter()
+        .map(|name| {
+            let link = put_in_place(cgroup_program(ebpf, name)?, name, cgroup, cgroup_id, pin_dir)?;
+            Ok((CONNECT_PROGRAMS.contains(&name), link))
+        })
+        .collect::<Result<Vec<_>, BpfError>>()?;
+    links.sort_by_key(|(is_connect, _)| *is_connect);
+    Ok(links.into_iter().map(|(_, link)| link).collect())
 }
 
-fn put_in_place<P: CgroupProgram>(
-    program: &mut P,
+/// The order the programs go in place. Redirecting, the programs that read the connect records go
+/// first and the connect programs that write them last, so no connect redirected by a new connect
+/// program meets an old `sock_ops` that would not file it (a guard's, which knows no agent).
+/// Refusing, the connect programs go first: they file nothing, and from that instant a new connect to
+/// the metadata service fails at once, where one made just before them would leave un-redirected and
+/// meet the egress program's drop, costing its client a whole timeout.
+fn attach_order(mode: Mode) -> [&'static str; PROGRAMS.len()] {
+    let mut order = [""; PROGRAMS.len()];
+    let (first, second): (&[&str], &[&str]) = match mode {
+        Mode::Redirect => (&SUPPORTING_PROGRAMS, &CONNECT_PROGRAMS),
+        Mode::Refuse => (&CONNECT_PROGRAMS, &SUPPORTING_PROGRAMS),
+    };
+    order[..first.len()].copy_from_slice(first);
+    order[first.len()..].copy_from_slice(second);
+    order
+}
+
+/// `name`'s program, as the cgroup program of its type.
+fn cgroup_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut dyn CgroupProgram, BpfError> {
+    Ok(match name {
+        SOCK_OPS_PROGRAM => program::<SockOps>(ebpf, name)?,
+        EGRESS_PROGRAM => program::<CgroupSkb>(ebpf, name)?,
+        _ => program::<CgroupSockAddr>(ebpf, name)?,
+    })
+}
+
+fn put_in_place(
+    program: &mut dyn CgroupProgram,
     name: &'static str,
     cgroup: &File,
     cgroup_id: u64,
     pin_dir: Option<&PinDir>,
 ) -> Result<AgentLink, BpfError> {
-    program.load_once(name)?;
     let Some(dir) = pin_dir else {
         return Ok(AgentLink::Owned {
             _link: program.attach_to(name, cgroup)?,
@@ -813,6 +829,20 @@ fn spawn_log_forwarder(logger: EbpfLogger<&'static dyn log::Log>) -> io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_program_goes_in_place_once_and_refusing_connects_go_first() {
+        for mode in [Mode::Redirect, Mode::Refuse] {
+            let mut order = attach_order(mode).to_vec();
+            let connects_at = |order: &[&str]| order.iter().position(|name| name.starts_with("connect"));
+            let first_connect = connects_at(&order);
+            assert_eq!(first_connect, Some(if mode == Mode::Refuse { 0 } else { 6 }));
+            order.sort_unstable();
+            let mut every = PROGRAMS.to_vec();
+            every.sort_unstable();
+            assert_eq!(order, every, "{mode:?}");
+        }
+    }
 
     #[test]
     fn mapped_and_plain_ipv4_callers_key_alike() {

@@ -48,8 +48,9 @@ pub struct Probe {
 
 impl Probe {
     /// Starts `sim-client probe` of `path` (below 169.254.169.254) from `command`, a `sim-client`
-    /// command in a pod's (or the node's) network and a container's cgroup.
-    pub fn start(mut command: Command, path: &str) -> Result<Self> {
+    /// command in a pod's (or the node's) network and a container's cgroup. Each attempt's connect,
+    /// and then its answer, may take `timeout`.
+    pub fn start(mut command: Command, path: &str, timeout: Duration) -> Result<Self> {
         command.args([
             "probe",
             &format!("{METADATA_IP}:80"),
@@ -57,6 +58,8 @@ impl Probe {
             path,
             "--pause-ms",
             "10",
+            "--timeout-ms",
+            &timeout.as_millis().to_string(),
         ]);
         let PipedChild { child, stdin, stdout } = PipedChild::spawn(command)?;
         let records = Arc::new(Mutex::new(Vec::new()));

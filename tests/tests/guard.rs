@@ -387,7 +387,12 @@ async fn after_a_reboot_the_guard_refuses_pods_until_the_agent_serves() -> Resul
     assert!(said.contains("refused"), "{said}");
 
     // The kubelet starts pods; they ask without pause while the agent is not there yet.
-    let probe = Probe::start(pod.command(&container, SIM_CLIENT)?, ROLE_LIST_PATH)?;
+    // A timeout an emulated VM's slowest answer fits in: what this asserts is who answers.
+    let probe = Probe::start(
+        pod.command(&container, SIM_CLIENT)?,
+        ROLE_LIST_PATH,
+        Duration::from_secs(5),
+    )?;
     let asked_from = now_us();
     while probe.attempts().len() < 20 {
         tokio::time::sleep(Duration::from_millis(20)).await;

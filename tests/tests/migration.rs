@@ -4,7 +4,12 @@
 //! on `HOST_IP:8181`, hostNetwork daemons (a CNI's, a termination handler's) that reach the node's
 //! metadata service directly, and kube2iam's preStop command removing the rule when it goes.
 
-use std::{collections::BTreeMap, path::Path, process::Command};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Result, ensure};
 use interceptor_tests::{
@@ -27,6 +32,10 @@ const KUBE2IAM_PORT: u16 = 8181;
 const AGENT_PORT: u16 = 8182;
 /// The longest a client may go without an answer across a switch: an SDK's retries span more.
 const LONGEST_GAP_MS: u128 = 5_000;
+/// How long the clients give each connect and each answer: botocore's and aws-sdk-rust's metadata
+/// timeouts (aws-sdk-go-v2's are shorter). A connection in flight when the programs attach is dropped
+/// (fail closed), and costs its client this.
+const SDK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Who answered an attempt, read from what it got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -131,17 +140,23 @@ const STEADY: usize = 50;
 struct Tally {
     sources: BTreeMap<Source, usize>,
     longest_gap_ms: u128,
+    /// Why the attempts without an answer got none.
+    failures: BTreeSet<String>,
 }
 
 fn tally(attempts: &[Attempt], classify: fn(&Outcome) -> Source, (from, to): (u128, u128)) -> Tally {
     let mut sources = BTreeMap::new();
     let (mut longest_gap, mut last_answer) = (0, from);
+    let mut failures = BTreeSet::new();
     for attempt in attempts
         .iter()
         .filter(|attempt| attempt.at_us > from && attempt.at_us <= to)
     {
         let source = classify(&attempt.outcome);
         *sources.entry(source).or_default() += 1;
+        if let Outcome::Failed(error) = &attempt.outcome {
+            failures.insert(error.clone());
+        }
         if source != Source::NoAnswer {
             longest_gap = longest_gap.max(attempt.at_us - last_answer);
             last_answer = attempt.at_us;
@@ -150,6 +165,7 @@ fn tally(attempts: &[Attempt], classify: fn(&Outcome) -> Source, (from, to): (u1
     Tally {
         sources,
         longest_gap_ms: longest_gap / 1000,
+        failures,
     }
 }
 
@@ -216,19 +232,23 @@ async fn a_kube2iam_node_switches_to_interceptor_and_back_while_pods_and_daemons
             name: "pod with role alpha",
             classify: pod_role_list,
             allowed: &[Source::Kube2iam, Source::OwnRole, Source::NoAnswer],
-            probe: Probe::start(app.command(&app_container, SIM_CLIENT)?, ROLE_LIST)?,
+            probe: Probe::start(app.command(&app_container, SIM_CLIENT)?, ROLE_LIST, SDK_TIMEOUT)?,
         },
         Client {
             name: "pod without a role",
             classify: pod_role_list,
             allowed: &[Source::Kube2iam, Source::NoRole, Source::NoAnswer],
-            probe: Probe::start(plain.command(&plain_container, SIM_CLIENT)?, ROLE_LIST)?,
+            probe: Probe::start(
+                plain.command(&plain_container, SIM_CLIENT)?,
+                ROLE_LIST,
+                SDK_TIMEOUT,
+            )?,
         },
         Client {
             name: "CNI daemon: interfaces",
             classify: macs,
             allowed: &[Source::Node, Source::NoAnswer],
-            probe: Probe::start(node.command(&cni_container, SIM_CLIENT)?, MACS)?,
+            probe: Probe::start(node.command(&cni_container, SIM_CLIENT)?, MACS, SDK_TIMEOUT)?,
         },
         Client {
             name: "CNI daemon: node credentials",
@@ -237,13 +257,14 @@ async fn a_kube2iam_node_switches_to_interceptor_and_back_while_pods_and_daemons
             probe: Probe::start(
                 node.command(&cni_container, SIM_CLIENT)?,
                 &format!("{ROLE_LIST}{}", StandIn::NODE_ROLE),
+                SDK_TIMEOUT,
             )?,
         },
         Client {
             name: "termination handler: spot notice",
             classify: spot_notice,
             allowed: &[Source::Node, Source::NoAnswer],
-            probe: Probe::start(node.command(&handler_container, SIM_CLIENT)?, SPOT)?,
+            probe: Probe::start(node.command(&handler_container, SIM_CLIENT)?, SPOT, SDK_TIMEOUT)?,
         },
     ];
     let started = now_us();
@@ -302,8 +323,8 @@ async fn a_kube2iam_node_switches_to_interceptor_and_back_while_pods_and_daemons
         for (phase, window) in phases {
             let tally = tally(&attempts, client.classify, window);
             println!(
-                "{:<34} {phase:<18} {:?}, longest without an answer {} ms",
-                client.name, tally.sources, tally.longest_gap_ms
+                "{:<34} {phase:<18} {:?}, longest without an answer {} ms {:?}",
+                client.name, tally.sources, tally.longest_gap_ms, tally.failures
             );
             for source in tally.sources.keys() {
                 assert!(

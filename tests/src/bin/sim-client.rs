@@ -127,6 +127,9 @@ enum Command {
         path: String,
         #[arg(long, default_value_t = 10)]
         pause_ms: u64,
+        /// How long each connect, and then the answer, may take.
+        #[arg(long)]
+        timeout_ms: u64,
     },
     /// Tries to listen on each of `addrs` (TCP), as a process taking the agent's port would, and prints
     /// `bound <addr>` or `refused <addr> <error>` for each, then `ready`. Every connection to a bound
@@ -185,7 +188,17 @@ fn main() -> ExitCode {
             per_caller,
             callers,
         } => fan_in(addr, &path_prefix, per_caller, &callers),
-        Command::Probe { addr, path, pause_ms } => probe(addr, &path, Duration::from_millis(pause_ms)),
+        Command::Probe {
+            addr,
+            path,
+            pause_ms,
+            timeout_ms,
+        } => probe(
+            addr,
+            &path,
+            Duration::from_millis(pause_ms),
+            Duration::from_millis(timeout_ms),
+        ),
         Command::Squat { addrs, retry_ms } => squat(&addrs, retry_ms.map(Duration::from_millis)),
     };
     match result {
@@ -323,14 +336,14 @@ fn stop_when_input_closes() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     stop
 }
 
-fn probe(addr: SocketAddr, path: &str, pause: Duration) -> Result<()> {
+fn probe(addr: SocketAddr, path: &str, pause: Duration, timeout: Duration) -> Result<()> {
     let stop = stop_when_input_closes();
     let mut out = std::io::LineWriter::new(std::io::stdout().lock());
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        let outcome = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        let outcome = TcpStream::connect_timeout(&addr, timeout)
             .map_err(anyhow::Error::from)
             .and_then(|mut stream| {
-                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                stream.set_read_timeout(Some(timeout))?;
                 get_any(&mut stream, path)
             });
         let micros = std::time::SystemTime::now()
