@@ -10,6 +10,7 @@ pub mod bench;
 pub mod bpffs;
 pub mod cgroup;
 pub mod chart;
+pub mod cri;
 pub mod daemonset_node;
 pub mod deployed;
 pub mod exposition;
