@@ -158,15 +158,19 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
     )
 }
 
-/// Debian packages whose commands the tests run, installed with apt when a command is missing.
+/// Debian packages whose commands the tests run, installed with apt when a command (a name on PATH,
+/// or an absolute path to an executable) is missing.
 pub fn ensure_commands(commands_and_packages: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = commands_and_packages
+    let mut missing: Vec<&str> = commands_and_packages
         .iter()
         .filter(|(command, _)| {
             output(Command::new("sh").args(["-c", &format!("command -v {command}")])).is_none()
         })
         .map(|(_, package)| *package)
         .collect();
+    // One package may provide several of the commands.
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }

@@ -27,13 +27,23 @@ pub struct Options {
     kernel: Option<String>,
 }
 
-/// Commands the tests run, with the Debian packages that provide them.
+/// Commands the tests run, with the Debian packages that provide them. A command may be an absolute
+/// path, for what is not on PATH.
 pub const TEST_COMMANDS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("curl", "curl"),
     ("systemd-analyze", "systemd"),
     // kube2iam's DNAT rule on the simulated node (tests/tests/migration.rs).
     ("iptables", "iptables"),
+    // The tests' own containerd instance (tests/src/containerd.rs): the daemon, its client, the runtime
+    // and the CNI plugins, which Debian puts in /usr/lib/cni. The package's service is never started.
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("containerd-shim-runc-v2", "containerd"),
+    ("runc", "runc"),
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    ("/usr/lib/cni/host-local", "containernetworking-plugins"),
+    ("/usr/lib/cni/loopback", "containernetworking-plugins"),
 ];
 
 /// The profile of the agent in the image this checks. A cold release build of the static agent took
