@@ -342,7 +342,8 @@ fn random_u64() -> u64 {
     RandomState::new().build_hasher().finish()
 }
 
-fn random_pod_uid() -> String {
+/// A pod UID in the form the API server gives one (a v4 UUID).
+pub fn random_pod_uid() -> String {
     let (a, b) = (random_u64(), random_u64());
     format!(
         "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
