@@ -103,7 +103,7 @@ async fn pods_made_through_cri_live_under_the_kubelets_cgroup_parents() -> Resul
         }
     }
     for level in ["kubepods/besteffort", "kubepods", ""] {
-        remove_container_cgroup(&format!("{cgroup_root}/{level}").trim_end_matches('/').to_owned())?;
+        remove_container_cgroup(format!("{cgroup_root}/{level}").trim_end_matches('/'))?;
     }
     Ok(())
 }
