@@ -451,15 +451,8 @@ pub fn remove_container_cgroup(cgroups_path: &str) -> Result<()> {
         }
         // Its processes are gone with the v2 cgroup's; the kernel may take a moment to let go.
         let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match fs::remove_dir(&dir) {
-                Ok(()) => break,
-                Err(err) if Instant::now() >= deadline => {
-                    problems.push(format!("{}: {err}", dir.display()));
-                    break;
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
+        if let Err(err) = remove_v1_tree(&dir, deadline) {
+            problems.push(err);
         }
     }
     ensure!(
@@ -468,6 +461,52 @@ pub fn remove_container_cgroup(cgroups_path: &str) -> Result<()> {
         problems.join("; ")
     );
     Ok(())
+}
+
+/// Removes the v1 cgroup `dir` and every cgroup below it, deepest first, each retried until
+/// `deadline`.
+fn remove_v1_tree(dir: &Path, deadline: Instant) -> Result<(), String> {
+    for child in read_dir_paths(dir).into_iter().filter(|path| path.is_dir()) {
+        remove_v1_tree(&child, deadline)?;
+    }
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(err) if Instant::now() >= deadline => return Err(format!("{}: {err}", dir.display())),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// The cgroup tree a test gives its kubelet as `--cgroup-root` (`/<unique name>`), removed on drop
+/// in v2 and every v1 hierarchy with whatever pods a failing test left in it. Declared before the
+/// [`Containerd`] instance, it drops after containerd has stopped the shims.
+pub struct KubeletCgroupRoot(String);
+
+impl KubeletCgroupRoot {
+    /// A new, unique root (`/itc-kubelet<n>`); nothing is made until containerd makes pods below it.
+    pub fn new() -> Self {
+        Self(format!("/{}", crate::unique_name("itc-kubelet")))
+    }
+
+    /// The root as the kubelet's `--cgroup-root` takes it.
+    pub fn path(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for KubeletCgroupRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for KubeletCgroupRoot {
+    fn drop(&mut self) {
+        if let Err(err) = remove_container_cgroup(&self.0) {
+            eprintln!("warning: {err:#}");
+        }
+    }
 }
 
 /// The mount points of the cgroup v1 hierarchies (none on a pure v2 host).

@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use interceptor_tests::{
-    containerd::{Containerd, PAUSE_IMAGE, remove_container_cgroup},
+    containerd::{Containerd, KubeletCgroupRoot, PAUSE_IMAGE},
     cri::{ContainerSpec, Cri, PodSpec, QosClass, kubelet_cgroup_parent},
     oci_archive,
     privileged::can_run,
@@ -20,6 +20,7 @@ async fn pods_made_through_cri_live_under_the_kubelets_cgroup_parents() -> Resul
         return Ok(());
     }
     let node = SimNode::new()?;
+    let cgroup_root = KubeletCgroupRoot::new();
     let containerd = Containerd::start(&node)?;
     let images = tempfile::tempdir()?;
     let archive = images.path().join("pause.tar");
@@ -27,11 +28,10 @@ async fn pods_made_through_cri_live_under_the_kubelets_cgroup_parents() -> Resul
     containerd.import_image(&archive, "localhost/interceptor-test/pause")?;
     let cri = Cri::connect(containerd.socket()).await?;
     let logs = tempfile::tempdir()?;
-    let cgroup_root = format!("/{}", unique_name("itc-kubelet"));
 
     for host_network in [false, true] {
         let uid = interceptor_tests::sim::random_pod_uid();
-        let parent = kubelet_cgroup_parent(&cgroup_root, QosClass::BestEffort, &uid);
+        let parent = kubelet_cgroup_parent(cgroup_root.path(), QosClass::BestEffort, &uid);
         let mut pod = PodSpec::new(&unique_name("pod"), "shop", &uid, &parent);
         pod.host_network = host_network;
         pod.logs_dir = logs.path().to_owned();
@@ -98,12 +98,14 @@ async fn pods_made_through_cri_live_under_the_kubelets_cgroup_parents() -> Resul
         cri.remove_container(&container).await?;
         cri.stop_pod_sandbox(&sandbox).await?;
         cri.remove_pod_sandbox(&sandbox).await?;
-        for path in [expected, format!("{parent}/{sandbox}"), parent.clone()] {
-            remove_container_cgroup(&path).with_context(|| format!("remove {path}"))?;
-        }
     }
-    for level in ["kubepods/besteffort", "kubepods", ""] {
-        remove_container_cgroup(format!("{cgroup_root}/{level}").trim_end_matches('/'))?;
-    }
+    drop(containerd);
+    let root = cgroup_root.path().to_owned();
+    drop(cgroup_root);
+    let cgroup2 = interceptor::identity::cgroup2_mount()?;
+    ensure!(
+        !cgroup2.join(root.trim_start_matches('/')).exists(),
+        "{root} remains"
+    );
     Ok(())
 }
