@@ -336,19 +336,25 @@ fn guarded_ports(agent_addr: SocketAddrV4, metrics_addr: Option<SocketAddr>) -> 
 }
 
 /// The agent's ports as its flags give them, for the programs that refuse when the agent cannot tell
-/// its address: --agent-addr's or --app-port's, and --metrics-addr's or --metrics-port's.
+/// its address.
 fn guarded_ports_of_flags(args: &AgentArgs) -> Vec<u16> {
-    let agent_port = args
-        .agent_addr
+    vec![agent_port(args), metrics_port(args)]
+}
+
+/// The metadata port: --agent-addr's, else --app-port, else 8181.
+fn agent_port(args: &AgentArgs) -> u16 {
+    args.agent_addr
         .map(|addr| addr.port())
         .or(args.kube2iam.app_port)
-        .unwrap_or(DEFAULT_AGENT_PORT);
-    let metrics_port = args
-        .metrics_addr
+        .unwrap_or(DEFAULT_AGENT_PORT)
+}
+
+/// The health port: --metrics-addr's, else --metrics-port, else 9181.
+fn metrics_port(args: &AgentArgs) -> u16 {
+    args.metrics_addr
         .map(|addr| addr.port())
         .or(args.kube2iam.metrics_port)
-        .unwrap_or(DEFAULT_METRICS_PORT);
-    vec![agent_port, metrics_port]
+        .unwrap_or(DEFAULT_METRICS_PORT)
 }
 
 /// Warns of a guarded port among the kernel's ephemeral ports: a workload's connect or listen on an
@@ -483,16 +489,17 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     };
     // The agent's own refusing programs switch with one write; a previous agent's are replaced.
     programs.mode = Mode::Redirect;
-    let redirected = match &held {
-        Some(interceptor) => interceptor.set_mode(Mode::Redirect).map(|()| None),
-        None => Interceptor::attach(&programs).map(Some),
+    let interceptor = match held {
+        Some(held) => match held.set_mode(Mode::Redirect) {
+            Ok(()) => held,
+            Err(err) => return Err(guard::refuse_after(&programs, Some(&held), err.into())),
+        },
+        None => match Interceptor::attach(&programs) {
+            Ok(attached) => attached,
+            Err(err) => return Err(guard::refuse_after(&programs, None, err.into())),
+        },
     };
-    let interceptor = match (redirected, held) {
-        (Ok(Some(attached)), _) => Arc::new(attached),
-        (Ok(None), Some(held)) => Arc::new(held),
-        (Ok(None), None) => unreachable!("programs are attached or held"),
-        (Err(err), held) => return Err(guard::refuse_after(&programs, held.as_ref(), err.into())),
-    };
+    let interceptor = Arc::new(interceptor);
     let collector = BpfCollector::new(interceptor.clone());
     telemetry.register(|registry| registry.register_collector(Box::new(collector)));
     telemetry.readiness.set_attached(true);
@@ -877,11 +884,15 @@ async fn discover_instance_role(upstream: &dyn Upstream) -> Result<String> {
     Ok(role.to_owned())
 }
 
+/// The kubelet's pod cgroups under the cgroup2 mount: the systemd driver's, then the cgroupfs
+/// driver's.
+pub(crate) const KUBEPODS_CGROUPS: [&str; 2] = ["kubepods.slice", "kubepods"];
+
 /// `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs driver) under the cgroup2 mount. Both
 /// there is an error: the programs must attach where the kubelet puts pods, which only the operator
 /// knows then (`interceptor guard` run without --cgroup-root on a cgroupfs node makes the other).
 pub(crate) fn detect_kubepods(mount: &Path) -> Result<PathBuf> {
-    let found: Vec<PathBuf> = ["kubepods.slice", "kubepods"]
+    let found: Vec<PathBuf> = KUBEPODS_CGROUPS
         .iter()
         .map(|name| mount.join(name))
         .filter(|dir| dir.is_dir())
@@ -919,14 +930,14 @@ fn own_cgroup_id(mount: &Path) -> Result<CgroupId> {
 fn agent_addr(args: &AgentArgs) -> Result<SocketAddrV4> {
     let addr = match (args.agent_addr, args.kube2iam.host_ip) {
         (Some(addr), _) => addr,
-        (None, Some(ip)) => SocketAddr::new(ip, args.kube2iam.app_port.unwrap_or(DEFAULT_AGENT_PORT)),
+        (None, Some(ip)) => SocketAddr::new(ip, agent_port(args)),
         (None, None) => {
             let host_ip =
                 std::env::var("HOST_IP").context("pass --agent-addr or --host-ip, or set HOST_IP")?;
             let ip: IpAddr = host_ip
                 .parse()
                 .with_context(|| format!("HOST_IP {host_ip:?} is not an IP address"))?;
-            SocketAddr::new(ip, args.kube2iam.app_port.unwrap_or(DEFAULT_AGENT_PORT))
+            SocketAddr::new(ip, agent_port(args))
         }
     };
     match addr {
@@ -943,10 +954,9 @@ fn agent_addr(args: &AgentArgs) -> Result<SocketAddrV4> {
 /// `None` when that is the agent's own port (kube2iam's default): the health routes are then answered
 /// on the agent's port, to callers outside the pods only.
 fn metrics_addr(args: &AgentArgs, agent_addr: SocketAddrV4) -> Option<SocketAddr> {
-    let addr = args.metrics_addr.unwrap_or_else(|| {
-        let port = args.kube2iam.metrics_port.unwrap_or(DEFAULT_METRICS_PORT);
-        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port))
-    });
+    let addr = args
+        .metrics_addr
+        .unwrap_or_else(|| SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, metrics_port(args))));
     (addr.port() != agent_addr.port()).then_some(addr)
 }
 

@@ -60,16 +60,17 @@ const SUPPORTING_PROGRAMS: [&str; 6] = [
     "bind6",
 ];
 /// Every program of the object, by function name, each attached to the cgroup root (in
-/// [`attach_order`]) and its link pinned under this name.
+/// [`attach_order`]) and its link pinned under this name: the supporting programs, then the connect
+/// programs, the order in which an agent's links are released.
 pub const PROGRAMS: [&str; 8] = [
-    "getpeername4",
-    "getpeername6",
-    "bind4",
-    "bind6",
+    SUPPORTING_PROGRAMS[0],
+    SUPPORTING_PROGRAMS[1],
+    SUPPORTING_PROGRAMS[2],
+    SUPPORTING_PROGRAMS[3],
+    SUPPORTING_PROGRAMS[4],
+    SUPPORTING_PROGRAMS[5],
     CONNECT_PROGRAMS[0],
     CONNECT_PROGRAMS[1],
-    SOCK_OPS_PROGRAM,
-    EGRESS_PROGRAM,
 ];
 
 /// A connect record older than this at accept belongs to no connection the agent is accepting now: the
@@ -661,8 +662,9 @@ where
 /// is one (a previous agent's, whose program it replaces in one step), else in a new link (pinned when
 /// `pin_dir` is set, in place of any pinned on another cgroup). The verifier takes the time, so every
 /// program is loaded before the first goes in place: the programs then go in place back to back, in
-/// [`attach_order`]. The links come back in the order they are to be released: the connect programs
-/// last, so no connect leaves un-redirected while the egress program still drops what it sends.
+/// [`attach_order`]. The links come back in the order they are to be released, [`PROGRAMS`]': the
+/// connect programs last, so no connect leaves un-redirected while the egress program still drops what
+/// it sends.
 fn attach_all(
     ebpf: &mut Ebpf,
     cgroup: &File,
@@ -675,13 +677,12 @@ fn attach_all(
     }
     let mut links = attach_order(mode)
         .into_iter()
-        .map(|name| {
-            let link = put_in_place(cgroup_program(ebpf, name)?, name, cgroup, cgroup_id, pin_dir)?;
-            Ok((CONNECT_PROGRAMS.contains(&name), link))
-        })
+        .map(|name| put_in_place(cgroup_program(ebpf, name)?, name, cgroup, cgroup_id, pin_dir))
         .collect::<Result<Vec<_>, BpfError>>()?;
-    links.sort_by_key(|(is_connect, _)| *is_connect);
-    Ok(links.into_iter().map(|(_, link)| link).collect())
+    if mode == Mode::Refuse {
+        links.rotate_left(CONNECT_PROGRAMS.len());
+    }
+    Ok(links)
 }
 
 /// The order the programs go in place. Redirecting, the programs that read the connect records go
@@ -691,13 +692,10 @@ fn attach_all(
 /// the metadata service fails at once, where one made just before them would leave un-redirected and
 /// meet the egress program's drop, costing its client a whole timeout.
 fn attach_order(mode: Mode) -> [&'static str; PROGRAMS.len()] {
-    let mut order = [""; PROGRAMS.len()];
-    let (first, second): (&[&str], &[&str]) = match mode {
-        Mode::Redirect => (&SUPPORTING_PROGRAMS, &CONNECT_PROGRAMS),
-        Mode::Refuse => (&CONNECT_PROGRAMS, &SUPPORTING_PROGRAMS),
-    };
-    order[..first.len()].copy_from_slice(first);
-    order[first.len()..].copy_from_slice(second);
+    let mut order = PROGRAMS;
+    if mode == Mode::Refuse {
+        order.rotate_right(CONNECT_PROGRAMS.len());
+    }
     order
 }
 
@@ -832,6 +830,7 @@ mod tests {
 
     #[test]
     fn every_program_goes_in_place_once_and_refusing_connects_go_first() {
+        assert!(PROGRAMS.ends_with(&CONNECT_PROGRAMS), "released last");
         for mode in [Mode::Redirect, Mode::Refuse] {
             let mut order = attach_order(mode).to_vec();
             let connects_at = |order: &[&str]| order.iter().position(|name| name.starts_with("connect"));

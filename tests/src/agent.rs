@@ -221,32 +221,37 @@ impl Agent {
 
     /// Waits (bounded) until `count` log lines `match`, and returns every matching line so far: the
     /// agent writes a request's line as it answers, so the line may arrive after the answer.
-    pub fn wait_for_lines(&self, count: usize, matches: impl Fn(&str) -> bool) -> Result<Vec<String>> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let found: Vec<String> = self.logs().into_iter().filter(|line| matches(line)).collect();
-            if found.len() >= count || std::time::Instant::now() >= deadline {
-                return Ok(found);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    pub fn wait_for_lines(&self, count: usize, matches: impl Fn(&str) -> bool) -> Vec<String> {
+        let matching = || -> Vec<String> { self.logs().into_iter().filter(|line| matches(line)).collect() };
+        self.poll_log(|| Some(matching()).filter(|found| found.len() >= count))
+            .unwrap_or_else(matching)
     }
 
     /// Waits (bounded) for the first log line that `matches`, and returns it. The agent's output is
     /// read by another thread, so a line the agent wrote before answering a request may arrive after
     /// the answer: a test looks for it with this, not with [`Agent::logs`].
     pub fn wait_for_line(&self, what: &str, matches: impl Fn(&str) -> bool) -> Result<String> {
+        self.poll_log(|| self.logs().into_iter().find(|line| matches(line)))
+            .with_context(|| {
+                format!(
+                    "the agent never logged {what:?}; its log:\n{}",
+                    self.logs().join("\n")
+                )
+            })
+    }
+
+    /// Asks `found` every 20 ms until it finds something in the log, for at most 20 s.
+    fn poll_log<T>(&self, found: impl Fn() -> Option<T>) -> Option<T> {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::time::Instant::now() < deadline {
-            if let Some(line) = self.logs().into_iter().find(|line| matches(line)) {
-                return Ok(line);
+        loop {
+            if let Some(found) = found() {
+                return Some(found);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!(
-            "the agent never logged {what:?}; its log:\n{}",
-            self.logs().join("\n")
-        )
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use super::{DEFAULT_AGENT_PORT, DEFAULT_BPFFS_DIR, DEFAULT_METRICS_PORT, detect_kubepods};
+use super::{DEFAULT_AGENT_PORT, DEFAULT_BPFFS_DIR, DEFAULT_METRICS_PORT, KUBEPODS_CGROUPS, detect_kubepods};
 use crate::{
     bpf::{self, Interceptor, Mode, PROGRAMS, RedirectConfig, pin},
     identity::{self, CgroupError, CgroupPaths},
@@ -38,7 +38,7 @@ pub struct GuardArgs {
 
 /// The systemd driver's kubepods cgroup: the guard makes it when neither it nor the cgroupfs
 /// driver's exists yet (pass --cgroup-root for the cgroupfs driver's).
-const KUBEPODS_SLICE: &str = "kubepods.slice";
+const KUBEPODS_SLICE: &str = KUBEPODS_CGROUPS[0];
 
 /// `interceptor guard`: refuses pods' metadata connects and guards the agent's ports until an agent
 /// serves. Does nothing where anything is pinned already (an agent's of any version, or an earlier
@@ -54,10 +54,7 @@ pub fn run(args: &GuardArgs) -> Result<()> {
     let mount = identity::cgroup2_mount()?;
     let cgroup_root = match &args.cgroup_root {
         Some(root) => made(root)?,
-        None if ["kubepods.slice", "kubepods"]
-            .iter()
-            .all(|name| !mount.join(name).exists()) =>
-        {
+        None if KUBEPODS_CGROUPS.iter().all(|name| !mount.join(name).exists()) => {
             made(&mount.join(KUBEPODS_SLICE))?
         }
         None => detect_kubepods(&mount)?,

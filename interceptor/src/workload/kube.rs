@@ -477,8 +477,9 @@ where
 }
 
 /// Keeps what the rules read of a pod: its name, namespace, UID, the annotations named by `keys` (cut
-/// to their limits), its node, ServiceAccount, whether it is hostNetwork, and its phase. Everything else (managedFields, labels,
-/// containers, conditions) goes, so the store's memory stays flat however much the pods change.
+/// to their limits), its node, ServiceAccount, whether it is hostNetwork, and its phase. Everything
+/// else (managedFields, labels, containers, conditions) goes, so the store's memory stays flat however
+/// much the pods change.
 fn slim_pod(pod: &mut Pod, keys: &[Kept]) {
     slim_meta(&mut pod.metadata, keys);
     pod.spec = pod.spec.take().map(|spec| PodSpec {
