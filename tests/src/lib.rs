@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod chart;
 pub mod containerd;
 pub mod cri;
+pub mod cri_node;
 pub mod daemonset_node;
 pub mod deployed;
 pub mod exposition;

@@ -68,32 +68,37 @@ impl NetNs {
     /// A command that runs inside this namespace and inside the cgroup `cgroup_dir`. The child joins
     /// the cgroup, then the namespace, before it execs, so everything it starts is in both.
     pub fn command(&self, cgroup_dir: &Path, program: impl AsRef<OsStr>) -> Result<Command> {
-        let ns = self
-            .open()
-            .with_context(|| format!("cannot open netns {}", self.name))?;
-        let procs_path = cgroup_dir.join("cgroup.procs");
-        let procs = OpenOptions::new()
-            .write(true)
-            .open(&procs_path)
-            .with_context(|| format!("cannot open {}", procs_path.display()))?;
-        let mut command = Command::new(program);
-        // SAFETY: the closure only makes the async-signal-safe write(2) and setns(2) calls, on fds that
-        // `ns` and `procs` keep open (they are moved into the closure, which lives as long as the
-        // Command), as pre_exec requires.
-        unsafe {
-            command.pre_exec(move || {
-                // "0" means the writing process itself.
-                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Ok(command)
+        command_in(&Path::new("/var/run/netns").join(&self.name), cgroup_dir, program)
     }
+}
+
+/// A command that runs inside the network namespace `netns` (a namespace file: a pinned one, or a
+/// process's `/proc/PID/ns/net`) and inside the cgroup `cgroup_dir`. The child joins the cgroup, then
+/// the namespace, before it execs, so everything it starts is in both.
+pub fn command_in(netns: &Path, cgroup_dir: &Path, program: impl AsRef<OsStr>) -> Result<Command> {
+    let ns = File::open(netns).with_context(|| format!("cannot open netns {}", netns.display()))?;
+    let procs_path = cgroup_dir.join("cgroup.procs");
+    let procs = OpenOptions::new()
+        .write(true)
+        .open(&procs_path)
+        .with_context(|| format!("cannot open {}", procs_path.display()))?;
+    let mut command = Command::new(program);
+    // SAFETY: the closure only makes the async-signal-safe write(2) and setns(2) calls, on fds that
+    // `ns` and `procs` keep open (they are moved into the closure, which lives as long as the
+    // Command), as pre_exec requires.
+    unsafe {
+        command.pre_exec(move || {
+            // "0" means the writing process itself.
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(command)
 }
 
 impl Drop for NetNs {

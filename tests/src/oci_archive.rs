@@ -74,6 +74,60 @@ pub fn write_sleeper(archive: &Path, tag: &str) -> Result<()> {
     write(archive, tag, &[busybox], &["/bin/busybox", "sleep", "infinity"])
 }
 
+/// A workload image: busybox (the entrypoint sleeps, as [`write_sleeper`]'s) and `sim-client` at
+/// `/bin/sim-client` (stripped, from `sim_client`) with the glibc files it loads, so a container runs
+/// the tests' own metadata client.
+pub fn write_workload(archive: &Path, tag: &str, sim_client: &Path) -> Result<()> {
+    let stripped = archive.with_extension("sim-client");
+    let status = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(sim_client)
+        .status()
+        .context("cannot run strip (binutils)")?;
+    anyhow::ensure!(
+        status.success(),
+        "strip {} failed: {status}",
+        sim_client.display()
+    );
+    let mut files = vec![
+        ImageFile {
+            path_in_image: "bin/busybox",
+            source: Path::new(BUSYBOX),
+            mode: 0o755,
+        },
+        ImageFile {
+            path_in_image: "bin/sim-client",
+            source: &stripped,
+            mode: 0o755,
+        },
+    ];
+    files.extend(GLIBC_FILES.iter().map(|(path_in_image, source)| ImageFile {
+        path_in_image,
+        source: Path::new(source),
+        mode: 0o755,
+    }));
+    write(archive, tag, &files, &["/bin/busybox", "sleep", "infinity"])
+}
+
+/// What a Rust binary linked against this machine's glibc loads: the loader (at the path its ELF
+/// header names), libc, libm and libgcc_s (where the loader looks by default).
+const GLIBC_FILES: &[(&str, &str)] = &[
+    ("lib64/ld-linux-x86-64.so.2", "/lib64/ld-linux-x86-64.so.2"),
+    (
+        "lib/x86_64-linux-gnu/libc.so.6",
+        "/lib/x86_64-linux-gnu/libc.so.6",
+    ),
+    (
+        "lib/x86_64-linux-gnu/libm.so.6",
+        "/lib/x86_64-linux-gnu/libm.so.6",
+    ),
+    (
+        "lib/x86_64-linux-gnu/libgcc_s.so.1",
+        "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+    ),
+];
+
 fn layer_tarball(files: &[ImageFile]) -> Result<Vec<u8>> {
     let mut layer = tar::Builder::new(Vec::new());
     let mut dirs_written: Vec<String> = Vec::new();

@@ -1,7 +1,9 @@
 //! `cargo xtask image`: the agent's container image, tagged with the workspace version, as an OCI image
 //! layout (`target/image/interceptor-oci`) and as the same layout in one `oci-archive` tarball
 //! (`target/image/interceptor-oci.tar`). The image is `FROM scratch`: the static agent binary at
-//! `/interceptor` (the entrypoint), Debian's CA bundle at `/etc/ssl/certs/ca-certificates.crt` (the AWS
+//! `/usr/local/bin/interceptor` (the entrypoint, and on the runtime's default PATH, so `kubectl exec
+//! ds/interceptor -- interceptor status` finds it), `/interceptor` a link to it (the path of earlier
+//! images, which manifests and runbooks name), Debian's CA bundle at `/etc/ssl/certs/ca-certificates.crt` (the AWS
 //! SDK's and kube's rustls clients trust the platform's roots through rustls-native-certs, which reads
 //! that file). `deploy/Dockerfile` runs this same command in its builder stage and copies those two
 //! files.
@@ -42,8 +44,13 @@ const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
 const LAYOUT: &str = "target/image/interceptor-oci";
 const ARCHIVE: &str = "target/image/interceptor-oci.tar";
 
+/// Where the binary is: on the PATH containerd and CRI-O give a container whose image sets none.
+pub const BINARY: &str = "usr/local/bin/interceptor";
+/// The binary's path in earlier images, kept as a link to it.
+const LEGACY_BINARY: &str = "interceptor";
+
 /// `docker run IMAGE --version` and the chart's `args` go straight to the agent.
-pub const ENTRYPOINT: &[&str] = &["/interceptor"];
+pub const ENTRYPOINT: &[&str] = &["/usr/local/bin/interceptor"];
 
 /// The labels' `org.opencontainers.image.*` names, with the field of the agent's `cargo metadata`
 /// each one is taken from.
@@ -121,10 +128,26 @@ pub fn build(profile: &str) -> Result<Built> {
             mode: 0o644,
             contents: &ca_bundle,
         },
+        Entry::Dir {
+            path: "usr/",
+            mode: 0o755,
+        },
+        Entry::Dir {
+            path: "usr/local/",
+            mode: 0o755,
+        },
+        Entry::Dir {
+            path: "usr/local/bin/",
+            mode: 0o755,
+        },
         Entry::File {
-            path: "interceptor",
+            path: BINARY,
             mode: 0o755,
             contents: &binary,
+        },
+        Entry::Symlink {
+            path: LEGACY_BINARY,
+            target: BINARY,
         },
     ];
     let config = Config {

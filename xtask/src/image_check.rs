@@ -149,18 +149,28 @@ fn unpack(built: &Built, scratch: &Path) -> Result<PathBuf> {
     Ok(root)
 }
 
-/// Runs `/interceptor --version` from the unpacked root: in a chroot as root, where only the image's
-/// files exist, else straight from its path.
+/// The PATH containerd's CRI plugin (and CRI-O) gives a container whose image sets none: `kubectl
+/// exec ds/interceptor -- interceptor status` resolves the name with it.
+const RUNTIME_DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Runs the agent with `--version` from the unpacked root, by each name a user gives it: the
+/// entrypoint, the bare name on the runtime's default PATH, and the earlier images' `/interceptor`. In
+/// a chroot as root, where only the image's files exist; else the binary straight from its path.
 fn check_version(root: &Path, tag: &str) -> Result<()> {
     let as_root = output(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0");
-    let mut command = if as_root {
-        let mut chroot = Command::new("chroot");
-        chroot.arg(root).arg("/interceptor");
-        chroot
-    } else {
+    if !as_root {
         println!("xtask: not root: running the image's agent outside a chroot");
-        Command::new(root.join("interceptor"))
-    };
+        return check_prints_version(Command::new(root.join(image::BINARY)), tag);
+    }
+    for name in [ENTRYPOINT[0], "interceptor", "/interceptor"] {
+        let mut chroot = Command::new("chroot");
+        chroot.env("PATH", RUNTIME_DEFAULT_PATH).arg(root).arg(name);
+        check_prints_version(chroot, tag)?;
+    }
+    Ok(())
+}
+
+fn check_prints_version(mut command: Command, tag: &str) -> Result<()> {
     command.arg("--version");
     let out = command
         .output()
@@ -185,7 +195,7 @@ mod tests {
                           LABEL org.opencontainers.image.title=\"interceptor\" \\\n      \
                           org.opencontainers.image.version=\"1.2.3\"\n\
                           ENV A=b\n\
-                          ENTRYPOINT [\"/interceptor\"]\n";
+                          ENTRYPOINT [\"/usr/local/bin/interceptor\"]\n";
         assert_eq!(
             dockerfile_labels(dockerfile),
             BTreeMap::from([

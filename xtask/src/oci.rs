@@ -33,6 +33,11 @@ pub enum Entry<'a> {
         mode: u32,
         contents: &'a [u8],
     },
+    /// A symbolic link at `path` to `target` (relative, so it resolves inside any root).
+    Symlink {
+        path: &'a str,
+        target: &'a str,
+    },
 }
 
 /// What the image's config holds besides its layer.
@@ -200,6 +205,7 @@ fn tarball(entries: &[Entry]) -> Result<Vec<u8>> {
         let (path, mode, contents, kind) = match *entry {
             Entry::Dir { path, mode } => (path, mode, &[][..], EntryType::Directory),
             Entry::File { path, mode, contents } => (path, mode, contents, EntryType::Regular),
+            Entry::Symlink { path, .. } => (path, 0o777, &[][..], EntryType::Symlink),
         };
         let mut header = Header::new_ustar();
         header.set_entry_type(kind);
@@ -208,9 +214,11 @@ fn tarball(entries: &[Entry]) -> Result<Vec<u8>> {
         header.set_mtime(MTIME);
         header.set_uid(0);
         header.set_gid(0);
-        builder
-            .append_data(&mut header, path, contents)
-            .with_context(|| format!("cannot add {path} to a tarball"))?;
+        let added = match *entry {
+            Entry::Symlink { path, target } => builder.append_link(&mut header, path, target),
+            _ => builder.append_data(&mut header, path, contents),
+        };
+        added.with_context(|| format!("cannot add {path} to a tarball"))?;
     }
     builder.into_inner().context("cannot finish a tarball")
 }
@@ -247,6 +255,10 @@ mod tests {
                 mode: 0o755,
                 contents: binary,
             },
+            Entry::Symlink {
+                path: "bin-app",
+                target: "app",
+            },
         ];
         let config = Config {
             architecture: "amd64",
@@ -271,26 +283,32 @@ mod tests {
             .unwrap();
         assert_eq!(unpacked.len(), image.unpacked_size());
         let mut archive = tar::Archive::new(&unpacked[..]);
-        let entries: Vec<(String, u32, u64, u64)> = archive
+        let entries: Vec<(String, u32, u64, u64, Option<String>)> = archive
             .entries()
             .unwrap()
             .map(|entry| {
                 let header = entry.unwrap().header().clone();
                 let path = header.path().unwrap().to_string_lossy().into_owned();
+                let link = header
+                    .link_name()
+                    .unwrap()
+                    .map(|target| target.to_string_lossy().into_owned());
                 (
                     path,
                     header.mode().unwrap(),
                     header.mtime().unwrap(),
                     header.uid().unwrap(),
+                    link,
                 )
             })
             .collect();
         assert_eq!(
             entries,
             [
-                ("etc/".to_owned(), 0o755, MTIME, 0),
-                ("etc/motd".to_owned(), 0o644, MTIME, 0),
-                ("app".to_owned(), 0o755, MTIME, 0),
+                ("etc/".to_owned(), 0o755, MTIME, 0, None),
+                ("etc/motd".to_owned(), 0o644, MTIME, 0, None),
+                ("app".to_owned(), 0o755, MTIME, 0, None),
+                ("bin-app".to_owned(), 0o777, MTIME, 0, Some("app".to_owned())),
             ]
         );
     }
