@@ -94,10 +94,17 @@ exec containerd --config \"$1\"";
     command.spawn().context("cannot start containerd")
 }
 
+/// A mount namespace, held open: while it is, the kernel cannot free it and give its inode number
+/// to a new namespace (another test's container's), so processes found by that number are its own.
+struct MountNamespace {
+    inode: u64,
+    _handle: File,
+}
+
 pub struct Containerd {
     daemon: Child,
-    /// The inode of containerd's mount namespace: every shim is in it too.
-    mount_namespace: Option<u64>,
+    /// containerd's mount namespace: every shim is in it too.
+    mount_namespace: Option<MountNamespace>,
     dir: PathBuf,
     snapshotter: &'static str,
 }
@@ -166,13 +173,16 @@ impl Containerd {
     }
 
     /// containerd's mount namespace, once it is not the test's own (which it is until `unshare` runs).
-    fn own_mount_namespace(&self) -> Result<u64> {
+    fn own_mount_namespace(&self) -> Result<MountNamespace> {
         let ours = fs::metadata("/proc/self/ns/mnt")?.ino();
-        let its = fs::metadata(format!("/proc/{}/ns/mnt", self.pid()))
-            .context("cannot read containerd's mount namespace")?
-            .ino();
-        ensure!(its != ours, "containerd runs in the test's own mount namespace");
-        Ok(its)
+        let handle = File::open(format!("/proc/{}/ns/mnt", self.pid()))
+            .context("cannot open containerd's mount namespace")?;
+        let inode = handle.metadata()?.ino();
+        ensure!(inode != ours, "containerd runs in the test's own mount namespace");
+        Ok(MountNamespace {
+            inode,
+            _handle: handle,
+        })
     }
 
     /// containerd's gRPC socket (CRI and containerd's own API).
@@ -186,7 +196,7 @@ impl Containerd {
 
     /// The inode of containerd's mount namespace (`/proc/<pid>/ns/mnt`), which its shims share.
     pub fn mount_namespace(&self) -> Option<u64> {
-        self.mount_namespace
+        self.mount_namespace.as_ref().map(|namespace| namespace.inode)
     }
 
     /// containerd's log (its stderr).
@@ -222,7 +232,7 @@ impl Containerd {
     /// the stdio fifos of `ctr run` and `ctr tasks exec` under `/run/containerd/fifo`, which the shims
     /// must see (and which must not appear on the host).
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
-        let mut command = match self.mount_namespace {
+        let mut command = match self.mount_namespace() {
             Some(_) => {
                 let mut nsenter = Command::new("nsenter");
                 nsenter
@@ -371,7 +381,10 @@ oom_score = 0
     fn stop(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
         // Read before containerd goes: a start that failed early may not have recorded it.
-        let mount_namespace = self.mount_namespace.or_else(|| self.own_mount_namespace().ok());
+        let mount_namespace = self
+            .mount_namespace
+            .take()
+            .or_else(|| self.own_mount_namespace().ok());
         let task_cgroups = self.task_cgroups();
         if self.daemon.try_wait().ok().flatten().is_none() {
             kill(self.pid() as i32, libc::SIGTERM);
@@ -391,10 +404,10 @@ oom_score = 0
         // Shims outlive containerd; they, and anything else left but the containers (which runc gives
         // mount namespaces of their own), are in its mount namespace. No pid files are trusted: a pid
         // may have been reused.
-        if let Some(namespace) = mount_namespace {
+        if let Some(namespace) = &mount_namespace {
             let deadline = Instant::now() + STOP_DEADLINE;
             loop {
-                let left = processes_in_mount_namespace(namespace);
+                let left = processes_in_mount_namespace(namespace.inode);
                 if left.is_empty() {
                     break;
                 }
