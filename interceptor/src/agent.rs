@@ -573,8 +573,19 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         keys: limit_keys,
         limits: Arc::new(limits.with_gate(interceptor.clone())),
     };
-    imds::serve(listener, router, interceptor, bounds, metrics, shutdown_signal()).await;
-    // The pinned programs stay: until the next agent takes over, pods' metadata connections are refused.
+    let programs_refuse = interceptor.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        // New metadata connections are refused in the kernel from here on, so none waits in a listen
+        // queue that is about to close; those already made are answered before the agent exits.
+        if let Err(err) = programs_refuse.set_mode(Mode::Refuse) {
+            tracing::warn!(error = %err, "cannot switch the programs to refusing; connections made while the agent stops are reset");
+        }
+        tracing::info!("stopping: metadata connects refused, draining those made");
+    };
+    imds::serve(listener, router, interceptor, bounds, metrics, shutdown).await;
+    // The pinned programs stay, refusing: until the next agent takes over, pods' metadata connections
+    // fail at once.
     telemetry.readiness.set_attached(false);
     tracing::info!(bpffs_dir = %args.bpffs_dir.display(), "shutting down; programs stay attached (interceptor uninstall removes them)");
     Ok(())

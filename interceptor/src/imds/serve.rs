@@ -93,7 +93,28 @@ pub struct ConnectionBounds {
     pub limits: Arc<ConnectionLimits>,
 }
 
-/// Serves `router` on `listener` until `shutdown` completes.
+/// After shutdown, how long the listen queue must stay empty before the listener closes: connects
+/// that passed the kernel's programs before they switched to refusing are still arriving.
+const DRAIN_SETTLE: Duration = Duration::from_millis(100);
+/// How long requests in progress may take to finish after shutdown, well inside the pod's grace
+/// period (30 s by default).
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What one connection's task needs besides its stream.
+struct Handler {
+    router: Router,
+    attribute: Arc<dyn Attribute>,
+    bounds: ConnectionBounds,
+    metrics: ImdsMetrics,
+    /// Turns `true` when the agent shuts down: each connection then ends after its request.
+    draining: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then drains: answers the connections
+/// already made (those in the listen queue, and those that arrive within [`DRAIN_SETTLE`] of each
+/// other), lets each connection finish its request, and returns once all have ended or after
+/// [`DRAIN_DEADLINE`]. `shutdown` is where the caller stops new connections from coming (the
+/// kernel's programs switched to refusing), so that closing the listener resets none.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -102,27 +123,70 @@ pub async fn serve(
     metrics: ImdsMetrics,
     shutdown: impl Future<Output = ()>,
 ) {
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    let handler = Handler {
+        router,
+        attribute,
+        bounds,
+        metrics,
+        draining,
+    };
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of fds and the like: log, back off a little, keep serving.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
-        };
+        tokio::select! {
+            accepted = listener.accept() => handler.accepted(accepted, &mut connections).await,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = &mut shutdown => break,
+        }
+    }
+    while let Ok(accepted) = tokio::time::timeout(DRAIN_SETTLE, listener.accept()).await {
+        handler.accepted(accepted, &mut connections).await;
+    }
+    drop(listener);
+    let _ = drain.send(true);
+    let in_progress = connections.len();
+    let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!(in_progress, "metadata connections drained"),
+        Err(_) => tracing::warn!(left = connections.len(), deadline = ?DRAIN_DEADLINE,
+            "metadata connections still open after the drain deadline, closed"),
+    }
+}
+
+impl Handler {
+    async fn accepted(
+        &self,
+        accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+        connections: &mut tokio::task::JoinSet<()>,
+    ) {
+        match accepted {
+            Ok((stream, peer)) => self.serve_connection(stream, peer, connections),
+            Err(err) => {
+                // Out of fds and the like: log, back off a little, keep serving.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    fn serve_connection(
+        &self,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        connections: &mut tokio::task::JoinSet<()>,
+    ) {
         let attribution = stream
             .local_addr()
             .ok()
-            .and_then(|local| attribute.attribute(peer, local));
-        metrics.connection(attribution.is_some());
-        let limit_key = attribution.map(|found| bounds.keys.key_of(found.cgroup_id));
-        let open = match bounds
+            .and_then(|local| self.attribute.attribute(peer, local));
+        self.metrics.connection(attribution.is_some());
+        let limit_key = attribution.map(|found| self.bounds.keys.key_of(found.cgroup_id));
+        let open = match self
+            .bounds
             .limits
             .admit(limit_key.clone(), attribution.map(|found| found.cgroup_id))
         {
@@ -132,17 +196,21 @@ pub async fn serve(
                 tracing::debug!(%peer, cgroup_id = attribution.map(|found| found.cgroup_id.0),
                     caller = limit_key.as_ref().map(tracing::field::display), limit = over.label(),
                     "metadata connection over its limit, closed");
-                metrics.connection_refused(over.label());
-                continue;
+                self.metrics.connection_refused(over.label());
+                return;
             }
         };
         let caller = Caller::new(peer, attribution, limit_key);
         let service_caller = caller.clone();
-        let service = router.clone().map_request(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(service_caller.clone());
-            request
-        });
-        tokio::spawn(async move {
+        let service = self
+            .router
+            .clone()
+            .map_request(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(service_caller.clone());
+                request
+            });
+        let mut draining = self.draining.clone();
+        connections.spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -150,7 +218,17 @@ pub async fn serve(
                 // EC2 sends `X-Aws-Ec2-Metadata-Token-Ttl-Seconds`; some clients compare names exactly.
                 .title_case_headers(true)
                 .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-            if let Err(err) = connection.await {
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                // It only ever turns true (or goes, with the loop): either way, the agent stops.
+                _ = draining.changed() => {
+                    // The request in progress is answered; the connection then closes.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = ended {
                 tracing::debug!(peer = %caller.peer, error = %err, "metadata connection ended with an error");
             }
             drop(open);
