@@ -21,6 +21,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
 use crate::{
+    agent::NO_STS,
     containerd::{Containerd, KubeletCgroupRoot, PAUSE_IMAGE},
     cri::{
         ContainerSpec, Cri, ExecOutput, PodSpec, QosClass,
@@ -30,7 +31,7 @@ use crate::{
         },
         kubelet_cgroup_parent,
     },
-    deployed,
+    deployed::{self, Sts},
     kube_api::FakeApiServer,
     kube_node::{self, NODE_NAME},
     kubelet::{self, SERVICE_ACCOUNT_DIR},
@@ -54,8 +55,9 @@ const READY_DEADLINE: Duration = Duration::from_secs(60);
 /// The deadline of an `ExecSync` the tests make.
 pub const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The agent image `cargo xtask test` built, when the runtime tests can run: root, the venv's helm,
-/// and [`AGENT_IMAGE_VAR`] set. With `CI` set, a missing piece fails the test instead of skipping it.
+/// The agent image `cargo xtask test` built, when the runtime tests can run: root, the venv's helm
+/// (and moto), and [`AGENT_IMAGE_VAR`] set. With `CI` set, a missing piece fails the test instead of
+/// skipping it.
 pub fn agent_image(test: &str) -> Option<PathBuf> {
     if !(privileged::can_run(test) && privileged::has_python_tools(test)) {
         return None;
@@ -135,33 +137,16 @@ fn capabilities_of(config: &ContainerConfig) -> &Capability {
         .expect("a translated config has capabilities")
 }
 
-/// Takes out of the config's added capabilities those this machine cannot grant (not in the test
-/// process's bounding set: runc's capset would fail the start), and returns them. A machine where
-/// every capability can be granted gets the chart's exact list.
-pub fn withhold_ungrantable_capabilities(config: &mut ContainerConfig) -> Vec<String> {
-    let bounding = bounding_set().unwrap_or(u64::MAX);
-    let capabilities = config
+/// Takes `capability` out of the config's added capabilities (the ablation of one).
+pub fn take_capability(config: &mut ContainerConfig, capability: &str) {
+    config
         .linux
         .as_mut()
         .and_then(|linux| linux.security_context.as_mut())
         .and_then(|context| context.capabilities.as_mut())
-        .expect("a translated config has capabilities");
-    let (granted, withheld) = capabilities
+        .expect("a translated config has capabilities")
         .add_capabilities
-        .drain(..)
-        .partition(|name| capability_mask(std::slice::from_ref(name)).is_ok_and(|bit| bit & bounding != 0));
-    capabilities.add_capabilities = granted;
-    withheld
-}
-
-/// The test process's capability bounding set (`CapBnd`).
-fn bounding_set() -> Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let value = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapBnd:"))
-        .context("no CapBnd in /proc/self/status")?;
-    Ok(u64::from_str_radix(value.trim(), 16)?)
+        .retain(|name| name != capability);
 }
 
 /// The capability set (as `/proc/PID/status` prints it) of capability names as a pod spec gives
@@ -203,20 +188,24 @@ pub struct CriNode {
     pub containerd: Containerd,
     cgroup_root: KubeletCgroupRoot,
     kubelet_dir: tempfile::TempDir,
-    pub moto: Moto,
+    /// STS, unless the node was started with it down.
+    pub moto: Option<Moto>,
     pub api: FakeApiServer,
     pub stand_in: StandIn,
     pub node: SimNode,
 }
 
 impl CriNode {
-    /// Starts the stand-in, the API server (in-cluster), moto and containerd in `node`, and imports the
-    /// agent image at `agent_image` and the busybox image.
-    pub async fn start(node: SimNode, agent_image: &Path) -> Result<Self> {
+    /// Starts the stand-in, the API server (in-cluster), moto (unless `sts` is down) and containerd in
+    /// `node`, and imports the agent image at `agent_image`, the pause image and the workload image.
+    pub async fn start(node: SimNode, agent_image: &Path, sts: Sts) -> Result<Self> {
         let stand_in = StandIn::start(&node)?;
         let api = FakeApiServer::start_in_cluster(&node)?;
         api.apply_node(kube_node::node_object(&[]));
-        let moto = Moto::start(&node)?;
+        let moto = match sts {
+            Sts::Moto => Some(Moto::start(&node)?),
+            Sts::Down => None,
+        };
         let kubelet_dir = tempfile::Builder::new().prefix("itc-kubelet-").tempdir()?;
         let cgroup_root = KubeletCgroupRoot::new();
         let containerd = Containerd::start(&node)?;
@@ -265,7 +254,10 @@ impl CriNode {
         for (key, value) in [
             ("image.repository", AGENT_REPOSITORY.to_owned()),
             ("extraArgs.cgroup-root", self.agent_cgroup_root()?),
-            ("extraEnv.INTERCEPTOR_STS_ENDPOINT", self.moto.url()),
+            (
+                "extraEnv.INTERCEPTOR_STS_ENDPOINT",
+                self.moto.as_ref().map_or_else(|| NO_STS.to_owned(), Moto::url),
+            ),
             ("extraEnv.AWS_ACCESS_KEY_ID", "AKIANODEEXAMPLE".to_owned()),
             ("extraEnv.AWS_SECRET_ACCESS_KEY", "node-secret-key".to_owned()),
             ("extraEnv.AWS_REGION", "us-east-1".to_owned()),
@@ -325,12 +317,25 @@ impl CriNode {
         self.agent.as_ref().context("the agent was not started")
     }
 
-    /// The kubelet's restart of a crashed container: `StopContainer` (no grace), `RemoveContainer`,
-    /// then the container again with the next attempt, in the same sandbox. Returns once ready.
-    pub async fn restart_agent(&mut self) -> Result<()> {
+    /// The kubelet's restart of the agent's container: `StopContainer` with `grace` (zero: SIGKILL at
+    /// once, as a crashed container is gone), `RemoveContainer`, then the container again with the
+    /// next attempt, in the same sandbox. Returns once ready, with how long the stop took. A stop
+    /// with grace must end with the agent's own exit, code 0.
+    pub async fn restart_agent(&mut self, grace: Duration) -> Result<Duration> {
         let agent = self.agent.as_mut().context("the agent was not started")?;
         let old = agent.pod.container_id().to_owned();
-        self.cri.stop_container(&old, Duration::ZERO).await?;
+        let stopping = Instant::now();
+        self.cri.stop_container(&old, grace).await?;
+        let stopped_in = stopping.elapsed();
+        if !grace.is_zero() {
+            let status = self.cri.container_status(&old).await?;
+            ensure!(
+                status.exit_code == 0,
+                "the agent exited {} ({}) on SIGTERM",
+                status.exit_code,
+                status.reason
+            );
+        }
         self.cri.remove_container(&old).await?;
         let metadata = agent
             .config
@@ -351,7 +356,8 @@ impl CriNode {
             .pod
             .containers
             .push(container_id);
-        self.wait_until_agent_ready().await
+        self.wait_until_agent_ready().await?;
+        Ok(stopped_in)
     }
 
     /// Polls the agent's readiness as the kubelet's readinessProbe does, until ready or the container
@@ -501,7 +507,10 @@ impl CriNode {
             .cri
             .create_container(sandbox_id, config, &spec.sandbox_config())
             .await?;
-        self.cri.start_container(&container_id).await?;
+        self.cri
+            .start_container(&container_id)
+            .await
+            .with_context(|| format!("containerd's log:\n{}", self.containerd.log_tail()))?;
         Ok(container_id)
     }
 

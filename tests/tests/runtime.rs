@@ -2,11 +2,15 @@
 //! the chart's DaemonSet translated as the kubelet translates it, serving workload containers made
 //! through CRI under the kubelet's cgroup parents.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use interceptor_tests::{
     cri_node::{self, CriNode},
+    daemonset_node,
+    deployed::Sts,
+    lab::StandIn,
+    probe::{Outcome, Probe, now_us},
     sim::SimNode,
 };
 use serde_json::Value;
@@ -17,25 +21,89 @@ const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
 const ROLE_LIST: &str = "/latest/meta-data/iam/security-credentials/";
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_agent_container_serves_pods_made_through_cri_by_the_cgroups_containerd_gave_them() -> Result<()>
-{
-    let Some(image) = cri_node::agent_image("the agent container serves CRI pods") else {
+async fn the_agent_container_runs_with_exactly_the_charts_security_context_and_names_pods_by_their_cgroups()
+-> Result<()> {
+    let Some(image) = cri_node::agent_image("the agent container's security context") else {
         return Ok(());
     };
-    let mut node = CriNode::start(SimNode::new()?, &image).await?;
-    let mut withheld = Vec::new();
-    node.start_agent(&[], |config| {
-        withheld = cri_node::withhold_ungrantable_capabilities(config)
-    })
-    .await?;
-    println!("capabilities this machine cannot grant, withheld: {withheld:?}");
+    // No STS: what is checked here is the runtime's and the kernel's part, which the VMs run too.
+    let mut node = CriNode::start(SimNode::new()?, &image, Sts::Down).await?;
+    node.start_agent(&[], |_| {}).await?;
+    let shop = node
+        .run_workload("shop", "cart", &[(ROLE_ANNOTATION, SHOP_ROLE)], false)
+        .await?;
+    let listed = node.metadata_get(shop, ROLE_LIST).await?;
+    ensure!(listed.as_deref() == Ok(SHOP_ROLE), "shop/cart listed {listed:?}");
+    check_status_names(&node, &[(shop, SHOP_ROLE)]).await?;
 
+    let agent = node.agent()?;
+    let agent_pid = agent.pid()?;
+    let proc_status = std::fs::read_to_string(format!("/proc/{agent_pid}/status"))?;
+    let fields: BTreeMap<&str, &str> = proc_status
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(key, value)| (key, value.trim()))
+        .collect();
+    println!(
+        "the agent's CapEff {}, CapBnd {}, Seccomp {}, NoNewPrivs {}",
+        fields["CapEff"], fields["CapBnd"], fields["Seccomp"], fields["NoNewPrivs"]
+    );
+    ensure!(
+        fields["Seccomp"] == "2",
+        "the agent runs without a seccomp filter"
+    );
+    ensure!(fields["NoNewPrivs"] == "1", "the agent can gain privileges");
+    let expected = cri_node::capability_mask(&agent.granted_capabilities())?;
+    ensure!(
+        u64::from_str_radix(fields["CapEff"], 16)? == expected,
+        "CapEff {} is not the chart's list ({expected:016x})",
+        fields["CapEff"]
+    );
+
+    // containerd gives a container a cgroup namespace of its own on a cgroup v2 host only; there the
+    // agent finds its own cgroup through a cgroup2 mount made inside that namespace.
+    let own_cgroup = std::fs::read_to_string(format!("/proc/{agent_pid}/cgroup"))?;
+    let pure_v2 = interceptor_tests::containerd::cgroup_v1_hierarchies()?.is_empty();
+    println!(
+        "the agent's /proc/PID/cgroup ({}):\n{own_cgroup}",
+        if pure_v2 { "cgroup v2 host" } else { "hybrid host" }
+    );
+    ensure!(
+        own_cgroup.lines().any(|line| line == "0::/") == pure_v2,
+        "a cgroup namespace of its own is expected exactly on a cgroup v2 host: {own_cgroup}"
+    );
+    let exempted =
+        daemonset_node::log_entry(&json_lines(&node.agent_log()), "exempted the agent's own cgroup")?;
+    let agent_cgroup_id = interceptor::identity::cgroup_id(&agent.cgroup()?)?.0;
+    ensure!(
+        exempted["cgroup_id"] == agent_cgroup_id,
+        "the agent exempted {exempted}, not its container's cgroup {agent_cgroup_id}"
+    );
+
+    let mountinfo = std::fs::read_to_string(format!("/proc/{agent_pid}/mountinfo"))?;
+    println!("the agent's mounts:\n{mountinfo}");
+    let written = written_outside_mounts(&mountinfo)?;
+    ensure!(
+        written.is_empty(),
+        "the agent wrote outside its mounts, into its container's layer: {written:?}"
+    );
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_made_through_cri_get_their_own_roles_credentials_from_the_agent_container() -> Result<()> {
+    let Some(image) = cri_node::agent_image("CRI pods get credentials from the agent container") else {
+        return Ok(());
+    };
+    let mut node = CriNode::start(SimNode::new()?, &image, Sts::Moto).await?;
+    node.start_agent(&[], |_| {}).await?;
     let shop = node
         .run_workload("shop", "cart", &[(ROLE_ANNOTATION, SHOP_ROLE)], false)
         .await?;
     let billing = node
         .run_workload("billing", "ledger", &[(ROLE_ANNOTATION, BILLING_ROLE)], false)
         .await?;
+    let mut access_keys = Vec::new();
     for (index, role) in [(shop, SHOP_ROLE), (billing, BILLING_ROLE)] {
         let listed = node.metadata_get(index, ROLE_LIST).await?;
         ensure!(
@@ -47,17 +115,27 @@ async fn the_agent_container_serves_pods_made_through_cri_by_the_cgroups_contain
             .metadata_get(index, &format!("{ROLE_LIST}{role}"))
             .await?
             .map_err(anyhow::Error::msg)?;
+        ensure!(
+            !credentials.contains(StandIn::NODE_SECRET) && !credentials.contains(StandIn::NODE_ACCESS_KEY),
+            "the node's credentials reached {}",
+            node.workloads[index].name()
+        );
         let credentials: Value = serde_json::from_str(&credentials)?;
         ensure!(credentials["Code"] == "Success", "{credentials}");
-        ensure!(
-            !credentials
-                .to_string()
-                .contains(interceptor_tests::lab::StandIn::NODE_SECRET),
-            "the node's secret reached a pod"
-        );
+        access_keys.push(credentials["AccessKeyId"].clone());
     }
+    ensure!(
+        access_keys[0] != access_keys[1],
+        "two roles, one key: {access_keys:?}"
+    );
+    check_status_names(&node, &[(shop, SHOP_ROLE), (billing, BILLING_ROLE)]).await?;
+    node.shutdown().await
+}
 
-    // The documented troubleshooting command, through the runtime's exec as `kubectl exec` runs it.
+/// `interceptor status`, run in the agent's container as `kubectl exec ds/interceptor -- interceptor
+/// status` runs it (the README's troubleshooting command), works; its JSON names each workload's
+/// requests by the cgroup containerd made for its container, with its own role.
+async fn check_status_names(node: &CriNode, workloads: &[(usize, &str)]) -> Result<()> {
     let status = node.exec_in_agent(&["interceptor", "status"]).await?;
     ensure!(
         status.exit_code == 0,
@@ -74,7 +152,7 @@ async fn the_agent_container_serves_pods_made_through_cri_by_the_cgroups_contain
     let attributions = report["agent"]["attributions"]
         .as_array()
         .context("no attributions in the status")?;
-    for (index, role) in [(shop, SHOP_ROLE), (billing, BILLING_ROLE)] {
+    for &(index, role) in workloads {
         let workload = &node.workloads[index];
         let cgroup_id = interceptor::identity::cgroup_id(&workload.cgroup)?.0;
         println!(
@@ -101,37 +179,235 @@ async fn the_agent_container_serves_pods_made_through_cri_by_the_cgroups_contain
             );
         }
     }
+    Ok(())
+}
 
-    let agent_pid = agent_pid(&node)?;
-    let proc_status = std::fs::read_to_string(format!("/proc/{agent_pid}/status"))?;
-    let fields: BTreeMap<&str, &str> = proc_status
+/// The JSON of the agent's CRI log lines (`<time> <stream> <tag> <line>`).
+fn json_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|line| line.find('{').map(|start| line[start..].to_owned()))
+        .collect()
+}
+
+/// What a container's writable layer (its overlay's upperdir) holds beyond the mount points runc
+/// made there: files the container wrote on its root. Empty for a read-only root.
+fn written_outside_mounts(mountinfo: &str) -> Result<Vec<String>> {
+    let root = mountinfo
         .lines()
-        .filter_map(|line| line.split_once(':'))
-        .map(|(key, value)| (key, value.trim()))
+        .find(|line| line.split_whitespace().nth(4) == Some("/"))
+        .context("no root mount")?;
+    ensure!(
+        root.split_whitespace()
+            .nth(5)
+            .is_some_and(|options| options.split(',').any(|o| o == "ro")),
+        "the root is mounted read-write: {root}"
+    );
+    let upper = root
+        .split(',')
+        .find_map(|option| option.strip_prefix("upperdir="))
+        .context("the root is no overlay with an upperdir")?;
+    let mount_points: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
         .collect();
-    println!(
-        "the agent's CapEff {}, CapBnd {}, Seccomp {}, NoNewPrivs {}",
-        fields["CapEff"], fields["CapBnd"], fields["Seccomp"], fields["NoNewPrivs"]
-    );
+    let mut written = Vec::new();
+    let mut pending = vec![std::path::PathBuf::from(upper)];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let in_container = format!("/{}", path.strip_prefix(upper)?.display());
+            // A mount point, or a directory on the way to one.
+            let needed = mount_points
+                .iter()
+                .any(|point| *point == in_container || point.starts_with(&format!("{in_container}/")));
+            if !needed {
+                written.push(in_container);
+            } else if path.is_dir() {
+                pending.push(path);
+            } else if path.metadata()?.len() > 0 {
+                written.push(format!("{in_container} (a mount point with content)"));
+            }
+        }
+    }
+    Ok(written)
+}
+
+/// How the kubelet ends the agent's container: a crash (SIGKILL, as `StopContainer` without grace),
+/// or a rollout (SIGTERM with the pod's grace period, which the agent must not wait out).
+#[derive(Clone, Copy, Debug)]
+enum Restart {
+    Crash,
+    Rollout,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_container_restarts_leave_no_window_and_no_misattribution() -> Result<()> {
+    let Some(image) = cri_node::agent_image("agent container restarts") else {
+        return Ok(());
+    };
+    let mut node = CriNode::start(SimNode::new()?, &image, Sts::Down).await?;
+    node.start_agent(&[], |_| {}).await?;
+    let shop = node
+        .run_workload("shop", "cart", &[(ROLE_ANNOTATION, SHOP_ROLE)], false)
+        .await?;
+    let billing = node
+        .run_workload("billing", "ledger", &[(ROLE_ANNOTATION, BILLING_ROLE)], false)
+        .await?;
+    let probes = [(shop, SHOP_ROLE), (billing, BILLING_ROLE)]
+        .into_iter()
+        .map(|(index, role)| {
+            let command = node.command_in_workload(index, interceptor_tests::built_binary("sim-client")?)?;
+            Ok((Probe::start(command, ROLE_LIST, Duration::from_secs(1))?, role))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for (probe, role) in &probes {
+        probe.wait_for(0, |outcome| answered(outcome, role)).await?;
+    }
+
+    let mut windows = Vec::new();
+    for restart in [Restart::Crash, Restart::Rollout, Restart::Crash] {
+        let since = now_us();
+        match restart {
+            Restart::Crash => {
+                node.restart_agent(Duration::ZERO).await?;
+            }
+            Restart::Rollout => {
+                let stopped_in = node.restart_agent(ROLLOUT_GRACE).await?;
+                println!("the agent stopped on SIGTERM in {stopped_in:?}");
+                ensure!(
+                    stopped_in < ROLLOUT_GRACE / 2,
+                    "the agent took {stopped_in:?} to stop on SIGTERM (grace {ROLLOUT_GRACE:?})"
+                );
+            }
+        }
+        for (probe, role) in &probes {
+            probe.wait_for(since, |outcome| answered(outcome, role)).await?;
+        }
+        windows.push((restart, since, now_us()));
+        println!("{restart:?}: both pods answered again");
+    }
+    // A killed agent cuts off the connections it had accepted (reset, or closed before an answer);
+    // one stopped with SIGTERM refuses new ones in the kernel first and answers those made.
+    let reset_allowed = |at_us: u128| {
+        windows.iter().any(|&(restart, since, until)| {
+            matches!(restart, Restart::Crash) && (since..=until).contains(&at_us)
+        })
+    };
+
+    let mut tally = BTreeMap::new();
+    for (probe, role) in probes {
+        for attempt in probe.finish().await? {
+            let kind = match &attempt.outcome {
+                Outcome::Answer { status: 200, body } if body == role => "own role",
+                Outcome::Failed(error) if error.contains("Connection refused") => "connection refused",
+                Outcome::Failed(error) if cut_off(error) && reset_allowed(attempt.at_us) => {
+                    "cut off by the killed agent"
+                }
+                outcome if outcome.refused_by_the_programs() => "refused by the programs",
+                other => anyhow::bail!(
+                    "a pod of {role} got {other:?} at {} µs; the restarts (kind, from, to): {windows:?}",
+                    attempt.at_us
+                ),
+            };
+            *tally.entry((role, kind)).or_insert(0) += 1;
+        }
+    }
+    println!("attempts through three restarts: {tally:?}");
     ensure!(
-        fields["Seccomp"] == "2",
-        "the agent runs without a seccomp filter"
-    );
-    ensure!(fields["NoNewPrivs"] == "1", "the agent can gain privileges");
-    let expected = cri_node::capability_mask(&node.agent()?.granted_capabilities())?;
-    ensure!(
-        u64::from_str_radix(fields["CapEff"], 16)? == expected,
-        "CapEff {} is not the chart's list ({expected:016x})",
-        fields["CapEff"]
-    );
-    println!(
-        "the agent's mounts:\n{}",
-        std::fs::read_to_string(format!("/proc/{agent_pid}/mountinfo"))?
+        node.stand_in.metadata_paths().is_empty(),
+        "the node's metadata service was reached: {:?}",
+        node.stand_in.metadata_paths()
     );
     node.shutdown().await
 }
 
-/// The agent's pid, from its container cgroup.
-fn agent_pid(node: &CriNode) -> Result<u32> {
-    node.agent()?.pid()
+/// The rendered pod's `terminationGracePeriodSeconds` is Kubernetes' default.
+const ROLLOUT_GRACE: Duration = Duration::from_secs(30);
+
+/// A connection that was accepted and closed before an answer.
+fn cut_off(error: &str) -> bool {
+    ["Connection reset", "Broken pipe", "response without a head"]
+        .iter()
+        .any(|cut| error.contains(cut))
+}
+
+fn answered(outcome: &Outcome, role: &str) -> bool {
+    matches!(outcome, Outcome::Answer { status: 200, body } if body == role)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_capability_of_the_chart_is_needed() -> Result<()> {
+    let Some(image) = cri_node::agent_image("each capability of the chart is needed") else {
+        return Ok(());
+    };
+    let pod_spec = daemonset_node::DaemonSetSpec::chart(daemonset_node::DEFAULT_VALUES)?.pod_spec;
+    let chart_capabilities = interceptor_tests::chart::strings(
+        &pod_spec["containers"][0]["securityContext"]["capabilities"]["add"],
+    );
+    let mut table = Vec::new();
+    for capability in &chart_capabilities {
+        let mut node = CriNode::start(SimNode::new()?, &image, Sts::Down).await?;
+        let started = node
+            .start_agent(&[], |config| cri_node::take_capability(config, capability))
+            .await;
+        let failure = match started {
+            Err(err) => Some(format!(
+                "the agent does not start: {}",
+                last_error(&node.agent_log(), &err)
+            )),
+            Ok(()) => what_fails_in_service(&mut node).await?,
+        };
+        println!("without {capability}: {failure:?}");
+        table.push((
+            capability.clone(),
+            failure.unwrap_or_else(|| "NOTHING FAILS".to_owned()),
+        ));
+        node.shutdown().await?;
+    }
+    println!("capability table:");
+    for (capability, failure) in &table {
+        println!("| {capability} | {failure} |");
+    }
+    let unneeded: Vec<&String> = table
+        .iter()
+        .filter(|(_, failure)| failure == "NOTHING FAILS")
+        .map(|(capability, _)| capability)
+        .collect();
+    ensure!(
+        unneeded.is_empty(),
+        "the chart grants capabilities nothing needs: {unneeded:?}"
+    );
+    Ok(())
+}
+
+/// With the agent ready: whether a pod still gets its role and `interceptor status` still works.
+async fn what_fails_in_service(node: &mut CriNode) -> Result<Option<String>> {
+    let shop = node
+        .run_workload("shop", "cart", &[(ROLE_ANNOTATION, SHOP_ROLE)], false)
+        .await?;
+    if let Err(error) = node.metadata_get(shop, ROLE_LIST).await? {
+        return Ok(Some(format!("a pod's role list fails: {error}")));
+    }
+    let status = node.exec_in_agent(&["interceptor", "status"]).await?;
+    if status.exit_code != 0 {
+        return Ok(Some(format!(
+            "`interceptor status` exits {}: {}",
+            status.exit_code,
+            status.stderr_text().trim()
+        )));
+    }
+    Ok(None)
+}
+
+/// The agent's last error from its log (JSON lines under CRI's prefix), else the start's error.
+fn last_error(log: &str, start_error: &anyhow::Error) -> String {
+    log.lines()
+        .rev()
+        .find_map(|line| {
+            let json = &line[line.find('{')?..];
+            let entry: Value = serde_json::from_str(json).ok()?;
+            (entry["level"] == "ERROR").then(|| entry.to_string())
+        })
+        .or_else(|| log.lines().last().map(str::to_owned))
+        .unwrap_or_else(|| format!("{start_error:#}"))
 }

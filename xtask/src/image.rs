@@ -76,6 +76,8 @@ pub struct Options {
 /// A built image, as the check reads it back.
 pub struct Built {
     pub layout: PathBuf,
+    /// The same image as one `oci-archive` tarball.
+    pub archive: PathBuf,
     pub tag: String,
     pub digest: String,
     pub labels: BTreeMap<String, String>,
@@ -90,7 +92,7 @@ impl Built {
 
 pub fn run(options: &Options) -> Result<()> {
     if options.check {
-        return image_check::run(&options.profile);
+        return image_check::run(&options.profile).map(drop);
     }
     build(&options.profile).map(drop)
 }
@@ -158,8 +160,9 @@ pub fn build(profile: &str) -> Result<Built> {
     let image = Image::new(&entries, &config)?;
 
     let layout = workspace_root().join(LAYOUT);
+    let archive = workspace_root().join(ARCHIVE);
     image.write_layout(&layout, &tag)?;
-    image.write_archive(&workspace_root().join(ARCHIVE), &tag)?;
+    image.write_archive(&archive, &tag)?;
     println!(
         "xtask: image interceptor:{tag} ({profile} build), digest {}\n\
          xtask:   {} to pull, {} unpacked\n\
@@ -171,6 +174,7 @@ pub fn build(profile: &str) -> Result<Built> {
     );
     Ok(Built {
         layout,
+        archive,
         tag,
         digest: image.digest(),
         labels,

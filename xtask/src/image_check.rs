@@ -26,14 +26,15 @@ use crate::{
 /// skopeo reads the layout; tar unpacks the layer it copies out.
 const CHECK_COMMANDS: &[(&str, &str)] = &[("skopeo", "skopeo"), ("tar", "tar")];
 
-/// Builds the image from a `profile` build of the agent and checks it.
-pub fn run(profile: &str) -> Result<()> {
+/// Builds the image from a `profile` build of the agent and checks it; returns its `oci-archive`, or
+/// `None` when the check was skipped.
+pub fn run(profile: &str) -> Result<Option<PathBuf>> {
     if let Err(err) = ensure_commands(CHECK_COMMANDS) {
         if env::var_os("CI").is_some() {
             return Err(err.context("the image check needs skopeo"));
         }
         println!("xtask: SKIPPING the image check: cannot install skopeo ({err:#})");
-        return Ok(());
+        return Ok(None);
     }
     let started = Instant::now();
     let built = image::build(profile)?;
@@ -48,7 +49,7 @@ pub fn run(profile: &str) -> Result<()> {
     // Kept when a step fails, to look at; removed when all passed.
     fs::remove_dir_all(&scratch).with_context(|| format!("cannot remove {}", scratch.display()))?;
     println!("xtask: image check passed in {:.0?}", started.elapsed());
-    Ok(())
+    Ok(Some(built.archive))
 }
 
 /// skopeo's view of the image: the digest xtask printed, linux/amd64, the entrypoint and the labels.

@@ -1,7 +1,7 @@
 //! `cargo xtask test`, the README's test command and CI's: installs what is missing (commands, the
 //! Python venv with moto, the AWS CLI and boto3, kubectl and helm), builds the BPF object, checks
-//! formatting and lints, runs a short smoke of every fuzz target, runs every test in the workspace,
-//! builds and checks the container image, then the privileged tests on each kernel of the matrix in a
+//! formatting and lints, runs a short smoke of every fuzz target, builds and checks the container
+//! image, runs every test in the workspace (the runtime tests run that image), then the privileged tests on each kernel of the matrix in a
 //! VM. The privileged tests run for real when this runs as root; with `CI` set they fail loudly if they
 //! cannot.
 
@@ -52,6 +52,9 @@ pub const TEST_COMMANDS: &[(&str, &str)] = &[
 /// through the same packaging; `cargo xtask image --check` checks the release one.
 const IMAGE_CHECK_PROFILE: &str = "dev";
 
+/// Where the tests find the checked image (`tests/src/cri_node.rs` reads it).
+const AGENT_IMAGE_VAR: &str = "INTERCEPTOR_TEST_IMAGE";
+
 pub fn run(options: &Options) -> Result<()> {
     ensure_commands(TEST_COMMANDS)?;
     let venv = python::ensure_venv(python::TEST_TOOLS)?;
@@ -72,8 +75,14 @@ pub fn run(options: &Options) -> Result<()> {
     }
     crate::fuzz::smoke()?;
     build_ebpf::build_all_targets()?;
-    run_checked(workspace_cargo().args(["test", "--all-targets"]))?;
-    image_check::run(IMAGE_CHECK_PROFILE)?;
+    // First, so the tests run the image under containerd (tests/tests/runtime.rs).
+    let image = image_check::run(IMAGE_CHECK_PROFILE)?;
+    let mut tests = workspace_cargo();
+    tests.args(["test", "--all-targets"]);
+    if let Some(image) = image {
+        tests.env(AGENT_IMAGE_VAR, image);
+    }
+    run_checked(&mut tests)?;
     if options.no_vm {
         return Ok(());
     }
