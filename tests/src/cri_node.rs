@@ -303,13 +303,47 @@ impl CriNode {
         self.wait_until_agent_ready().await
     }
 
-    /// The chart's DaemonSet pod spec, rendered for this node with `extra` values.
-    pub fn rendered_pod_spec(&self, extra: &[&str]) -> Result<Value> {
+    /// The pod spec of the chart's DaemonSet `daemonset`, rendered for this node with `extra` values.
+    pub fn rendered_pod_spec_of(&self, daemonset: &str, extra: &[&str]) -> Result<Value> {
         let mut values = self.chart_values()?;
         values.extend(extra.iter().map(|value| (*value).to_owned()));
         let values: Vec<&str> = values.iter().map(String::as_str).collect();
         let objects = crate::chart::render(&values)?;
-        Ok(crate::chart::daemonset(&objects, "interceptor")["spec"]["template"]["spec"].clone())
+        Ok(crate::chart::daemonset(&objects, daemonset)["spec"]["template"]["spec"].clone())
+    }
+
+    /// The agent DaemonSet's pod spec, rendered for this node with `extra` values.
+    pub fn rendered_pod_spec(&self, extra: &[&str]) -> Result<Value> {
+        self.rendered_pod_spec_of("interceptor", extra)
+    }
+
+    /// Runs init container `container` of a pod of `pod_spec` (hostNetwork, in kube-system) to
+    /// completion, as the kubelet runs an init container; returns its exit code and log.
+    pub async fn run_init_container(&mut self, pod_spec: &Value, container: &str) -> Result<(i32, String)> {
+        let uid = sim::random_pod_uid();
+        let parent = kubelet_cgroup_parent(self.cgroup_root(), QosClass::Burstable, &uid);
+        let mut spec = PodSpec::new(&crate::unique_name("uninstall-"), AGENT_NAMESPACE, &uid, &parent);
+        spec.host_network = true;
+        spec.logs_dir = self.kubelet_dir.path().join("logs");
+        let config = KubeletTranslation::new(self, &spec)?.container_config(pod_spec, container)?;
+        let sandbox_id = self.run_sandbox(&spec).await?;
+        let container_id = self.create_and_start(&spec, &sandbox_id, &config).await?;
+        let deadline = Instant::now() + READY_DEADLINE;
+        let status = loop {
+            let status = self.cri.container_status(&container_id).await?;
+            if status.state == ContainerState::ContainerExited as i32 {
+                break status;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{container} still runs after {READY_DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let log = std::fs::read_to_string(spec.log_directory().join(&config.log_path)).unwrap_or_default();
+        self.cri.stop_pod_sandbox(&sandbox_id).await?;
+        self.cri.remove_pod_sandbox(&sandbox_id).await?;
+        Ok((status.exit_code, log))
     }
 
     /// The agent pod, once started.
@@ -579,11 +613,11 @@ impl KubeletTranslation {
         })
     }
 
-    /// The `CreateContainer` config of container `name` of `pod_spec`.
+    /// The `CreateContainer` config of container (or init container) `name` of `pod_spec`.
     pub fn container_config(&self, pod_spec: &Value, name: &str) -> Result<ContainerConfig> {
-        let container = pod_spec["containers"]
-            .as_array()
-            .into_iter()
+        let container = ["containers", "initContainers"]
+            .iter()
+            .filter_map(|list| pod_spec[list].as_array())
             .flatten()
             .find(|container| container["name"] == name)
             .with_context(|| format!("no container {name} in the pod spec"))?;

@@ -4,7 +4,9 @@
 //! mount namespace of its own where each hostPath volume is the simulated node's counterpart, each
 //! emptyDir a tmpfs, and the ServiceAccount's files are at `/var/run/secrets/kubernetes.io/serviceaccount`,
 //! and a cgroup namespace of its own rooted at its container cgroup, as containerd gives every
-//! container under cgroup v2.
+//! container under cgroup v2. (On a hybrid host containerd gives none, and the agent reads its cgroup's
+//! full path; the simulated node cannot: its cgroup tree is a subtree of the host's, which only a
+//! namespace makes look like a node's whole tree. `tests/tests/runtime.rs` runs that path for real.)
 
 use std::{
     collections::BTreeMap,

@@ -2,13 +2,14 @@
 //! the chart's DaemonSet translated as the kubelet translates it, serving workload containers made
 //! through CRI under the kubelet's cgroup parents.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, os::unix::fs::MetadataExt, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use interceptor_tests::{
     cri_node::{self, CriNode},
     daemonset_node,
     deployed::Sts,
+    kernel,
     lab::StandIn,
     probe::{Outcome, Probe, now_us},
     sim::SimNode,
@@ -23,15 +24,11 @@ const ROLE_LIST: &str = "/latest/meta-data/iam/security-credentials/";
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_container_runs_with_exactly_the_charts_security_context_and_names_pods_by_their_cgroups()
 -> Result<()> {
-    let Some(image) = cri_node::agent_image("the agent container's security context") else {
+    // No STS: what is checked here is the runtime's and the kernel's part, which the VMs run too.
+    let Some((node, shop)) = node_with_shop_pod("the agent container's security context", Sts::Down).await?
+    else {
         return Ok(());
     };
-    // No STS: what is checked here is the runtime's and the kernel's part, which the VMs run too.
-    let mut node = CriNode::start(SimNode::new()?, &image, Sts::Down).await?;
-    node.start_agent(&[], |_| {}).await?;
-    let shop = node
-        .run_workload("shop", "cart", &[(ROLE_ANNOTATION, SHOP_ROLE)], false)
-        .await?;
     let listed = node.metadata_get(shop, ROLE_LIST).await?;
     ensure!(listed.as_deref() == Ok(SHOP_ROLE), "shop/cart listed {listed:?}");
     check_status_names(&node, &[(shop, SHOP_ROLE)]).await?;
@@ -62,15 +59,16 @@ async fn the_agent_container_runs_with_exactly_the_charts_security_context_and_n
 
     // containerd gives a container a cgroup namespace of its own on a cgroup v2 host only; there the
     // agent finds its own cgroup through a cgroup2 mount made inside that namespace.
-    let own_cgroup = std::fs::read_to_string(format!("/proc/{agent_pid}/cgroup"))?;
     let pure_v2 = interceptor_tests::containerd::cgroup_v1_hierarchies()?.is_empty();
+    let namespace_of = |pid: &str| std::fs::metadata(format!("/proc/{pid}/ns/cgroup")).map(|meta| meta.ino());
+    let own_namespace = namespace_of(&agent_pid.to_string())? != namespace_of("self")?;
     println!(
-        "the agent's /proc/PID/cgroup ({}):\n{own_cgroup}",
-        if pure_v2 { "cgroup v2 host" } else { "hybrid host" }
+        "a cgroup {} host, the agent in a cgroup namespace of its own: {own_namespace}",
+        if pure_v2 { "v2" } else { "hybrid" }
     );
     ensure!(
-        own_cgroup.lines().any(|line| line == "0::/") == pure_v2,
-        "a cgroup namespace of its own is expected exactly on a cgroup v2 host: {own_cgroup}"
+        own_namespace == pure_v2,
+        "containerd gives a cgroup namespace of its own exactly on a cgroup v2 host"
     );
     let exempted =
         daemonset_node::log_entry(&json_lines(&node.agent_log()), "exempted the agent's own cgroup")?;
@@ -92,14 +90,11 @@ async fn the_agent_container_runs_with_exactly_the_charts_security_context_and_n
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pods_made_through_cri_get_their_own_roles_credentials_from_the_agent_container() -> Result<()> {
-    let Some(image) = cri_node::agent_image("CRI pods get credentials from the agent container") else {
+    let Some((mut node, shop)) =
+        node_with_shop_pod("CRI pods get credentials from the agent container", Sts::Moto).await?
+    else {
         return Ok(());
     };
-    let mut node = CriNode::start(SimNode::new()?, &image, Sts::Moto).await?;
-    node.start_agent(&[], |_| {}).await?;
-    let shop = node
-        .run_workload("shop", "cart", &[(ROLE_ANNOTATION, SHOP_ROLE)], false)
-        .await?;
     let billing = node
         .run_workload("billing", "ledger", &[(ROLE_ANNOTATION, BILLING_ROLE)], false)
         .await?;
@@ -130,6 +125,20 @@ async fn pods_made_through_cri_get_their_own_roles_credentials_from_the_agent_co
     );
     check_status_names(&node, &[(shop, SHOP_ROLE), (billing, BILLING_ROLE)]).await?;
     node.shutdown().await
+}
+
+/// A node of the tests' containerd with the chart's agent container running and the pod `shop/cart`
+/// (role `shop-reader`) made through CRI; `None` where the runtime tests cannot run.
+async fn node_with_shop_pod(test: &str, sts: Sts) -> Result<Option<(CriNode, usize)>> {
+    let Some(image) = cri_node::agent_image(test) else {
+        return Ok(None);
+    };
+    let mut node = CriNode::start(SimNode::new()?, &image, sts).await?;
+    node.start_agent(&[], |_| {}).await?;
+    let shop = node
+        .run_workload("shop", "cart", &[(ROLE_ANNOTATION, SHOP_ROLE)], false)
+        .await?;
+    Ok(Some((node, shop)))
 }
 
 /// `interceptor status`, run in the agent's container as `kubectl exec ds/interceptor -- interceptor
@@ -242,14 +251,9 @@ enum Restart {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_container_restarts_leave_no_window_and_no_misattribution() -> Result<()> {
-    let Some(image) = cri_node::agent_image("agent container restarts") else {
+    let Some((mut node, shop)) = node_with_shop_pod("agent container restarts", Sts::Down).await? else {
         return Ok(());
     };
-    let mut node = CriNode::start(SimNode::new()?, &image, Sts::Down).await?;
-    node.start_agent(&[], |_| {}).await?;
-    let shop = node
-        .run_workload("shop", "cart", &[(ROLE_ANNOTATION, SHOP_ROLE)], false)
-        .await?;
     let billing = node
         .run_workload("billing", "ledger", &[(ROLE_ANNOTATION, BILLING_ROLE)], false)
         .await?;
@@ -410,4 +414,57 @@ fn last_error(log: &str, start_error: &anyhow::Error) -> String {
         })
         .or_else(|| log.lines().last().map(str::to_owned))
         .unwrap_or_else(|| format!("{start_error:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_uninstall_daemonsets_container_leaves_nothing_attached_or_pinned() -> Result<()> {
+    let Some((mut node, shop)) = node_with_shop_pod("the uninstall DaemonSet's container", Sts::Down).await?
+    else {
+        return Ok(());
+    };
+    ensure!(node.metadata_get(shop, ROLE_LIST).await?.as_deref() == Ok(SHOP_ROLE));
+    let cgroup_root = std::path::PathBuf::from(node.agent_cgroup_root()?);
+    let pins = node.containerd.path_in_mount_namespace("/sys/fs/bpf/interceptor");
+    ensure!(
+        pins.read_dir()?.next().is_some(),
+        "the agent pinned nothing in {}",
+        pins.display()
+    );
+
+    // The documented order: the agent's DaemonSet is replaced by the uninstall one on each node.
+    let agent_pod = node.agent.take().context("the agent runs")?.pod;
+    node.cri.stop_pod_sandbox(&agent_pod.sandbox_id).await?;
+    node.cri.remove_pod_sandbox(&agent_pod.sandbox_id).await?;
+    let pod_spec = node.rendered_pod_spec_of(
+        "interceptor-uninstall",
+        &[
+            "--set",
+            "uninstall.enabled=true",
+            "--set-string",
+            &format!("uninstall.pauseImage={}", cri_node::WORKLOAD_IMAGE),
+        ],
+    )?;
+    let (exit_code, log) = node.run_init_container(&pod_spec, "uninstall").await?;
+    println!("the uninstall container exited {exit_code}:\n{log}");
+    ensure!(exit_code == 0, "the uninstall container failed");
+
+    for attach_type in kernel::AGENT_ATTACH_TYPES {
+        let attached = kernel::attached_programs(&cgroup_root, attach_type)?;
+        ensure!(
+            attached.is_empty(),
+            "{attach_type:?}: programs {attached:?} still attached"
+        );
+    }
+    let left: Vec<_> = match pins.read_dir() {
+        Ok(entries) => entries.filter_map(|entry| Some(entry.ok()?.path())).collect(),
+        Err(_) => Vec::new(),
+    };
+    ensure!(left.is_empty(), "pins left: {left:?}");
+    // Nothing intercepts any more: the pod's metadata connection reaches the node's service.
+    let reached = node.metadata_get(shop, "/latest/meta-data/instance-id").await?;
+    ensure!(
+        reached.as_deref() == Ok(StandIn::INSTANCE_ID),
+        "after the uninstall the pod got {reached:?}, not the node's metadata service"
+    );
+    node.shutdown().await
 }

@@ -61,7 +61,8 @@ pub fn run(options: &Options) -> Result<()> {
     kubectl::ensure_kubectl(&venv)?;
     build_ebpf::run()?;
     if let Some(series) = &options.kernel {
-        return vm::run_matrix(series);
+        let image = image_check::run(IMAGE_CHECK_PROFILE)?;
+        return vm::run_matrix(series, image.as_deref().map(|image| (AGENT_IMAGE_VAR, image)));
     }
     if !options.no_lint {
         run_checked(workspace_cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -79,12 +80,12 @@ pub fn run(options: &Options) -> Result<()> {
     let image = image_check::run(IMAGE_CHECK_PROFILE)?;
     let mut tests = workspace_cargo();
     tests.args(["test", "--all-targets"]);
-    if let Some(image) = image {
+    if let Some(image) = &image {
         tests.env(AGENT_IMAGE_VAR, image);
     }
     run_checked(&mut tests)?;
     if options.no_vm {
         return Ok(());
     }
-    vm::run_matrix("all")
+    vm::run_matrix("all", image.as_deref().map(|image| (AGENT_IMAGE_VAR, image)))
 }

@@ -47,8 +47,9 @@ const MATRIX: [Series; 2] = [
 const VM_TIMEOUT_SECONDS: u32 = 900;
 const VIRTME_NG: &str = "virtme-ng==1.42";
 
-/// `selection` is `all` or a series name (`6.1`, `6.12`).
-pub fn run_matrix(selection: &str) -> Result<()> {
+/// `selection` is `all` or a series name (`6.1`, `6.12`); `agent_image` is the image the runtime
+/// tests run, handed to them as `agent_image_var`.
+pub fn run_matrix(selection: &str, agent_image: Option<(&str, &Path)>) -> Result<()> {
     let series: Vec<&Series> = MATRIX
         .iter()
         .filter(|s| selection == "all" || s.name == selection)
@@ -71,7 +72,7 @@ pub fn run_matrix(selection: &str) -> Result<()> {
     for series in series {
         let release = ensure_kernel(series)?;
         let started = Instant::now();
-        let passed = run_in_vm(&venv, &release, &tests)?;
+        let passed = run_in_vm(&venv, &release, &tests, agent_image)?;
         results.push((release, passed, started.elapsed().as_secs()));
     }
     println!("\nkernel matrix:");
@@ -162,7 +163,7 @@ fn version_key(package: &str) -> Vec<u64> {
 /// attribution, cgroup ids and paths, the agent on top of them), each with the tests of it left out
 /// there. The tests with moto and the AWS clients exercise user space only and would take minutes to
 /// start Python under emulation: they run on the host.
-const KERNEL_TESTS: [(&str, &[&str]); 8] = [
+const KERNEL_TESTS: [(&str, &[&str]); 9] = [
     ("redirect", &[]),
     ("attribution", &[]),
     ("lifecycle", &[]),
@@ -189,6 +190,19 @@ const KERNEL_TESTS: [(&str, &[&str]); 8] = [
             "an_annotated_pod_gets_its_role_and_a_pod_sharing_its_network_never_does",
             "with_an_auto_discovered_base_arn_the_unannotated_pod_gets_the_default_role_only",
             "a_burst_of_first_requests_from_many_pods_of_one_role_makes_one_call_per_session",
+        ],
+    ),
+    // The agent's image under containerd: its security context and the cgroup namespace containerd
+    // gives it only on a cgroup v2 host (the VMs'), three minutes under emulation. The rest (moto's
+    // credentials, the ablation's containerd starts, the restarts' 1 s client timeouts, the uninstall
+    // container, whose kernel part `lifecycle` runs here) stays on the host.
+    (
+        "runtime",
+        &[
+            "pods_made_through_cri_get_their_own_roles_credentials_from_the_agent_container",
+            "each_capability_of_the_chart_is_needed",
+            "agent_container_restarts_leave_no_window_and_no_misattribution",
+            "the_uninstall_daemonsets_container_leaves_nothing_attached_or_pinned",
         ],
     ),
     // hostNetwork pods through the redirect in the node's own namespace; the tests with boto3, the
@@ -245,11 +259,16 @@ fn build_test_binaries() -> Result<Vec<KernelTest>> {
 }
 
 /// Boots `release` and runs every test executable in it; `Ok(false)` when a test failed.
-fn run_in_vm(venv: &Path, release: &str, tests: &[KernelTest]) -> Result<bool> {
+fn run_in_vm(
+    venv: &Path,
+    release: &str,
+    tests: &[KernelTest],
+    agent_image: Option<(&str, &Path)>,
+) -> Result<bool> {
     let shared = workspace_root().join("target/vm").join(release);
     fs::create_dir_all(&shared).with_context(|| format!("cannot create {}", shared.display()))?;
     let script = shared.join("run.sh");
-    fs::write(&script, guest_script(tests)).context("cannot write the guest script")?;
+    fs::write(&script, guest_script(tests, agent_image)).context("cannot write the guest script")?;
     println!("\nxtask: booting {release} (no KVM here: about a minute)");
     let path = format!(
         "{}:{}",
@@ -286,12 +305,15 @@ fn run_in_vm(venv: &Path, release: &str, tests: &[KernelTest]) -> Result<bool> {
     Ok(vm.wait().context("cannot wait for vng")?.success())
 }
 
-fn guest_script(tests: &[KernelTest]) -> String {
+fn guest_script(tests: &[KernelTest], agent_image: Option<(&str, &Path)>) -> String {
     let mut script = String::from(
         "# Written by cargo xtask test: the privileged tests inside the VM.\n\
          echo \"guest kernel $(uname -r), cgroup2 at $(awk '$9 == \"cgroup2\" {print $5}' /proc/self/mountinfo)\"\n\
          export CI=true\nfailed=0\n",
     );
+    if let Some((var, image)) = agent_image {
+        script.push_str(&format!("export {var}='{}'\n", image.display()));
+    }
     for test in tests {
         let skips: String = test.skip.iter().map(|name| format!(" --skip '{name}'")).collect();
         script.push_str(&format!(
