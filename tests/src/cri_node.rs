@@ -511,6 +511,16 @@ impl CriNode {
         })
     }
 
+    /// `ExecSync` of `cmd` in workload `index`'s container: its standard output and error, whatever
+    /// its exit code.
+    pub async fn exec_in_workload(&self, index: usize, cmd: &[&str]) -> Result<String> {
+        let out = self
+            .cri
+            .exec_sync(self.workloads[index].pod.container_id(), cmd, EXEC_TIMEOUT)
+            .await?;
+        Ok(format!("{}{}", out.stdout_text(), out.stderr_text()))
+    }
+
     /// A command run in workload `index`'s network namespace and container cgroup (joined as `runc
     /// exec` joins them), for clients the busybox image lacks (`sim-client probe`).
     pub fn command_in_workload(&self, index: usize, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {

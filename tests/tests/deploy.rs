@@ -30,7 +30,7 @@ fn assert_agent_security_context(container: &Value) {
     assert_eq!(context["capabilities"]["drop"], json!(["ALL"]), "{context}");
     let mut added = strings(&context["capabilities"]["add"]);
     added.sort();
-    assert_eq!(added, ["DAC_READ_SEARCH", "SYS_ADMIN"], "{context}");
+    assert_eq!(added, ["DAC_READ_SEARCH", "NET_ADMIN", "SYS_ADMIN"], "{context}");
     let mounts = container["volumeMounts"].as_array().expect("volumeMounts");
     let mount = |path: &str| {
         mounts
@@ -158,7 +158,7 @@ fn helm_lint_strict_passes_with_default_kube2iam_and_all_on_values() -> Result<(
 }
 
 #[test]
-fn default_values_render_the_agent_daemonset_with_six_capabilities_and_the_readme_rbac() -> Result<()> {
+fn default_values_render_the_agent_daemonset_with_three_capabilities_and_the_readme_rbac() -> Result<()> {
     if !has_kubectl("default render") {
         return Ok(());
     }

@@ -192,17 +192,17 @@ const KERNEL_TESTS: [(&str, &[&str]); 9] = [
             "a_burst_of_first_requests_from_many_pods_of_one_role_makes_one_call_per_session",
         ],
     ),
-    // The agent's image under containerd: its security context and the cgroup namespace containerd
-    // gives it only on a cgroup v2 host (the VMs'), three minutes under emulation. The rest (moto's
-    // credentials, the ablation's containerd starts, the restarts' 1 s client timeouts, the uninstall
-    // container, whose kernel part `lifecycle` runs here) stays on the host.
+    // The agent's image under containerd: its security context, the cgroup namespace containerd gives
+    // it only on a cgroup v2 host (the VMs'), and each capability taken away, which depends on the
+    // kernel. The rest (moto's credentials, the restarts' 1 s client timeouts, the uninstall container
+    // and the squatter, whose kernel parts `lifecycle` and `guard` run here) stays on the host.
     (
         "runtime",
         &[
             "pods_made_through_cri_get_their_own_roles_credentials_from_the_agent_container",
-            "each_capability_of_the_chart_is_needed",
             "agent_container_restarts_leave_no_window_and_no_misattribution",
             "the_uninstall_daemonsets_container_leaves_nothing_attached_or_pinned",
+            "a_host_network_container_cannot_take_the_agents_ports_while_it_runs_or_after_it_crashed",
         ],
     ),
     // hostNetwork pods through the redirect in the node's own namespace; the tests with boto3, the

@@ -93,9 +93,11 @@ capabilities:
     # bpf(2): load the programs (their verifier checks need what CAP_PERFMON grants too), create,
     # pin and open their maps and links, attach them to the cgroup, list them for `interceptor
     # status`; mount(2): a cgroup2 in its own cgroup namespace to find its own cgroup id (and bpffs
-    # where none is). SYS_ADMIN implies what BPF, PERFMON and NET_ADMIN would grant for these, so
-    # those are not added: the runtime tests show the agent works the same without each of them.
+    # where none is). SYS_ADMIN implies what BPF and PERFMON would grant, so those are not added:
+    # the runtime tests show the agent works the same without each of them.
     - SYS_ADMIN
+    # attach the cgroup_skb program: kernels before 6.9 ask for CAP_NET_ADMIN itself there
+    - NET_ADMIN
     # open_by_handle_at: turn cgroup ids into cgroup paths (which pod a connection came from)
     - DAC_READ_SEARCH
 {{- end -}}
