@@ -1,7 +1,7 @@
 //! A containerd instance owned by one test: Debian's containerd 1.6 with its CRI plugin, runc (cgroupfs
 //! driver) and bridge CNI networking, never the system's containerd.
 //!
-//! What it owns, all under one unique directory (`/tmp/itc-containerd-*`): its config, root (content
+//! What it owns, all under one unique directory (`/tmp/itc-containerd-*`; under `/dev/shm` where `/tmp` is on overlayfs): its config, root (content
 //! store, snapshots, metadata), state (task bundles, runc's root, CRI's network namespace pins), socket,
 //! CNI config and IPAM state, and its log (containerd's stderr). It runs in the simulated node's network
 //! namespace (so hostNetwork pods share the node's, and the CNI bridge and veths live there) and in a
@@ -124,7 +124,7 @@ impl Containerd {
         );
         let dir = tempfile::Builder::new()
             .prefix("itc-containerd-")
-            .tempdir()
+            .tempdir_in(instance_parent())
             .context("cannot create containerd's directory")?
             .keep();
         let launched =
@@ -551,6 +551,22 @@ pub fn processes_in_mount_namespace(namespace: u64) -> Vec<i32> {
 
 /// overlayfs, unless `dir` is itself on overlayfs (containers in containers), where only native works.
 fn snapshotter_for(dir: &Path) -> Result<&'static str> {
+    Ok(if on_overlayfs(dir)? { "native" } else { "overlayfs" })
+}
+
+/// Where an instance's directory goes: the temporary directory, unless that is on overlayfs (the
+/// kernel matrix's VMs) and `/dev/shm` is not: there the overlayfs snapshotter still works, where the
+/// native one would copy every image for every container.
+fn instance_parent() -> PathBuf {
+    let temp = std::env::temp_dir();
+    let shm = Path::new("/dev/shm");
+    match (on_overlayfs(&temp), on_overlayfs(shm)) {
+        (Ok(true), Ok(false)) => shm.to_path_buf(),
+        _ => temp,
+    }
+}
+
+fn on_overlayfs(dir: &Path) -> Result<bool> {
     const OVERLAYFS_SUPER_MAGIC: libc::c_long = 0x794c_7630;
     let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
     // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated and outlives the call.
@@ -558,11 +574,7 @@ fn snapshotter_for(dir: &Path) -> Result<&'static str> {
     if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("statfs {}", dir.display()));
     }
-    Ok(if stat.f_type == OVERLAYFS_SUPER_MAGIC {
-        "native"
-    } else {
-        "overlayfs"
-    })
+    Ok(stat.f_type == OVERLAYFS_SUPER_MAGIC)
 }
 
 fn read_dir_paths(dir: &Path) -> Vec<PathBuf> {

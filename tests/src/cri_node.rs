@@ -50,6 +50,8 @@ pub const WORKLOAD_IMAGE: &str = "localhost/interceptor-test/workload:1";
 /// The DaemonSet's namespace and the agent container's name in the chart.
 const AGENT_NAMESPACE: &str = "kube-system";
 const AGENT_CONTAINER: &str = "interceptor";
+/// The chart's `--bpffs-dir`, in the runtime's mount namespace.
+pub const AGENT_BPFFS_DIR: &str = "/sys/fs/bpf/interceptor";
 /// How long the agent container may take from `StartContainer` to ready.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
 /// The deadline of an `ExecSync` the tests make.
@@ -344,6 +346,27 @@ impl CriNode {
         self.cri.stop_pod_sandbox(&sandbox_id).await?;
         self.cri.remove_pod_sandbox(&sandbox_id).await?;
         Ok((status.exit_code, log))
+    }
+
+    /// Removes the agent's pod as the kubelet removes a deleted pod, then what its agent left in the
+    /// kernel, with `interceptor uninstall` (the host's build of the same sources) on the runtime's
+    /// bpffs: the node is as before the agent.
+    pub async fn remove_agent(&mut self) -> Result<()> {
+        let agent = self.agent.take().context("the agent was not started")?;
+        self.cri.stop_pod_sandbox(&agent.pod.sandbox_id).await?;
+        self.cri.remove_pod_sandbox(&agent.pod.sandbox_id).await?;
+        let out = Command::new(crate::agent::Agent::binary()?)
+            .arg("uninstall")
+            .arg("--bpffs-dir")
+            .arg(self.containerd.path_in_mount_namespace(AGENT_BPFFS_DIR))
+            .output()
+            .context("cannot run interceptor uninstall")?;
+        ensure!(
+            out.status.success(),
+            "interceptor uninstall failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
     }
 
     /// The agent pod, once started.
