@@ -44,6 +44,10 @@ pub const TEST_COMMANDS: &[(&str, &str)] = &[
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
     ("/usr/lib/cni/host-local", "containernetworking-plugins"),
     ("/usr/lib/cni/loopback", "containernetworking-plugins"),
+    // The runtime tests' pause and workload images (tests/src/oci_archive.rs): Debian's static busybox,
+    // and `sim-client` stripped of its debug info.
+    ("busybox", "busybox-static"),
+    ("strip", "binutils"),
 ];
 
 /// The profile of the agent in the image this checks. A cold release build of the static agent took
