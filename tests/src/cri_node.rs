@@ -279,16 +279,12 @@ impl CriNode {
         adjust: impl FnOnce(&mut ContainerConfig),
     ) -> Result<()> {
         let pod_spec = self.rendered_pod_spec(extra)?;
-        let uid = sim::random_pod_uid();
-        let parent = kubelet_cgroup_parent(self.cgroup_root(), QosClass::Burstable, &uid);
-        let mut spec = PodSpec::new(
+        let spec = self.pod_spec(
             &crate::unique_name("interceptor-"),
             AGENT_NAMESPACE,
-            &uid,
-            &parent,
+            QosClass::Burstable,
+            true,
         );
-        spec.host_network = true;
-        spec.logs_dir = self.kubelet_dir.path().join("logs");
         let translation = KubeletTranslation::new(self, &spec)?;
         let mut config = translation.container_config(&pod_spec, AGENT_CONTAINER)?;
         adjust(&mut config);
@@ -322,11 +318,12 @@ impl CriNode {
     /// Runs init container `container` of a pod of `pod_spec` (hostNetwork, in kube-system) to
     /// completion, as the kubelet runs an init container; returns its exit code and log.
     pub async fn run_init_container(&mut self, pod_spec: &Value, container: &str) -> Result<(i32, String)> {
-        let uid = sim::random_pod_uid();
-        let parent = kubelet_cgroup_parent(self.cgroup_root(), QosClass::Burstable, &uid);
-        let mut spec = PodSpec::new(&crate::unique_name("uninstall-"), AGENT_NAMESPACE, &uid, &parent);
-        spec.host_network = true;
-        spec.logs_dir = self.kubelet_dir.path().join("logs");
+        let spec = self.pod_spec(
+            &crate::unique_name("uninstall-"),
+            AGENT_NAMESPACE,
+            QosClass::Burstable,
+            true,
+        );
         let config = KubeletTranslation::new(self, &spec)?.container_config(pod_spec, container)?;
         let sandbox_id = self.run_sandbox(&spec).await?;
         let container_id = self.create_and_start(&spec, &sandbox_id, &config).await?;
@@ -475,11 +472,9 @@ impl CriNode {
         annotations: &[(&str, &str)],
         host_network: bool,
     ) -> Result<usize> {
-        let uid = sim::random_pod_uid();
-        let parent = kubelet_cgroup_parent(self.cgroup_root(), QosClass::BestEffort, &uid);
-        let mut spec = PodSpec::new(name, namespace, &uid, &parent);
-        spec.host_network = host_network;
-        spec.logs_dir = self.kubelet_dir.path().join("logs");
+        let spec = self.pod_spec(name, namespace, QosClass::BestEffort, host_network);
+        let uid = spec.uid.clone();
+        let parent = spec.cgroup_parent.clone();
         let mut object = kube_node::object_only_pod(namespace, name, annotations);
         object.metadata.uid = Some(uid.clone());
         object
@@ -554,6 +549,17 @@ impl CriNode {
             &workload.cgroup,
             program,
         )
+    }
+
+    /// A new pod of this node's kubelet: a fresh UID, the cgroup parent of its QoS class, its logs
+    /// in the kubelet's directory.
+    fn pod_spec(&self, name: &str, namespace: &str, qos: QosClass, host_network: bool) -> PodSpec {
+        let uid = sim::random_pod_uid();
+        let parent = kubelet_cgroup_parent(self.cgroup_root(), qos, &uid);
+        let mut spec = PodSpec::new(name, namespace, &uid, &parent);
+        spec.host_network = host_network;
+        spec.logs_dir = self.kubelet_dir.path().join("logs");
+        spec
     }
 
     async fn run_sandbox(&self, spec: &PodSpec) -> Result<String> {
@@ -648,12 +654,7 @@ impl KubeletTranslation {
 
     /// The `CreateContainer` config of container (or init container) `name` of `pod_spec`.
     pub fn container_config(&self, pod_spec: &Value, name: &str) -> Result<ContainerConfig> {
-        let container = ["containers", "initContainers"]
-            .iter()
-            .filter_map(|list| pod_spec[list].as_array())
-            .flatten()
-            .find(|container| container["name"] == name)
-            .with_context(|| format!("no container {name} in the pod spec"))?;
+        let container = kubelet::container_of(pod_spec, name)?;
         let fields = BTreeMap::from([
             ("status.hostIP".to_owned(), sim::NODE_IP.to_string()),
             ("status.podIP".to_owned(), sim::NODE_IP.to_string()),
@@ -784,27 +785,36 @@ pub fn apply_security_context(
     }
     context.readonly_rootfs = security["readOnlyRootFilesystem"] == true;
     context.no_new_privs = security["allowPrivilegeEscalation"] == false;
-    let (seccomp, seccomp_path) = match security["seccompProfile"]["type"].as_str() {
-        Some("RuntimeDefault") => (ProfileType::RuntimeDefault, "runtime/default"),
-        Some("Unconfined") | None => (ProfileType::Unconfined, "unconfined"),
-        Some(other) => bail!("seccompProfile {other} is not translated"),
-    };
-    context.seccomp = Some(SecurityProfile {
-        profile_type: seccomp as i32,
-        localhost_ref: String::new(),
-    });
+    // Unset, the kubelet sends seccomp Unconfined (SeccompDefault off) and AppArmor RuntimeDefault.
+    let (seccomp, seccomp_path) = profile(security, "seccompProfile", ProfileType::Unconfined)?;
+    context.seccomp = Some(seccomp);
     context.seccomp_profile_path = seccomp_path.to_owned();
-    let (apparmor, apparmor_name) = match security["appArmorProfile"]["type"].as_str() {
-        Some("Unconfined") => (ProfileType::Unconfined, "unconfined"),
-        Some("RuntimeDefault") | None => (ProfileType::RuntimeDefault, "runtime/default"),
-        Some(other) => bail!("appArmorProfile {other} is not translated"),
-    };
-    context.apparmor = Some(SecurityProfile {
-        profile_type: apparmor as i32,
-        localhost_ref: String::new(),
-    });
+    let (apparmor, apparmor_name) = profile(security, "appArmorProfile", ProfileType::RuntimeDefault)?;
+    context.apparmor = Some(apparmor);
     context.apparmor_profile = apparmor_name.to_owned();
     Ok(())
+}
+
+/// A security context's `field` (`seccompProfile`, `appArmorProfile`) as CRI takes it, and its name
+/// in the deprecated string field; `unset` when the pod spec names none.
+fn profile(security: &Value, field: &str, unset: ProfileType) -> Result<(SecurityProfile, &'static str)> {
+    let profile_type = match security[field]["type"].as_str() {
+        Some("RuntimeDefault") => ProfileType::RuntimeDefault,
+        Some("Unconfined") => ProfileType::Unconfined,
+        None => unset,
+        Some(other) => bail!("{field} {other} is not translated"),
+    };
+    let name = match profile_type {
+        ProfileType::RuntimeDefault => "runtime/default",
+        _ => "unconfined",
+    };
+    Ok((
+        SecurityProfile {
+            profile_type: profile_type as i32,
+            localhost_ref: String::new(),
+        },
+        name,
+    ))
 }
 
 /// The kubelet's resources for a container: CPU shares from the request, the memory limit, and the

@@ -115,6 +115,16 @@ pub fn container_args(container: &Value, env: &[(String, String)]) -> Vec<String
         .collect()
 }
 
+/// The container or init container `name` of `pod_spec`.
+pub fn container_of<'a>(pod_spec: &'a Value, name: &str) -> Result<&'a Value> {
+    ["containers", "initContainers"]
+        .iter()
+        .filter_map(|list| pod_spec[list].as_array())
+        .flatten()
+        .find(|container| container["name"] == name)
+        .with_context(|| format!("no container {name} in {pod_spec}"))
+}
+
 fn lookup(env: &[(String, String)], name: &str) -> Option<String> {
     env.iter()
         .find(|(key, _)| key == name)
@@ -159,12 +169,7 @@ impl Kubelet {
 
     /// The container (or init container) `name` of `pod_spec`, as this kubelet starts it.
     pub fn container(&self, pod_spec: &Value, name: &str) -> Result<Container> {
-        let container = ["containers", "initContainers"]
-            .iter()
-            .filter_map(|list| pod_spec[list].as_array())
-            .flatten()
-            .find(|container| container["name"] == name)
-            .with_context(|| format!("no container {name} in {pod_spec}"))?;
+        let container = container_of(pod_spec, name)?;
         let env = container_env(container, &self.pod_fields(pod_spec), &self.service_env)?;
         let args = container_args(container, &env);
         let mut mounts = self.volume_mounts(pod_spec, container)?;
