@@ -81,6 +81,7 @@ async fn the_agent_container_runs_with_exactly_the_charts_security_context_and_n
 
     let mountinfo = std::fs::read_to_string(format!("/proc/{agent_pid}/mountinfo"))?;
     println!("the agent's mounts:\n{mountinfo}");
+    check_runtime_mounts(&mountinfo, pure_v2)?;
     let written = written_outside_mounts(&mountinfo)?;
     ensure!(
         written.is_empty(),
@@ -159,6 +160,11 @@ async fn check_status_names(node: &CriNode, workloads: &[(usize, &str)]) -> Resu
         .exec_in_agent(&["interceptor", "status", "--output", "json"])
         .await?;
     let report: Value = serde_json::from_slice(&report.stdout).context("status --output json")?;
+    // The runtime gives the agent a PID namespace of its own: SIGTERM reaches only its own handler.
+    ensure!(
+        report["agent"]["pid"] == 1,
+        "the agent is not process 1 of its container: {report}"
+    );
     let attributions = report["agent"]["attributions"]
         .as_array()
         .context("no attributions in the status")?;
@@ -197,6 +203,33 @@ fn json_lines(log: &str) -> Vec<String> {
     log.lines()
         .filter_map(|line| line.find('{').map(|start| line[start..].to_owned()))
         .collect()
+}
+
+/// What deploy/README.md says the runtime does beyond the pod spec: it adds `/etc/hosts`,
+/// `/etc/hostname`, `/etc/resolv.conf` and `/dev/shm`; and the read-only `/sys/fs/cgroup` hostPath is
+/// not read-only below it, where a hybrid host mounts its cgroup2.
+fn check_runtime_mounts(mountinfo: &str, pure_v2: bool) -> Result<()> {
+    let options_of = |point: &str| {
+        mountinfo
+            .lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|fields| fields.get(4) == Some(&point))
+            .and_then(|fields| fields.get(5).map(|options| options.split(',').any(|o| o == "ro")))
+    };
+    for added in ["/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/dev/shm"] {
+        ensure!(options_of(added).is_some(), "the runtime mounted no {added}");
+    }
+    ensure!(
+        options_of("/sys/fs/cgroup") == Some(true),
+        "/sys/fs/cgroup is not read-only"
+    );
+    if !pure_v2 {
+        ensure!(
+            options_of("/sys/fs/cgroup/unified") == Some(false),
+            "the hybrid host's cgroup2 below the read-only hostPath is not writable, as deploy/README.md says"
+        );
+    }
+    Ok(())
 }
 
 /// What a container's writable layer (its overlay's upperdir) holds beyond the mount points runc
@@ -254,7 +287,7 @@ fn written_outside_mounts(mountinfo: &str) -> Result<Vec<String>> {
 
 /// How the kubelet ends the agent's container: a crash (SIGKILL, as `StopContainer` without grace),
 /// or a rollout (SIGTERM with the pod's grace period, which the agent must not wait out).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Restart {
     Crash,
     Rollout,
@@ -301,21 +334,31 @@ async fn agent_container_restarts_leave_no_window_and_no_misattribution() -> Res
         windows.push((restart, since, now_us()));
         println!("{restart:?}: both pods answered again");
     }
-    // A killed agent cuts off the connections it had accepted (reset, or closed before an answer);
-    // one stopped with SIGTERM refuses new ones in the kernel first and answers those made.
-    let reset_allowed = |at_us: u128| {
-        windows.iter().any(|&(restart, since, until)| {
-            matches!(restart, Restart::Crash) && (since..=until).contains(&at_us)
-        })
+    // A killed agent cuts off the connections it had accepted (reset, or closed before an answer)
+    // and leaves its address unserved ("connection refused"); one stopped with SIGTERM refuses new
+    // connects in the kernel first (EPERM) and answers those made.
+    let during = |wanted: Restart, at_us: u128| {
+        windows
+            .iter()
+            .any(|&(restart, since, until)| restart == wanted && (since..=until).contains(&at_us))
     };
+    let stopping = node.agent_log().contains("stopping: metadata connects refused");
+    ensure!(
+        stopping,
+        "the agent stopped by SIGTERM did not log that it refuses and drains"
+    );
 
     let mut tally = BTreeMap::new();
     for (probe, role) in probes {
         for attempt in probe.finish().await? {
             let kind = match &attempt.outcome {
                 Outcome::Answer { status: 200, body } if body == role => "own role",
-                Outcome::Failed(error) if error.contains("Connection refused") => "connection refused",
-                Outcome::Failed(error) if cut_off(error) && reset_allowed(attempt.at_us) => {
+                Outcome::Failed(error)
+                    if error.contains("Connection refused") && !during(Restart::Rollout, attempt.at_us) =>
+                {
+                    "connection refused"
+                }
+                Outcome::Failed(error) if cut_off(error) && during(Restart::Crash, attempt.at_us) => {
                     "cut off by the killed agent"
                 }
                 outcome if outcome.refused_by_the_programs() => "refused by the programs",
@@ -426,11 +469,11 @@ async fn what_fails_in_service(node: &CriNode, shop: usize) -> Result<Option<Str
 
 /// The agent's last error from its log (JSON lines under CRI's prefix), else the start's error.
 fn last_error(log: &str, start_error: &anyhow::Error) -> String {
-    log.lines()
+    json_lines(log)
+        .iter()
         .rev()
         .find_map(|line| {
-            let json = &line[line.find('{')?..];
-            let entry: Value = serde_json::from_str(json).ok()?;
+            let entry: Value = serde_json::from_str(line).ok()?;
             (entry["level"] == "ERROR").then(|| entry.to_string())
         })
         .or_else(|| log.lines().last().map(str::to_owned))
