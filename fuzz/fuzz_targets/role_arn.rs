@@ -1,4 +1,5 @@
-//! Role ARNs, base ARNs, role names, external ids, session names and namespace restrictions (`policy`):
+//! Role ARNs, base ARNs, role names, external ids, session names, session tags and namespace
+//! restrictions (`policy`):
 //! any text is accepted or refused without a panic, what is accepted keeps the rules (and the length
 //! limits) STS and IAM set, and a refusal quotes the text cut.
 //! Input: the text, tried as each of them.
@@ -8,7 +9,8 @@
 use std::sync::LazyLock;
 
 use interceptor::policy::{
-    AllowedRoles, BaseArn, ExternalId, Limit, PatternFormat, Policy, RoleArn, RoleRequest, SessionName,
+    AllowedRoles, BaseArn, ExternalId, Limit, PatternFormat, Policy, RequestedTags, RoleArn, RoleRequest,
+    SessionName, tags::SessionTags,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -49,6 +51,8 @@ fuzz_target!(|data: &[u8]| {
             session_name: Some(text.to_owned()),
             origin: Some("annotation".into()),
             allowed: Some(std::sync::Arc::new(allowed)),
+            // The same text as a session tag's value, checked as STS checks it.
+            tags: RequestedTags(SessionTags::new([("k".to_owned(), text.to_owned())], false)),
         };
         match POLICY.session(&request, text) {
             Ok(session) => {

@@ -39,7 +39,7 @@ use crate::{
         token::TokenKey,
         upstream::{MetadataService, Upstream},
     },
-    policy::{BaseArn, PatternFormat, Policy},
+    policy::{BaseArn, PatternFormat, Policy, tags::SessionTagging},
     status::socket::DEFAULT_STATUS_SOCKET,
     telemetry::{self, LogFormat, Telemetry},
     workload::{
@@ -158,6 +158,21 @@ pub struct AgentArgs {
     #[arg(long, env = "INTERCEPTOR_POD_WAIT", value_name = "DURATION", default_value = "500ms",
           value_parser = humantime::parse_duration)]
     pub pod_wait: Duration,
+    /// Every AssumeRole for a pod carries session tags of its namespace, ServiceAccount, name and uid,
+    /// under the keys the EKS Pod Identity agent uses (kubernetes-namespace, ...), for attribute-based
+    /// IAM policies. Each role's trust policy must allow sts:TagSession.
+    #[arg(long, env = "INTERCEPTOR_SESSION_TAGS", num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub session_tags: bool,
+    /// With --session-tags, also tag each session kubernetes-cluster-name and eks-cluster-name with
+    /// this name.
+    #[arg(long, env = "INTERCEPTOR_CLUSTER_NAME", value_name = "NAME")]
+    pub cluster_name: Option<String>,
+    /// With --session-tags, mark every tag transitive: it stays on the sessions a pod's session assumes
+    /// in turn (role chaining).
+    #[arg(long, env = "INTERCEPTOR_SESSION_TAGS_TRANSITIVE", num_args = 0..=1, value_name = "BOOL", default_missing_value = "true", default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub session_tags_transitive: bool,
     /// ARN prefix role names are joined to, e.g. arn:aws:iam::123456789012:role/
     #[arg(long, env = "INTERCEPTOR_BASE_ROLE_ARN", value_name = "ARN")]
     pub base_role_arn: Option<String>,
@@ -686,6 +701,7 @@ async fn workload_sources(args: &AgentArgs, policy: &Policy, telemetry: &Telemet
             "--remove-node-taint is empty: name the taint's key"
         );
     }
+    let session_tagging = session_tagging(args, kubernetes)?;
     let file = match &args.workloads {
         Some(path) => {
             wait_for_file(path).await;
@@ -698,7 +714,7 @@ async fn workload_sources(args: &AgentArgs, policy: &Policy, telemetry: &Telemet
     let pods = match kubernetes {
         true => {
             let client = kube_client(args).await?;
-            let pods = KubeWorkloads::start(client, kube_settings(args, policy)?);
+            let pods = KubeWorkloads::start(client, kube_settings(args, policy, session_tagging)?);
             telemetry.register(|registry| pods.metrics().register(registry));
             Some(pods)
         }
@@ -707,7 +723,35 @@ async fn workload_sources(args: &AgentArgs, policy: &Policy, telemetry: &Telemet
     Ok(Sources { file, pods })
 }
 
-fn kube_settings(args: &AgentArgs, policy: &Policy) -> Result<KubeSettings> {
+/// How pods' sessions are tagged (--session-tags and the flags that refine it), checked before
+/// anything waits: a cluster name STS would refuse stops the agent here rather than refusing every pod.
+fn session_tagging(args: &AgentArgs, kubernetes: bool) -> Result<Option<SessionTagging>> {
+    if !args.session_tags {
+        ensure!(
+            args.cluster_name.is_none() && !args.session_tags_transitive,
+            "--cluster-name and --session-tags-transitive refine --session-tags: pass it too"
+        );
+        return Ok(None);
+    }
+    ensure!(
+        kubernetes,
+        "--session-tags tags the sessions of Kubernetes pods: leave --kubernetes on (a workload file's entries name their own tags)"
+    );
+    let tagging = SessionTagging::new(args.cluster_name.clone(), args.session_tags_transitive)
+        .context("--cluster-name cannot be sent as a session tag")?;
+    tracing::info!(
+        cluster_name = tagging.cluster_name,
+        transitive = tagging.transitive,
+        "pods' sessions carry session tags"
+    );
+    Ok(Some(tagging))
+}
+
+fn kube_settings(
+    args: &AgentArgs,
+    policy: &Policy,
+    session_tags: Option<SessionTagging>,
+) -> Result<KubeSettings> {
     let node = match &args.node {
         Some(node) => node.clone(),
         None => std::env::var("NODE_NAME")
@@ -734,6 +778,7 @@ fn kube_settings(args: &AgentArgs, policy: &Policy) -> Result<KubeSettings> {
         }),
         pod_wait: args.pod_wait,
         base_arn: policy.base_arn.clone(),
+        session_tags,
     })
 }
 
@@ -1048,6 +1093,41 @@ mod tests {
                     .to_string();
                 assert!(err.contains(flag) && err.contains(bad), "{flag} {bad}: {err}");
             }
+        }
+    }
+
+    #[test]
+    fn session_tag_flags_are_checked_before_anything_waits() {
+        let tagging = |args: &[&str], kubernetes: bool| {
+            session_tagging(&parse(args).unwrap(), kubernetes).map_err(|err| format!("{err:#}"))
+        };
+        assert_eq!(tagging(&[], true), Ok(None));
+        assert_eq!(
+            tagging(
+                &[
+                    "--session-tags",
+                    "--cluster-name",
+                    "prod-eu",
+                    "--session-tags-transitive"
+                ],
+                true
+            ),
+            Ok(Some(
+                SessionTagging::new(Some("prod-eu".to_owned()), true).unwrap()
+            ))
+        );
+        for (args, kubernetes, problem) in [
+            (&["--cluster-name", "prod"][..], true, "pass it too"),
+            (&["--session-tags-transitive"][..], true, "pass it too"),
+            (&["--session-tags"][..], false, "leave --kubernetes on"),
+            (
+                &["--session-tags", "--cluster-name", "prod;eu"][..],
+                true,
+                "--cluster-name cannot be sent",
+            ),
+        ] {
+            let err = tagging(args, kubernetes).unwrap_err();
+            assert!(err.contains(problem), "{args:?}: {err}");
         }
     }
 

@@ -26,7 +26,7 @@ use tokio::{
 
 pub use self::metrics::CacheMetrics;
 use self::metrics::{LookupResult, StsResult};
-use crate::policy::SessionKey;
+use crate::policy::{SessionKey, tags::SessionTags};
 
 /// A secret string whose `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
@@ -301,6 +301,29 @@ impl StsAssumeRole {
     }
 }
 
+/// The session's tags as AssumeRole takes them; none at all when there are none (STS refuses an empty
+/// list from a caller not allowed `sts:TagSession` as readily as a full one).
+fn sts_tags(tags: &SessionTags) -> Result<Option<Vec<aws_sdk_sts::types::Tag>>, String> {
+    if tags.is_empty() {
+        return Ok(None);
+    }
+    tags.iter()
+        .map(|(key, value)| {
+            aws_sdk_sts::types::Tag::builder()
+                .key(key)
+                .value(value)
+                .build()
+                .map_err(|err| format!("session tag {key}: {err}"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+fn transitive_tag_keys(tags: &SessionTags) -> Option<Vec<String>> {
+    let keys: Vec<String> = tags.transitive_keys().map(str::to_owned).collect();
+    (!keys.is_empty()).then_some(keys)
+}
+
 #[async_trait::async_trait]
 impl AssumeRole for StsAssumeRole {
     async fn assume_role(&self, session: &SessionKey, duration: Duration) -> Result<Credentials, StsError> {
@@ -315,6 +338,8 @@ impl AssumeRole for StsAssumeRole {
             .role_arn(session.role.as_str())
             .role_session_name(session.session_name.as_str())
             .set_external_id(session.external_id.as_ref().map(|id| id.as_str().to_owned()))
+            .set_tags(sts_tags(&session.tags).map_err(failed)?)
+            .set_transitive_tag_keys(transitive_tag_keys(&session.tags))
             .duration_seconds(i32::try_from(duration.as_secs()).unwrap_or(i32::MAX))
             .send()
             .await
@@ -692,7 +717,7 @@ impl CredentialCache {
             .sts_call(session.role.as_str(), StsResult::of(&fetched), started.elapsed());
         match &fetched {
             Ok(_) => {
-                tracing::info!(role = %session.role, session_name = session.session_name.as_str(), "assumed role");
+                tracing::info!(role = %session.role, session_name = session.session_name.as_str(), tags = %session.tags, "assumed role");
             }
             Err(err) => tracing::warn!(role = %session.role, error = %err, "STS AssumeRole failed"),
         }
@@ -761,6 +786,7 @@ mod tests {
             role: RoleArn::parse(&format!("arn:aws:iam::123456789012:role/{role}")).unwrap(),
             external_id: None,
             session_name: SessionName::sanitize("test"),
+            tags: SessionTags::default(),
         }
     }
 

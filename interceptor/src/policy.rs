@@ -2,12 +2,16 @@
 //! ARN, or a full ARN; else the default role) into a validated [`RoleArn`], and holds the other STS
 //! inputs a workload may set: [`ExternalId`] (validated) and [`SessionName`] (sanitised to STS's rules).
 //! A value over AWS's own [`Limit`] is refused before anything else looks at it. [`AllowedRoles`] are a
-//! namespace's restrictions on the roles its pods may name.
+//! namespace's restrictions on the roles its pods may name. [`tags`] checks the session tags a
+//! workload's session carries.
+
+pub mod tags;
 
 use std::{fmt, sync::Arc};
 
 use globset::{GlobBuilder, GlobMatcher};
 
+use self::tags::{SessionTags, TagError};
 use crate::Echo;
 
 /// Why a workload gets no role.
@@ -45,6 +49,10 @@ pub enum PolicyError {
         namespace: String,
         key: Arc<str>,
     },
+    /// The session tags the workload is to carry cannot be sent (`--session-tags`): it gets no
+    /// session rather than one without them.
+    #[error("the workload's session tags cannot be sent: {0}")]
+    BadTags(TagError),
     #[error("namespace {namespace:?} restricts roles, but its {key} annotation is not valid: {problem}")]
     BadRestriction {
         namespace: String,
@@ -382,6 +390,19 @@ pub struct RoleRequest {
     /// The roles the workload may name; `None` allows any. The default role is never checked against
     /// it (as in kube2iam): the node's operator chose it, not the workload.
     pub allowed: Option<Arc<AllowedRoles>>,
+    /// The session tags; the error when the workload's tags cannot be sent.
+    pub tags: RequestedTags,
+}
+
+/// A workload's session tags as its source read them: checked where they are read, refused when the
+/// session is asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestedTags(pub Result<SessionTags, TagError>);
+
+impl Default for RequestedTags {
+    fn default() -> Self {
+        Self(Ok(SessionTags::default()))
+    }
 }
 
 /// The session a workload is given: what AssumeRole is called with, and what the credential cache is
@@ -391,6 +412,9 @@ pub struct SessionKey {
     pub role: RoleArn,
     pub external_id: Option<ExternalId>,
     pub session_name: SessionName,
+    /// Part of the key: two workloads that share a session name but not their tags never share
+    /// credentials.
+    pub tags: SessionTags,
 }
 
 /// The node's rules for turning role requests into sessions.
@@ -432,6 +456,7 @@ impl Policy {
         request: &RoleRequest,
         default_session_name: &str,
     ) -> Result<SessionKey, PolicyError> {
+        let tags = request.tags.0.clone().map_err(PolicyError::BadTags)?;
         let in_request = |problem: PolicyError| match &request.origin {
             Some(origin) => PolicyError::BadRequest {
                 origin: origin.clone(),
@@ -461,6 +486,7 @@ impl Policy {
                 Some(name) => SessionName::requested(name).map_err(in_request)?,
                 None => SessionName::sanitize(default_session_name),
             },
+            tags,
         })
     }
 }

@@ -7,6 +7,7 @@
 pub mod kube;
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::{Duration, SystemTime},
@@ -19,7 +20,14 @@ use prometheus_client::{
 };
 use serde::Deserialize;
 
-use crate::{identity::CgroupPath, policy::RoleRequest, telemetry::ResultLabels};
+use crate::{
+    identity::CgroupPath,
+    policy::{
+        RequestedTags, RoleRequest,
+        tags::{SessionTags, TagError},
+    },
+    telemetry::ResultLabels,
+};
 
 /// A caller the source knows, and what it asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +86,8 @@ pub enum Refusal {
     BadAnnotation,
     /// Its namespace does not allow the role.
     NamespaceRestricted,
+    /// Its session tags (`--session-tags`) break STS's rules.
+    BadSessionTags,
     /// STS refused to let the node assume the role.
     AssumeRoleFailed,
 }
@@ -144,6 +154,13 @@ pub enum StaticFileError {
     },
     #[error("workload file {path}, entry {index}: `role` is empty (leave it out for the default role)")]
     EmptyRole { path: PathBuf, index: usize },
+    #[error("workload file {path}, entry {index}: its `tags` cannot be sent to STS")]
+    Tags {
+        path: PathBuf,
+        index: usize,
+        #[source]
+        source: TagError,
+    },
 }
 
 /// The static file: `[[workload]]` entries, matched outermost cgroup first, then in file order
@@ -166,6 +183,13 @@ struct StaticEntry {
     name: Option<String>,
     external_id: Option<String>,
     session_name: Option<String>,
+    /// STS session tags every session of the entry carries (key = value), whatever `--session-tags`
+    /// says: writing them is the opt-in.
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    /// Whether the tags stay on the sessions the entry's session assumes in turn.
+    #[serde(default)]
+    tags_transitive: bool,
 }
 
 /// The parsed file: each glob with the workload it names. Public for the fuzz target of the parser.
@@ -224,6 +248,12 @@ impl Table {
                 index,
             });
         }
+        let tags =
+            SessionTags::new(entry.tags, entry.tags_transitive).map_err(|source| StaticFileError::Tags {
+                path: path.to_owned(),
+                index,
+                source,
+            })?;
         let name = entry
             .name
             .unwrap_or_else(|| glob.rsplit('/').next().unwrap_or(glob).to_owned());
@@ -236,6 +266,7 @@ impl Table {
                 session_name: entry.session_name,
                 origin: Some(format!("workload file {}, entry {name}", path.display()).into()),
                 allowed: None,
+                tags: RequestedTags(Ok(tags)),
             },
             name,
             pod: None,
@@ -471,6 +502,46 @@ role = "pods"
         assert_eq!(lookup(""), None);
     }
 
+    #[test]
+    fn an_entry_carries_its_own_session_tags_checked_as_sts_checks_them() {
+        let file = r#"
+[[workload]]
+cgroup = "system.slice/billing.service"
+role = "billing"
+tags = { team = "payments", cost-center = "cc 42" }
+tags_transitive = true
+
+[[workload]]
+cgroup = "system.slice/batch.service"
+"#;
+        let table = Table::parse(Path::new("workloads.toml"), file).unwrap();
+        let tags_of = |path: &str| {
+            let workload = table.lookup(&CgroupPath::new(path)).unwrap();
+            workload.request.tags.0.clone().unwrap()
+        };
+        let billing = tags_of("system.slice/billing.service");
+        assert_eq!(billing.to_string(), "cost-center=cc 42,team=payments");
+        assert_eq!(billing.transitive_keys().count(), 2);
+        assert!(tags_of("system.slice/batch.service").is_empty());
+        for (bad, problem) in [
+            (r#"tags = { "aws:team" = "x" }"#, "`aws:`"),
+            (r#"tags = { team = "a;b" }"#, "may only hold"),
+            (r#"tags = { Team = "a", team = "b" }"#, "twice"),
+        ] {
+            let text = format!("[[workload]]\ncgroup = \"a.service\"\n{bad}\n");
+            let err = Table::parse(Path::new("w.toml"), &text).unwrap_err();
+            assert!(
+                matches!(err, StaticFileError::Tags { index: 0, .. }),
+                "{bad}: {err}"
+            );
+            assert!(
+                crate::error_chain(&err).contains(problem),
+                "{bad}: {}",
+                crate::error_chain(&err)
+            );
+        }
+    }
+
     fn role_of(table: &Table, path: &str) -> Option<String> {
         table
             .lookup(&CgroupPath::new(path))
@@ -562,6 +633,7 @@ role = "fallback"
                 session_name: Some("batch-jobs".to_owned()),
                 origin: Some("workload file workloads.toml, entry static/batch".into()),
                 allowed: None,
+                tags: RequestedTags::default(),
             }
         );
     }

@@ -425,7 +425,7 @@ mod tests {
                 "regexp",
             ],
         ] {
-            let settings = kube_settings(&parse(args), &policy).unwrap();
+            let settings = kube_settings(&parse(args), &policy, None).unwrap();
             let (key, format) = settings.namespace_restrictions.expect("restrictions on");
             assert_eq!(
                 (&*key, format),
@@ -436,10 +436,16 @@ mod tests {
         let off = kube_settings(
             &parse(&["--node=node-a", "--namespace-restrictions=false"]),
             &policy,
+            None,
         )
         .unwrap();
         assert!(off.namespace_restrictions.is_none());
-        let glob = kube_settings(&parse(&["--node=node-a", "--namespace-restrictions"]), &policy).unwrap();
+        let glob = kube_settings(
+            &parse(&["--node=node-a", "--namespace-restrictions"]),
+            &policy,
+            None,
+        )
+        .unwrap();
         assert_eq!(
             glob.namespace_restrictions.map(|(_, format)| format),
             Some(PatternFormat::Glob)

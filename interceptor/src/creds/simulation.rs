@@ -10,7 +10,10 @@ use std::collections::{BTreeMap, HashSet};
 use tokio::task::JoinSet;
 
 use super::{tests::PausedTiming, *};
-use crate::policy::{RoleArn, SessionName};
+use crate::policy::{
+    RoleArn, SessionName,
+    tags::{PodNames, SessionTagging, SessionTags},
+};
 
 /// Kubernetes' default, and largest recommended, number of pods on a node.
 const PODS: usize = 110;
@@ -32,7 +35,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 #[derive(Clone)]
 struct Call {
     at: Duration,
-    session: String,
+    session: SessionKey,
 }
 
 /// An STS that answers every call after [`STS_LATENCY`] with a set of the duration asked for, issued
@@ -47,7 +50,7 @@ impl AssumeRole for CountingSts {
     async fn assume_role(&self, session: &SessionKey, duration: Duration) -> Result<Credentials, StsError> {
         self.calls.lock().unwrap().push(Call {
             at: self.timing.elapsed(),
-            session: session.session_name.as_str().to_owned(),
+            session: session.clone(),
         });
         tokio::time::sleep(STS_LATENCY).await;
         let issued = self.timing.now();
@@ -187,6 +190,7 @@ fn session(role: &str, name: &str) -> SessionKey {
         role: RoleArn::parse(&format!("arn:aws:iam::123456789012:role/{role}")).unwrap(),
         external_id: None,
         session_name: SessionName::sanitize(name),
+        tags: SessionTags::default(),
     }
 }
 
@@ -207,6 +211,32 @@ fn shared_sessions(node: usize) -> Vec<SessionKey> {
                 &format!("app-{workload}"),
                 &format!("shop.n{node}-app-{workload}"),
             )
+        })
+        .collect()
+}
+
+/// [`shared_sessions`] with `--session-tags`: each pod's session carries its own name and uid, so the
+/// pods that share a session name no longer share a session.
+fn shared_sessions_tagged(node: usize) -> Vec<SessionKey> {
+    shared_sessions(node)
+        .into_iter()
+        .enumerate()
+        .map(|(pod, session)| {
+            let workload = pod % SHARED_SESSIONS;
+            let (name, uid) = (
+                format!("n{node}-app-{workload}-{pod}"),
+                format!("uid-{node}-{pod}"),
+            );
+            let names = PodNames {
+                namespace: "shop",
+                service_account: &format!("app-{workload}"),
+                name: &name,
+                uid: &uid,
+            };
+            SessionKey {
+                tags: SessionTags::for_pod(&SessionTagging::default(), names).unwrap(),
+                ..session
+            }
         })
         .collect()
 }
@@ -243,7 +273,7 @@ impl Calls {
 
     /// The shortest and the longest time between two calls for one session, from `from` on.
     fn intervals_from(&self, from: Duration) -> (Duration, Duration) {
-        let mut last: HashMap<&str, Duration> = HashMap::new();
+        let mut last: HashMap<&SessionKey, Duration> = HashMap::new();
         let (mut shortest, mut longest) = (Duration::MAX, Duration::ZERO);
         for call in &self.0 {
             if let Some(previous) = last.insert(&call.session, call.at)
@@ -284,6 +314,13 @@ async fn at_steady_state_each_session_costs_one_call_per_refresh_window() {
             hour_window,
         ),
         (
+            "1 h sessions, 110 pods sharing 22 session names, --session-tags",
+            DEFAULT_SESSION_TTL,
+            shared_sessions_tagged(0),
+            PODS,
+            hour_window,
+        ),
+        (
             "15 min sessions, every pod its own",
             KUBE2IAM_SESSION_TTL,
             own_sessions(0),
@@ -306,6 +343,8 @@ async fn at_steady_state_each_session_costs_one_call_per_refresh_window() {
             minutes(longest),
             calls.most_in_one_check(HOUR, 5 * HOUR),
         );
+        // One session per pod, or per shared name, or (tagged) per pod again: the cache's key.
+        assert_eq!(calls.sessions_between(HOUR, 5 * HOUR), count, "{case}");
         // A set is refreshed in its window, at the first check from then, its call behind at most the
         // node's other due sets, 16 at a time.
         assert!(shortest >= earliest, "{case}: {shortest:?}");

@@ -88,6 +88,7 @@ impl ImdsError {
     pub fn refusal(&self) -> Option<Refusal> {
         match self {
             Self::Policy(PolicyError::BadRequest { .. }) => Some(Refusal::BadAnnotation),
+            Self::Policy(PolicyError::BadTags(_)) => Some(Refusal::BadSessionTags),
             Self::Policy(PolicyError::NotAllowed { .. } | PolicyError::BadRestriction { .. }) => {
                 Some(Refusal::NamespaceRestricted)
             }
@@ -124,6 +125,7 @@ impl ImdsError {
                 PolicyError::TooLong(Limit::SessionName) => "invalid_session_name",
                 _ => "invalid_role",
             },
+            Self::Policy(PolicyError::BadTags(_)) => "bad_session_tags",
             Self::Policy(PolicyError::NotAllowed { .. }) => "namespace_restricted",
             Self::Policy(PolicyError::BadRestriction { .. }) => "bad_namespace_restriction",
             Self::Policy(_) => "role_not_allowed",

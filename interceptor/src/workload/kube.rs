@@ -32,7 +32,10 @@ use self::{events::PodEvents, index::PodIndex};
 use super::{PodRef, Refusal, Workload, WorkloadError, WorkloadSource};
 use crate::{
     identity::{CgroupPath, parse_pod_cgroup},
-    policy::{AllowedRoles, BaseArn, Limit, MAX_RESTRICTION_CHARS, PatternFormat, RoleRequest},
+    policy::{
+        AllowedRoles, BaseArn, Limit, MAX_RESTRICTION_CHARS, PatternFormat, RequestedTags, RoleRequest,
+        tags::{PodNames, SessionTagging, SessionTags},
+    },
 };
 
 /// The annotation a pod (or ServiceAccount) names its STS session with (kiam's).
@@ -65,6 +68,8 @@ pub struct KubeSettings {
     pub pod_wait: Duration,
     /// What restriction patterns that are role names are joined to.
     pub base_arn: Option<BaseArn>,
+    /// How pods' sessions are tagged (`--session-tags`); `None` sends no tags.
+    pub session_tags: Option<SessionTagging>,
 }
 
 /// The node's pods, namespaces and ServiceAccounts, as the reflectors last saw them.
@@ -217,19 +222,35 @@ impl KubeWorkloads {
         };
         let annotation = |key: &str| annotations.as_ref().and_then(|all| all.get(key)).cloned();
         let role = annotation(&self.settings.role_key);
+        let pod = pod_ref(pod);
         let request = RoleRequest {
             allowed: role.as_ref().and_then(|_| self.restriction(&namespace)),
             role,
             external_id: annotation(&self.settings.external_id_key),
             session_name: annotation(SESSION_NAME_KEY),
             origin: Some(format!("annotation {} of {origin}", self.settings.role_key).into()),
+            tags: self.session_tags_of(&pod),
         };
         Ok(Arc::new(Workload {
             session_name: session_name(&namespace, &name),
             name: format!("{namespace}/{name}"),
             request,
-            pod: Some(pod_ref(pod)),
+            pod: Some(pod),
         }))
+    }
+
+    /// The pod's session tags with `--session-tags`, none without.
+    fn session_tags_of(&self, pod: &PodRef) -> RequestedTags {
+        let Some(tagging) = &self.settings.session_tags else {
+            return RequestedTags::default();
+        };
+        let names = PodNames {
+            namespace: &pod.namespace,
+            service_account: &pod.service_account,
+            name: &pod.name,
+            uid: &pod.uid,
+        };
+        RequestedTags(SessionTags::for_pod(tagging, names))
     }
 
     /// The pod's ServiceAccount, when ServiceAccount roles are on, the pod names no role itself and the

@@ -107,6 +107,7 @@ fn reason_of(refusal: Refusal) -> &'static str {
     match refusal {
         Refusal::BadAnnotation => "IAMRoleAnnotationInvalid",
         Refusal::NamespaceRestricted => "IAMRoleNotAllowed",
+        Refusal::BadSessionTags => "IAMSessionTagsInvalid",
         Refusal::AssumeRoleFailed => "IAMAssumeRoleFailed",
     }
 }
@@ -116,6 +117,7 @@ fn label_of(refusal: Refusal) -> &'static str {
     match refusal {
         Refusal::BadAnnotation => "bad_annotation",
         Refusal::NamespaceRestricted => "namespace_restricted",
+        Refusal::BadSessionTags => "bad_session_tags",
         Refusal::AssumeRoleFailed => "assume_role_failed",
     }
 }

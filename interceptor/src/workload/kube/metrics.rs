@@ -92,7 +92,7 @@ impl KubeMetrics {
         );
         registry.register(
             "kubernetes_refusals",
-            "Pods refused a role, by reason (bad_annotation, namespace_restricted, assume_role_failed)",
+            "Pods refused a role, by reason (bad_annotation, namespace_restricted, bad_session_tags, assume_role_failed)",
             self.refusals.clone(),
         );
         registry.register(

@@ -73,6 +73,7 @@ fn settings() -> KubeSettings {
         namespace_restrictions: None,
         pod_wait: Duration::from_millis(500),
         base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
+        session_tags: None,
     }
 }
 
@@ -149,6 +150,7 @@ fn annotations_over_their_limits_are_kept_one_character_over_and_still_refused()
             session_name: Some(value(SESSION_NAME_KEY)),
             origin: Some("annotation iam.amazonaws.com/role of pod team/hostile".into()),
             allowed: None,
+            tags: Default::default(),
         };
         match policy.session(&request, "team.hostile") {
             Err(crate::policy::PolicyError::BadRequest { problem, .. }) => {
