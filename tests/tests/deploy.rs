@@ -325,6 +325,9 @@ fn every_option_on_renders_monitors_service_and_the_uninstall_daemonset() -> Res
             "--remove-node-taint=example.com/iam-agent-not-ready",
             "--host-network-credentials=none",
             "--node-credentials-for=kube-system/aws-node,kube-system/ebs-csi-node-sa",
+            "--session-tags",
+            "--cluster-name=prod-eu",
+            "--session-tags-transitive",
             "--base-role-arn=arn:aws:iam::123456789012:role/",
             "--default-role=fallback",
             "--iam-role-session-ttl=30m",
@@ -430,15 +433,13 @@ fn bad_values_are_rejected_by_the_schema() -> Result<()> {
             "/nodeCredentialsFor",
         ),
         ("nodeCredentialsFor=kube-system/aws-node", "/nodeCredentialsFor"),
+        ("sessionTags.enabled=yes", "/sessionTags/enabled"),
+        ("sessionTags.always=true", "always"),
+        ("clusterName=prod;eu", "/clusterName"),
+        ("extraArgs.session-tags=true", "/extraArgs/session-tags"),
+        ("extraArgs.cluster-name=prod", "/extraArgs/cluster-name"),
     ] {
-        let out = output(
-            Command::new(helm()?)
-                .args(["template", "interceptor"])
-                .arg(chart_dir())
-                .args(["--set", set]),
-        )?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{set} was accepted");
+        let stderr = template_refused(set)?;
         assert!(
             stderr.contains("schema") && stderr.contains(why),
             "{set}: {stderr}"
@@ -501,11 +502,7 @@ fn host_network_credentials_and_node_credentials_for_render_their_flags() -> Res
     if !has_kubectl("node credentials values") {
         return Ok(());
     }
-    let args_of = |values: &[&str]| -> Result<Vec<String>> {
-        let objects = by_kind_and_name(template(values)?);
-        let spec = &daemonset(&objects, "interceptor")["spec"]["template"]["spec"];
-        Ok(strings(&spec["containers"][0]["args"]))
-    };
+    let args_of = |values: &[&str]| rendered_flags(values, &[""]);
     let flags = |args: Vec<String>| -> Vec<String> {
         args.into_iter()
             .filter(|arg| {
@@ -548,6 +545,59 @@ fn host_network_credentials_and_node_credentials_for_render_their_flags() -> Res
         ["--node-credentials-for=monitoring/node-exporter"]
     );
     Ok(())
+}
+
+#[test]
+fn session_tag_values_render_their_flags() -> Result<()> {
+    if !has_kubectl("session tag values") {
+        return Ok(());
+    }
+    let flags = |values: &[&str]| rendered_flags(values, &["--session-tags", "--cluster-name"]);
+    assert_eq!(flags(&[])?, Vec::<String>::new());
+    assert_eq!(flags(&["--set", "sessionTags.enabled=true"])?, ["--session-tags"]);
+    assert_eq!(
+        flags(&[
+            "--set",
+            "sessionTags.enabled=true,sessionTags.transitive=true",
+            "--set-string",
+            "clusterName=prod eu-1"
+        ])?,
+        [
+            "--session-tags",
+            "--cluster-name=prod eu-1",
+            "--session-tags-transitive"
+        ]
+    );
+    // A cluster name alone would tag nothing: refused, not dropped.
+    for set in ["clusterName=prod", "sessionTags.transitive=true"] {
+        let stderr = template_refused(set)?;
+        assert!(stderr.contains("set sessionTags.enabled too"), "{set}: {stderr}");
+    }
+    Ok(())
+}
+
+/// The agent container's args that start with one of `prefixes` (`""`: all), as `helm template` with
+/// `values` renders them, in order.
+fn rendered_flags(values: &[&str], prefixes: &[&str]) -> Result<Vec<String>> {
+    let objects = by_kind_and_name(template(values)?);
+    let spec = &daemonset(&objects, "interceptor")["spec"]["template"]["spec"];
+    let args = strings(&spec["containers"][0]["args"]);
+    Ok(args
+        .into_iter()
+        .filter(|arg| prefixes.iter().any(|prefix| arg.starts_with(prefix)))
+        .collect())
+}
+
+/// `helm template` with `--set set`, which must fail: what it printed on standard error.
+fn template_refused(set: &str) -> Result<String> {
+    let out = output(
+        Command::new(helm()?)
+            .args(["template", "interceptor"])
+            .arg(chart_dir())
+            .args(["--set", set]),
+    )?;
+    assert!(!out.status.success(), "{set} was accepted");
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// Helm's own labels, which the kustomize base leaves out.
