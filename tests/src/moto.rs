@@ -95,28 +95,37 @@ impl Moto {
 
     /// How many STS AssumeRole requests moto has received so far.
     pub fn assume_role_calls(&self) -> Result<usize> {
+        Ok(self.assume_role_requests()?.len())
+    }
+
+    /// The form fields of every STS AssumeRole request moto has received so far, in order: what the
+    /// agent sent, as STS would read it (`RoleSessionName`, `Tags.member.1.Key`, ...).
+    pub fn assume_role_requests(&self) -> Result<Vec<Vec<(String, String)>>> {
         let text = match std::fs::read_to_string(&self.recording) {
             Ok(text) => text,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(err) => return Err(err).context("cannot read moto's recording"),
         };
-        let mut calls = 0;
+        let mut requests = Vec::new();
         for line in text.lines() {
             let entry: serde_json::Value = serde_json::from_str(line).context("moto recording line")?;
             let body = entry["body"].as_str().unwrap_or_default();
             let body = if entry["body_encoded"].as_bool() == Some(true) {
-                let bytes = base64::engine::general_purpose::STANDARD
+                base64::engine::general_purpose::STANDARD
                     .decode(body)
-                    .context("moto recording body")?;
-                String::from_utf8_lossy(&bytes).into_owned()
+                    .context("moto recording body")?
             } else {
-                body.to_owned()
+                body.as_bytes().to_vec()
             };
-            if body.split('&').any(|field| field == "Action=AssumeRole") {
-                calls += 1;
+            let fields: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
+            if fields
+                .iter()
+                .any(|(key, value)| key == "Action" && value == "AssumeRole")
+            {
+                requests.push(fields);
             }
         }
-        Ok(calls)
+        Ok(requests)
     }
 }
 
