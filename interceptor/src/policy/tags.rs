@@ -37,8 +37,8 @@ pub enum TagError {
     DuplicateKey(String),
     #[error("tag {key}'s value is longer than STS takes ({MAX_VALUE_CHARS} characters)")]
     LongValue { key: String },
-    #[error("tag {} may only hold letters, digits, spaces and _.:/=+-@", Echo(.text))]
-    Character { text: String },
+    #[error("tag {}: {} may only hold letters, digits, spaces and _.:/=+-@", Echo(.key), Echo(.text))]
+    Character { key: String, text: String },
 }
 
 /// The names a pod's tags carry.
@@ -135,10 +135,8 @@ impl SessionTags {
 
     /// The keys STS is to pass on to chained sessions: all of them, or none.
     pub fn transitive_keys(&self) -> impl Iterator<Item = &str> {
-        self.tags
-            .iter()
-            .filter(|_| self.transitive)
-            .map(|(key, _)| key.as_str())
+        let count = if self.transitive { self.tags.len() } else { 0 };
+        self.tags[..count].iter().map(|(key, _)| key.as_str())
     }
 }
 
@@ -162,24 +160,25 @@ fn check_key(key: &str) -> Result<(), TagError> {
     {
         return Err(TagError::ReservedKey(key.to_owned()));
     }
-    check_characters(key)
+    check_characters(key, key)
 }
 
 fn check_value(key: &str, value: &str) -> Result<(), TagError> {
     if value.chars().nth(MAX_VALUE_CHARS).is_some() {
         return Err(TagError::LongValue { key: key.to_owned() });
     }
-    check_characters(value)
+    check_characters(key, value)
 }
 
 /// STS's pattern for keys and values, `[\p{L}\p{Z}\p{N}_.:/=+\-@]`: letters, separators (spaces, not
 /// tabs or line breaks), digits and those symbols.
-fn check_characters(text: &str) -> Result<(), TagError> {
+fn check_characters(key: &str, text: &str) -> Result<(), TagError> {
     let allowed = |c: char| c.is_alphanumeric() || is_separator(c) || "_.:/=+-@".contains(c);
     if text.chars().all(allowed) {
         Ok(())
     } else {
         Err(TagError::Character {
+            key: key.to_owned(),
             text: text.to_owned(),
         })
     }
