@@ -251,6 +251,9 @@ pub enum StsError {
     /// STS refused or could not be reached, or the call brought no usable set; `message` says which.
     #[error("STS AssumeRole of {role} failed: {message}")]
     Failed { role: String, message: String },
+    /// STS refused the call as over its request rate (the account's quota, shared by every caller).
+    #[error("STS AssumeRole of {role} was throttled: {message}")]
+    Throttled { role: String, message: String },
     /// STS gave no answer within the call's timeout.
     #[error("STS AssumeRole of {role} timed out: no answer within {}", humantime::format_duration(*after))]
     TimedOut { role: String, after: Duration },
@@ -319,6 +322,28 @@ fn sts_tags(tags: &SessionTags) -> Result<Option<Vec<aws_sdk_sts::types::Tag>>, 
         .map(Some)
 }
 
+/// STS's error codes for a caller over its request rate.
+const THROTTLING_CODES: [&str; 3] = ["Throttling", "ThrottlingException", "RequestLimitExceeded"];
+
+/// What a failed AssumeRole call was: throttled, or failed for any other reason.
+fn call_failed<E, R>(session: &SessionKey, err: aws_sdk_sts::error::SdkError<E, R>) -> StsError
+where
+    E: aws_sdk_sts::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_sts::error::ProvideErrorMetadata;
+    let throttled = err.code().is_some_and(|code| THROTTLING_CODES.contains(&code));
+    let (role, message) = (
+        session.role.to_string(),
+        aws_sdk_sts::error::DisplayErrorContext(err).to_string(),
+    );
+    if throttled {
+        StsError::Throttled { role, message }
+    } else {
+        StsError::Failed { role, message }
+    }
+}
+
 fn transitive_tag_keys(tags: &SessionTags) -> Option<Vec<String>> {
     let keys: Vec<String> = tags.transitive_keys().map(str::to_owned).collect();
     (!keys.is_empty()).then_some(keys)
@@ -343,7 +368,7 @@ impl AssumeRole for StsAssumeRole {
             .duration_seconds(i32::try_from(duration.as_secs()).unwrap_or(i32::MAX))
             .send()
             .await
-            .map_err(|err| failed(aws_sdk_sts::error::DisplayErrorContext(err).to_string()))?;
+            .map_err(|err| call_failed(session, err))?;
         let creds = output
             .credentials()
             .ok_or_else(|| failed("the reply holds no credentials".to_owned()))?;

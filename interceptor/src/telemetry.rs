@@ -46,38 +46,76 @@ pub fn init_tracing(format: LogFormat, filter: &str) -> Result<()> {
     .map_err(|err| anyhow::anyhow!("cannot set up logging: {err}"))
 }
 
-/// The three conditions of readiness, each set by the part of the agent that meets it.
+/// The three conditions of readiness, each set by the part of the agent that meets it, and shown as
+/// the `readiness{check}` gauge (1 met, 0 not) for alerts: `/readyz` tells the kubelet, this tells
+/// Prometheus.
 #[derive(Debug, Default)]
 pub struct Readiness {
     attached: AtomicBool,
     workloads_synced: AtomicBool,
     node_credentials: AtomicBool,
+    checks: Family<CheckLabels, Gauge>,
 }
+
+/// The `check` label of the readiness gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    check: &'static str,
+}
+
+/// Each check: its label, and what `/readyz` says while it is not met.
+const CHECKS: [(&str, &str); 3] = [
+    ("bpf_attached", "BPF programs not attached"),
+    ("workloads_synced", "workload source not synced"),
+    ("node_credentials", "node credentials not available"),
+];
 
 impl Readiness {
     pub fn set_attached(&self, value: bool) {
-        self.attached.store(value, Ordering::SeqCst);
+        self.set(0, &self.attached, value);
     }
 
     pub fn set_workloads_synced(&self, value: bool) {
-        self.workloads_synced.store(value, Ordering::SeqCst);
+        self.set(1, &self.workloads_synced, value);
     }
 
     pub fn set_node_credentials(&self, value: bool) {
-        self.node_credentials.store(value, Ordering::SeqCst);
+        self.set(2, &self.node_credentials, value);
+    }
+
+    fn set(&self, check: usize, flag: &AtomicBool, value: bool) {
+        flag.store(value, Ordering::SeqCst);
+        self.checks
+            .get_or_create(&CheckLabels {
+                check: CHECKS[check].0,
+            })
+            .set(i64::from(value));
+    }
+
+    fn flags(&self) -> [&AtomicBool; 3] {
+        [&self.attached, &self.workloads_synced, &self.node_credentials]
     }
 
     /// What is still missing; empty when ready.
     pub fn missing(&self) -> Vec<&'static str> {
-        [
-            (&self.attached, "BPF programs not attached"),
-            (&self.workloads_synced, "workload source not synced"),
-            (&self.node_credentials, "node credentials not available"),
-        ]
-        .into_iter()
-        .filter(|(flag, _)| !flag.load(Ordering::SeqCst))
-        .map(|(_, what)| what)
-        .collect()
+        self.flags()
+            .into_iter()
+            .zip(CHECKS)
+            .filter(|(flag, _)| !flag.load(Ordering::SeqCst))
+            .map(|(_, (_, what))| what)
+            .collect()
+    }
+
+    /// Registers the gauge, every check at 0 until it is met.
+    fn register(&self, registry: &mut Registry) {
+        for (check, _) in CHECKS {
+            self.checks.get_or_create(&CheckLabels { check }).set(0);
+        }
+        registry.register(
+            "readiness",
+            "Readiness checks of /readyz by check (bpf_attached, workloads_synced, node_credentials): 1 met, 0 not",
+            self.checks.clone(),
+        );
     }
 }
 
@@ -161,9 +199,11 @@ impl Default for Telemetry {
             })
             .set(1);
         registry.register("build_info", "The agent's version (value 1)", build_info);
+        let readiness = Readiness::default();
+        readiness.register(&mut registry);
         Self {
             registry: RwLock::new(registry),
-            readiness: Readiness::default(),
+            readiness,
         }
     }
 }
@@ -268,6 +308,17 @@ mod tests {
         assert_eq!(
             get(&telemetry, "/readyz").await,
             (StatusCode::OK, "ready\n".to_owned())
+        );
+        let (_, metrics) = get(&telemetry, "/metrics").await;
+        for check in ["bpf_attached", "workloads_synced", "node_credentials"] {
+            let sample = format!("interceptor_readiness{{check=\"{check}\"}} 1");
+            assert!(metrics.lines().any(|line| line == sample), "{sample}: {metrics}");
+        }
+        telemetry.readiness.set_workloads_synced(false);
+        let (_, metrics) = get(&telemetry, "/metrics").await;
+        assert!(
+            metrics.contains("interceptor_readiness{check=\"workloads_synced\"} 0"),
+            "{metrics}"
         );
     }
 

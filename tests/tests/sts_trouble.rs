@@ -1,7 +1,7 @@
 //! STS in trouble end to end: the real agent in a simulated node, with moto as STS behind a proxy that
 //! stops answering after the first credentials are served. A pod with a cached set still gets it at
 //! once; a pod whose session has none gets a 503 with Retry-After when the agent's call times out, and
-//! never a key.
+//! never a key. STS throttling is answered the same way, and counted apart from other errors.
 
 use std::{
     net::SocketAddr,
@@ -90,5 +90,43 @@ async fn when_sts_hangs_a_cached_set_is_served_at_once_and_a_new_session_gets_a_
         "a call got through the hung proxy"
     );
     t.agent.wait_for_log("no answer within 2s")?;
+    Ok(())
+}
+
+/// STS answering `Throttling` (over the account's request rate): the pod gets a 503 with Retry-After,
+/// never a key, and the refusal and the STS call are counted as throttled, apart from other errors.
+/// `--sts-timeout` leaves the SDK room for its own retries, so the answer is the throttling, not a
+/// timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn when_sts_throttles_a_new_session_gets_a_503_counted_as_throttled() -> anyhow::Result<()> {
+    if !can_run("sts throttles") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let pod = node.pod()?;
+    let container = pod.container()?;
+    let proxy = StsProxy::start(&node, SocketAddr::from((NODE_IP, MOTO_PORT)))?;
+    proxy.set_mode(StsMode::Throttle);
+    let sts_url = proxy.url();
+    let t = DeployedNode::start(
+        node,
+        &[(pod.slice(), "busy")],
+        Sts::Moto,
+        &["--sts-endpoint", &sts_url, "--sts-timeout", "30s"],
+    )?;
+
+    let (refused, _) = credentials(&pod, &container, "busy").await?;
+    assert_eq!(status_of(&refused), 503, "{refused}");
+    assert!(header_of(&refused, "Retry-After").is_some(), "{refused}");
+    assert!(!refused.contains("ASIA"), "{refused}");
+    assert!(proxy.handled(StsMode::Throttle) >= 1);
+    let (_, metrics) = t.health("/metrics").await?;
+    for sample in [
+        r#"interceptor_metadata_refusals_total{reason="sts_throttled"} 1"#,
+        r#"interceptor_sts_assume_role_total{role="arn:aws:iam::123456789012:role/busy",result="throttled"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|line| line == sample), "{sample}\n{metrics}");
+    }
+    assert!(!metrics.contains(r#"result="error""#), "{metrics}");
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! creds::metrics: STS AssumeRole calls by role and result (success, error, timeout) and their latency;
+//! creds::metrics: STS AssumeRole calls by role and result (success, error, timeout, throttled) and their latency;
 //! cache lookups (hit, stale, miss), background refreshes and the number of sessions held. Role labels
 //! are capped ([`RoleLabelCap`]).
 
@@ -37,6 +37,8 @@ pub(super) enum StsResult {
     Error,
     /// No answer within the call's timeout.
     Timeout,
+    /// STS refused the call as over its rate.
+    Throttled,
 }
 
 impl StsResult {
@@ -46,6 +48,7 @@ impl StsResult {
             Ok(_) => Self::Success,
             Err(StsError::Failed { .. }) => Self::Error,
             Err(StsError::TimedOut { .. }) => Self::Timeout,
+            Err(StsError::Throttled { .. }) => Self::Throttled,
         }
     }
 
@@ -54,6 +57,7 @@ impl StsResult {
             Self::Success => ResultLabels::outcome(true).result,
             Self::Error => ResultLabels::outcome(false).result,
             Self::Timeout => "timeout",
+            Self::Throttled => "throttled",
         }
     }
 }
@@ -111,7 +115,7 @@ impl CacheMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "sts_assume_role",
-            "STS AssumeRole calls by role ARN (after the first 100, other) and result (success, error, or timeout: no answer in time)",
+            "STS AssumeRole calls by role ARN (after the first 100, other) and result (success, error, timeout: no answer in time, or throttled: over STS's rate)",
             self.sts_calls.clone(),
         );
         registry.register_with_unit(

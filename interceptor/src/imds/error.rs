@@ -132,6 +132,7 @@ impl ImdsError {
             Self::OtherRole { .. } => "other_role",
             Self::Sts(StsError::Failed { .. }) => "sts_error",
             Self::Sts(StsError::TimedOut { .. }) => "sts_timeout",
+            Self::Sts(StsError::Throttled { .. }) => "sts_throttled",
             Self::Upstream(_) => "upstream_error",
             Self::Timeout => "timeout",
             Self::Throttled(_) => "throttled",
