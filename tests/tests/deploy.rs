@@ -303,6 +303,7 @@ fn every_option_on_renders_monitors_service_and_the_uninstall_daemonset() -> Res
             "ClusterRoleBinding/iam-agent",
             "DaemonSet/iam-agent",
             "PodMonitor/iam-agent",
+            "PrometheusRule/iam-agent",
             "Service/iam-agent-metrics",
             "ServiceAccount/iam-agent-sa",
             "ServiceMonitor/iam-agent",
@@ -438,6 +439,12 @@ fn bad_values_are_rejected_by_the_schema() -> Result<()> {
         ("clusterName=prod;eu", "/clusterName"),
         ("extraArgs.session-tags=true", "/extraArgs/session-tags"),
         ("extraArgs.cluster-name=prod", "/extraArgs/cluster-name"),
+        ("prometheusRule.for.sts=ten minutes", "/prometheusRule/for/sts"),
+        (
+            "prometheusRule.refusalReasons=.*",
+            "/prometheusRule/refusalReasons",
+        ),
+        ("prometheusRule.enable=true", "enable"),
     ] {
         let stderr = template_refused(set)?;
         assert!(

@@ -36,11 +36,37 @@ async fn readyz_is_not_ready_until_the_workloads_are_synced_and_the_programs_att
         body.contains("not attached") && body.contains("not synced"),
         "{body}"
     );
+    // Prometheus sees the same checks: the gauge the InterceptorAgentNotReady alert reads.
+    let readiness = |metrics: &str, check: &str| {
+        let prefix = format!("interceptor_readiness{{check=\"{check}\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix).map(str::to_owned))
+    };
+    let (_, metrics) = health(&node, "/metrics").await?;
+    assert_eq!(
+        readiness(&metrics, "bpf_attached").as_deref(),
+        Some("0"),
+        "{metrics}"
+    );
+    assert_eq!(
+        readiness(&metrics, "workloads_synced").as_deref(),
+        Some("0"),
+        "{metrics}"
+    );
 
     std::fs::copy(workloads.path(), &pending)?;
     agent.wait_for_log("\"message\":\"ready\"")?;
     let (status, body) = health(&node, "/readyz").await?;
     assert_eq!((status, body.as_str()), (200, "ready"));
+    let (_, metrics) = health(&node, "/metrics").await?;
+    for check in ["bpf_attached", "workloads_synced", "node_credentials"] {
+        assert_eq!(
+            readiness(&metrics, check).as_deref(),
+            Some("1"),
+            "{check}: {metrics}"
+        );
+    }
     Ok(())
 }
 

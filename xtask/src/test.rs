@@ -48,6 +48,9 @@ pub const TEST_COMMANDS: &[(&str, &str)] = &[
     // and `sim-client` stripped of its debug info.
     ("busybox", "busybox-static"),
     ("strip", "binutils"),
+    // The chart's alerts checked and unit-tested (tests/tests/alerts.rs); the package's service is never
+    // started.
+    ("promtool", "prometheus"),
 ];
 
 /// The profile of the agent in the image this checks. A cold release build of the static agent took
