@@ -29,6 +29,7 @@ pub mod netns;
 pub mod oci_archive;
 pub mod privileged;
 pub mod probe;
+pub mod prometheus;
 pub mod python;
 pub mod responder;
 pub mod sim;

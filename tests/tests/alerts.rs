@@ -1,15 +1,29 @@
-//! The chart's alerts (`prometheusRule.enabled`), checked by the real promtool (Debian's prometheus
-//! package, installed by `cargo xtask test`): the rules as the chart renders them pass `promtool check
-//! rules`, and tests/alerts/interceptor.test.yaml's cases pass `promtool test rules`: each alert fires
-//! on the series of its fault and stays quiet for a healthy agent. Every alert has its runbook section
-//! in docs/alerts.md.
+//! The chart's alerts (`prometheusRule.enabled`), checked by the real promtool and Prometheus
+//! (Debian's prometheus package, installed by `cargo xtask test`): the rules as the chart renders them
+//! pass `promtool check rules`, and tests/alerts/interceptor.test.yaml's cases pass `promtool test
+//! rules`: each alert fires on the series of its fault and stays quiet for a healthy agent. Then a real
+//! Prometheus scrapes a real agent on the simulated node through faults (a pod refused, STS down, STS
+//! throttling) and raises their alerts, pending and then firing, and no other. Every alert has its
+//! runbook section in docs/alerts.md.
 
-use std::{collections::BTreeSet, path::Path, process::Command};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use interceptor_tests::{
     chart::{by_kind_and_name, parse_yaml, repo, run, template},
+    deployed::{DeployedNode, METRICS_PORT, ROLE_LIST, Sts, curl},
+    moto::MOTO_PORT,
+    privileged,
+    prometheus::{Alert, Prometheus},
     python::has_kubectl,
+    sim::{NODE_IP, Pod, SimNode},
+    sts_proxy::{StsMode, StsProxy},
 };
 use serde_json::Value;
 
@@ -33,7 +47,16 @@ fn can_run(test: &str) -> bool {
 /// The PrometheusRule's `spec` as `helm template --set prometheusRule.enabled=true` renders it for
 /// release `interceptor` in kube-system: a rule file's `groups`.
 fn rendered_rules() -> Result<Value> {
-    let objects = by_kind_and_name(template(&["--set", "prometheusRule.enabled=true"])?);
+    rendered_rules_with(&[])
+}
+
+/// [`rendered_rules`] with more `--set` values.
+fn rendered_rules_with(values: &[&str]) -> Result<Value> {
+    let set = std::iter::once("prometheusRule.enabled=true")
+        .chain(values.iter().copied())
+        .collect::<Vec<_>>()
+        .join(",");
+    let objects = by_kind_and_name(template(&["--set", &set])?);
     let rule = objects
         .get("PrometheusRule/interceptor")
         .context("no PrometheusRule rendered")?;
@@ -126,5 +149,192 @@ fn every_alert_has_a_firing_case_a_quiet_case_and_a_runbook() -> Result<()> {
             "{alert}: its runbook annotation is not checked"
         );
     }
+    Ok(())
+}
+
+/// The agent pod's name as the chart's rules match it (`<fullname>-<5 characters>`).
+const AGENT_POD: &str = "interceptor-abcde";
+
+/// A pod's container that asks the metadata service `url` on every round.
+struct Asking<'a> {
+    pod: &'a Pod,
+    container: std::path::PathBuf,
+    url: String,
+}
+
+/// What the alerts did while the pods kept asking: each alert (its labels) with the states it was seen
+/// in, in order, without repeats.
+#[derive(Debug, Default)]
+struct Seen(Vec<(BTreeMap<String, String>, Vec<String>)>);
+
+impl Seen {
+    fn record(&mut self, alert: Alert) {
+        let at = match self.0.iter().position(|(labels, _)| *labels == alert.labels) {
+            Some(at) => at,
+            None => {
+                self.0.push((alert.labels, Vec::new()));
+                self.0.len() - 1
+            }
+        };
+        let states = &mut self.0[at].1;
+        if states.last() != Some(&alert.state) {
+            states.push(alert.state);
+        }
+    }
+
+    /// The states of `alert` whose label `key` is `value`.
+    fn states(&self, alert: &str, key: &str, value: &str) -> &[String] {
+        self.0
+            .iter()
+            .find(|(labels, _)| {
+                labels.get("alertname").map(String::as_str) == Some(alert)
+                    && labels.get(key).map(String::as_str) == Some(value)
+            })
+            .map_or(&[], |(_, states)| states.as_slice())
+    }
+
+    fn names(&self) -> BTreeSet<&str> {
+        self.0
+            .iter()
+            .filter_map(|(labels, _)| labels.get("alertname").map(String::as_str))
+            .collect()
+    }
+}
+
+/// Lets the pods in `asking` ask once a round (every 250 ms or so) and records Prometheus's alerts
+/// each round into `seen`, until `alert` whose `key` label is `value` fires; fails after 90 s.
+async fn ask_until_firing(
+    node: &SimNode,
+    prometheus: &Prometheus,
+    asking: &[Asking<'_>],
+    seen: &mut Seen,
+    (alert, key, value): (&str, &str, &str),
+) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        for pod in asking {
+            curl(pod.pod, &pod.container, &[&pod.url]).await?;
+        }
+        for now in prometheus.alerts(node).await? {
+            seen.record(now);
+        }
+        if seen.states(alert, key, value).last().map(String::as_str) == Some("firing") {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(90),
+            "{alert}{{{key}={value:?}}} did not fire within 90 s; seen: {seen:?}\n{}",
+            prometheus.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_prometheus_scraping_the_agent_raises_each_faults_alerts() -> Result<()> {
+    let test = "alerts from a real Prometheus";
+    if !can_run(test) || !privileged::can_run(test) || !privileged::has_python_tools(test) {
+        return Ok(());
+    }
+    // Short `for`s so that pending turns to firing within the test; the expressions are the chart's.
+    let rules = rendered_rules_with(&[
+        "prometheusRule.for.sts=3s",
+        "prometheusRule.for.refusals=3s",
+        "prometheusRule.for.agentUnavailable=3s",
+    ])?;
+    let mut node = SimNode::new()?;
+    let (served, refused, late) = (node.pod()?, node.pod()?, node.pod()?);
+    let proxy = StsProxy::start(&node, SocketAddr::from((NODE_IP, MOTO_PORT)))?;
+    let sts_url = proxy.url();
+    // `--sts-timeout` leaves the SDK room for its retries, so a throttled call ends as throttled.
+    let t = DeployedNode::start(
+        node,
+        &[
+            (served.slice(), "app"),
+            (refused.slice(), "not a role!"),
+            (late.slice(), "late"),
+        ],
+        Sts::Moto,
+        &["--sts-endpoint", &sts_url, "--sts-timeout", "30s"],
+    )?;
+    let prometheus = Prometheus::start(
+        &t.node,
+        &rules,
+        SocketAddr::from((NODE_IP, METRICS_PORT)),
+        &[("namespace", "kube-system"), ("pod", AGENT_POD)],
+    )?;
+    let asking = |pod, url: String| -> Result<Asking<'_>> {
+        Ok(Asking {
+            pod,
+            container: pod.container()?,
+            url,
+        })
+    };
+    let mut seen = Seen::default();
+
+    // A pod whose workload names no valid role is refused on every request.
+    let healthy_and_refused = [
+        asking(&served, format!("{ROLE_LIST}app"))?,
+        asking(&refused, ROLE_LIST.to_owned())?,
+    ];
+    ask_until_firing(
+        &t.node,
+        &prometheus,
+        &healthy_and_refused,
+        &mut seen,
+        ("InterceptorRefusals", "reason", "invalid_role"),
+    )
+    .await?;
+    assert_eq!(
+        seen.states("InterceptorRefusals", "reason", "invalid_role"),
+        ["pending", "firing"]
+    );
+    assert_eq!(seen.names(), BTreeSet::from(["InterceptorRefusals"]), "{seen:?}");
+    assert!(prometheus.scrapes(&t.node).await? >= 3);
+
+    // STS goes down: the served pod keeps its cached set, the late pod's session has none.
+    proxy.set_mode(StsMode::Down);
+    let with_late = [
+        asking(&served, format!("{ROLE_LIST}app"))?,
+        asking(&late, format!("{ROLE_LIST}late"))?,
+    ];
+    let late_role = "arn:aws:iam::123456789012:role/late";
+    ask_until_firing(
+        &t.node,
+        &prometheus,
+        &with_late,
+        &mut seen,
+        ("InterceptorStsErrors", "role", late_role),
+    )
+    .await?;
+    assert_eq!(
+        seen.states("InterceptorStsErrors", "role", late_role),
+        ["pending", "firing"]
+    );
+
+    // Then STS throttles the node's calls.
+    proxy.set_mode(StsMode::Throttle);
+    ask_until_firing(
+        &t.node,
+        &prometheus,
+        &with_late,
+        &mut seen,
+        ("InterceptorStsThrottled", "pod", AGENT_POD),
+    )
+    .await?;
+    assert_eq!(
+        seen.states("InterceptorStsThrottled", "pod", AGENT_POD),
+        ["pending", "firing"]
+    );
+    assert_eq!(
+        seen.names(),
+        BTreeSet::from([
+            "InterceptorRefusals",
+            "InterceptorStsErrors",
+            "InterceptorStsThrottled"
+        ]),
+        "only the faults' alerts: {seen:?}"
+    );
+    println!("alerts seen, each in the states it went through: {seen:?}");
     Ok(())
 }

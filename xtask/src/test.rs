@@ -51,6 +51,7 @@ pub const TEST_COMMANDS: &[(&str, &str)] = &[
     // The chart's alerts checked and unit-tested (tests/tests/alerts.rs); the package's service is never
     // started.
     ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
 ];
 
 /// The profile of the agent in the image this checks. A cold release build of the static agent took
