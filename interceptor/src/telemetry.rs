@@ -20,9 +20,10 @@ use axum::{
     routing::get,
 };
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{family::Family, gauge::Gauge},
-    registry::Registry,
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{MetricType, family::Family, gauge::ConstGauge, gauge::Gauge},
+    registry::{Registry, Unit},
 };
 use tokio::net::TcpListener;
 
@@ -201,6 +202,7 @@ impl Default for Telemetry {
         registry.register("build_info", "The agent's version (value 1)", build_info);
         let readiness = Readiness::default();
         readiness.register(&mut registry);
+        registry.register_collector(Box::new(ProcessCollector));
         Self {
             registry: RwLock::new(registry),
             readiness,
@@ -222,6 +224,40 @@ impl Telemetry {
             .expect("writing to a String cannot fail");
         text
     }
+}
+
+/// The agent's resident memory at each scrape (`process_resident_memory_bytes`, as other exporters name
+/// it), read from `/proc/self/status`: what the dashboard's memory panel shows beside the requests.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(bytes) = resident_bytes() else {
+            return Ok(());
+        };
+        let metric = encoder.encode_descriptor(
+            "process_resident_memory",
+            "Resident memory of the agent's process",
+            Some(&Unit::Bytes),
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(bytes).encode(metric)
+    }
+}
+
+/// `VmRSS` of `/proc/self/status`, in bytes.
+fn resident_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: i64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// `/metrics`, `/healthz`, `/readyz`.
@@ -344,6 +380,11 @@ mod tests {
         let (status, body) = get(&telemetry, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("interceptor_build_info{version=\""), "{body}");
+        let resident = body
+            .lines()
+            .find_map(|line| line.strip_prefix("interceptor_process_resident_memory_bytes "))
+            .and_then(|value| value.parse::<i64>().ok());
+        assert!(resident.is_some_and(|bytes| bytes > 1 << 20), "{body}");
         assert!(body.ends_with("# EOF\n"), "{body}");
     }
 }
