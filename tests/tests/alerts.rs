@@ -3,8 +3,9 @@
 //! pass `promtool check rules`, and tests/alerts/interceptor.test.yaml's cases pass `promtool test
 //! rules`: each alert fires on the series of its fault and stays quiet for a healthy agent. Then a real
 //! Prometheus scrapes a real agent on the simulated node through faults (a pod refused, STS down, STS
-//! throttling) and raises their alerts, pending and then firing, and no other. Every alert has its
-//! runbook section in docs/alerts.md.
+//! throttling) and raises their alerts, pending and then firing, and no other; then every query of the
+//! chart's Grafana dashboard returns data from it. Every alert has its runbook section in
+//! docs/alerts.md.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,7 +18,8 @@ use std::{
 use anyhow::{Context, Result};
 use interceptor_tests::{
     chart::{by_kind_and_name, parse_yaml, repo, run, template},
-    deployed::{DeployedNode, METRICS_PORT, ROLE_LIST, Sts, curl},
+    deployed::{METRICS_PORT, ROLE_LIST, Sts, curl, status_of},
+    kube_node::{KubeNode, pod_object},
     moto::MOTO_PORT,
     privileged,
     prometheus::{Alert, Prometheus},
@@ -28,6 +30,7 @@ use interceptor_tests::{
 use serde_json::Value;
 
 const PROMTOOL: &str = "promtool";
+const ROLE_KEY: &str = "iam.amazonaws.com/role";
 
 fn can_run(test: &str) -> bool {
     if !has_kubectl(test) {
@@ -152,6 +155,84 @@ fn every_alert_has_a_firing_case_a_quiet_case_and_a_runbook() -> Result<()> {
     Ok(())
 }
 
+/// The dashboard as the chart's ConfigMap (`grafanaDashboard.enabled`) carries it.
+fn dashboard() -> Result<Value> {
+    let objects = by_kind_and_name(template(&["--set", "grafanaDashboard.enabled=true"])?);
+    let config_map = objects
+        .get("ConfigMap/interceptor-dashboard")
+        .context("no dashboard ConfigMap rendered")?;
+    anyhow::ensure!(
+        config_map["metadata"]["labels"]["grafana_dashboard"] == "1",
+        "the Grafana sidecar's label: {config_map}"
+    );
+    let json = config_map["data"]["interceptor.json"]
+        .as_str()
+        .context("the ConfigMap holds no interceptor.json")?;
+    serde_json::from_str(json).context("the dashboard is not JSON")
+}
+
+/// Every panel's title with each of its queries.
+fn panel_queries(dashboard: &Value) -> Vec<(String, String)> {
+    dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|panel| {
+            let title = panel["title"].as_str().unwrap_or_default().to_owned();
+            panel["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(move |target| Some((title.clone(), target["expr"].as_str()?.to_owned())))
+        })
+        .collect()
+}
+
+#[test]
+fn the_dashboard_covers_what_an_operator_watches_and_each_query_parses() -> Result<()> {
+    if !can_run("the dashboard") {
+        return Ok(());
+    }
+    let dashboard = dashboard()?;
+    let queries = panel_queries(&dashboard);
+    let panels = dashboard["panels"].as_array().map_or(0, Vec::len);
+    assert_eq!(panels, 13, "{dashboard}");
+    for metric in [
+        "interceptor_metadata_requests_total",
+        "interceptor_metadata_request_duration_seconds_bucket",
+        "interceptor_metadata_refusals_total",
+        "interceptor_sts_assume_role_total",
+        "interceptor_sts_assume_role_duration_seconds_bucket",
+        "interceptor_credential_cache_lookups_total",
+        "interceptor_kubernetes_pods",
+        "interceptor_pod_waits_total",
+        "interceptor_bpf_connections_total",
+        "interceptor_bpf_packets_dropped_total",
+        "interceptor_process_resident_memory_bytes",
+    ] {
+        assert!(
+            queries.iter().any(|(_, expr)| expr.contains(metric)),
+            "no panel shows {metric}"
+        );
+    }
+    // promtool parses each query as Prometheus would (a rule file of recording rules).
+    let rules = serde_json::json!({"groups": [{"name": "dashboard", "rules": queries
+        .iter()
+        .enumerate()
+        .map(|(index, (_, expr))| serde_json::json!({"record": format!("dashboard:query{index}"), "expr": expr}))
+        .collect::<Vec<_>>()}]});
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("dashboard.yaml"), serde_json::to_string(&rules)?)?;
+    let checked = run(Command::new(PROMTOOL)
+        .args(["check", "rules"])
+        .arg(dir.path().join("dashboard.yaml")))?;
+    assert!(
+        checked.contains(&format!("SUCCESS: {} rules found", queries.len())),
+        "{checked}"
+    );
+    Ok(())
+}
+
 /// The agent pod's name as the chart's rules match it (`<fullname>-<5 characters>`).
 const AGENT_POD: &str = "interceptor-abcde";
 
@@ -231,7 +312,7 @@ async fn ask_until_firing(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_real_prometheus_scraping_the_agent_raises_each_faults_alerts() -> Result<()> {
+async fn a_real_prometheus_raises_each_faults_alerts_and_answers_every_dashboard_query() -> Result<()> {
     let test = "alerts from a real Prometheus";
     if !can_run(test) || !privileged::can_run(test) || !privileged::has_python_tools(test) {
         return Ok(());
@@ -243,20 +324,24 @@ async fn a_real_prometheus_scraping_the_agent_raises_each_faults_alerts() -> Res
         "prometheusRule.for.agentUnavailable=3s",
     ])?;
     let mut node = SimNode::new()?;
-    let (served, refused, late) = (node.pod()?, node.pod()?, node.pod()?);
+    let (served, refused, late, newcomer) = (node.pod()?, node.pod()?, node.pod()?, node.pod()?);
     let proxy = StsProxy::start(&node, SocketAddr::from((NODE_IP, MOTO_PORT)))?;
     let sts_url = proxy.url();
-    // `--sts-timeout` leaves the SDK room for its retries, so a throttled call ends as throttled.
-    let t = DeployedNode::start(
+    // The last `--sts-endpoint` wins: STS through the proxy. `--sts-timeout` leaves the SDK room for its
+    // retries, so a throttled call ends as throttled.
+    let t = KubeNode::start(
         node,
-        &[
-            (served.slice(), "app"),
-            (refused.slice(), "not a role!"),
-            (late.slice(), "late"),
-        ],
         Sts::Moto,
         &["--sts-endpoint", &sts_url, "--sts-timeout", "30s"],
     )?;
+    for (pod, name, role) in [
+        (&served, "served", "app"),
+        (&refused, "refused", "not a role!"),
+        (&late, "late", "late"),
+    ] {
+        t.api
+            .apply_pod(pod_object(pod, "shop", name, &[(ROLE_KEY, role)]));
+    }
     let prometheus = Prometheus::start(
         &t.node,
         &rules,
@@ -336,5 +421,36 @@ async fn a_real_prometheus_scraping_the_agent_raises_each_faults_alerts() -> Res
         "only the faults' alerts: {seen:?}"
     );
     println!("alerts seen, each in the states it went through: {seen:?}");
+
+    // A pod whose object the agent has not seen yet waits for it (the dashboard's pod-wait panel).
+    let waited = curl(&newcomer, &newcomer.container()?, &[ROLE_LIST]).await?;
+    assert_eq!(status_of(&waited), 503, "{waited}");
+    every_dashboard_query_returns_data(&t.node, &prometheus).await
+}
+
+/// Every query of every panel of the chart's dashboard, as Prometheus answers it now: each must return
+/// data. Waits for two more scrapes first, so that the last requests' counters have a rate.
+async fn every_dashboard_query_returns_data(node: &SimNode, prometheus: &Prometheus) -> Result<()> {
+    let scraped = prometheus.scrapes(node).await?;
+    let started = Instant::now();
+    while prometheus.scrapes(node).await? < scraped + 2 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "Prometheus stopped scraping"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let dashboard = dashboard()?;
+    let mut empty = Vec::new();
+    let mut queries = 0;
+    for (title, expr) in panel_queries(&dashboard) {
+        queries += 1;
+        let result = prometheus.query(node, &expr).await?;
+        if result.is_empty() {
+            empty.push(format!("{title}: {expr}"));
+        }
+    }
+    assert!(empty.is_empty(), "dashboard queries without data: {empty:#?}");
+    println!("{queries} dashboard queries, each returned data");
     Ok(())
 }

@@ -301,6 +301,7 @@ fn every_option_on_renders_monitors_service_and_the_uninstall_daemonset() -> Res
         [
             "ClusterRole/iam-agent",
             "ClusterRoleBinding/iam-agent",
+            "ConfigMap/iam-agent-dashboard",
             "DaemonSet/iam-agent",
             "PodMonitor/iam-agent",
             "PrometheusRule/iam-agent",
@@ -309,6 +310,13 @@ fn every_option_on_renders_monitors_service_and_the_uninstall_daemonset() -> Res
             "ServiceMonitor/iam-agent",
         ]
     );
+    let dashboard = &objects["ConfigMap/iam-agent-dashboard"];
+    assert_eq!(dashboard["metadata"]["namespace"], "monitoring");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(dashboard["metadata"]["labels"]["team"], "platform");
+    let model: Value =
+        serde_json::from_str(dashboard["data"]["interceptor.json"].as_str().unwrap_or_default())?;
+    assert_eq!(model["uid"], "interceptor");
     let container = agent_container(&objects, "iam-agent");
     assert_eq!(
         container["image"],
