@@ -9,8 +9,8 @@ use anyhow::{Context, Result, ensure};
 use interceptor::imds::node_credentials::HostNetworkCredentials;
 use interceptor_tests::{
     chart::{
-        by_kind_and_name, chart_dir, daemonset, env, output, parse_yaml, repo, run, strings, template,
-        template_yaml, values_file,
+        by_kind_and_name, chart_dir, daemonset, env, output, parse_yaml, render, repo, run, strings,
+        template, template_yaml, values_file,
     },
     kubelet,
     python::{has_kubectl, helm, kubectl, tool},
@@ -66,9 +66,12 @@ fn agent_container(objects: &BTreeMap<String, Value>, name: &str) -> Value {
             .contains(&json!({"operator": "Exists"})),
         "{spec}"
     );
+    // Never two agents on a node: a rolling update without surge, or kube2iam's OnDelete.
     let strategy = &daemonset["spec"]["updateStrategy"];
-    assert_eq!(strategy["type"], json!("RollingUpdate"));
-    assert_eq!(strategy["rollingUpdate"]["maxSurge"], json!(0), "{strategy}");
+    match strategy["type"].as_str() {
+        Some("RollingUpdate") => assert_eq!(strategy["rollingUpdate"]["maxSurge"], json!(0), "{strategy}"),
+        other => assert_eq!(other, Some("OnDelete"), "{strategy}"),
+    }
     let volumes = spec["volumes"].as_array().expect("volumes");
     let host_path = |path: &str| {
         volumes
@@ -288,6 +291,172 @@ fn kube2iam_values_map_to_our_flags_and_notes() -> Result<()> {
     Ok(())
 }
 
+/// kube2iam's whole values file, as `helm get values -a` of a kube2iam release prints it
+/// (tests/fixtures/kube2iam-release-values.yaml), less its `image` block, written as JSON (which Helm
+/// reads as YAML).
+fn kube2iam_release_values_without_image(dir: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(repo().join("tests/fixtures/kube2iam-release-values.yaml"))?;
+    let mut values = parse_yaml(&text)?.remove(0);
+    values
+        .as_object_mut()
+        .context("the values file is a map")?
+        .remove("image")
+        .context("the values file has an image block")?;
+    let path = dir.join("kube2iam-release-values.json");
+    std::fs::write(&path, serde_json::to_string(&values)?)?;
+    Ok(path.display().to_string())
+}
+
+/// `helm install --dry-run` without a cluster: what it prints after NOTES.
+fn notes_of(values: &[&str]) -> Result<String> {
+    let install = run(Command::new(helm()?)
+        .env("KUBECONFIG", "/nonexistent")
+        .args(["install", "interceptor"])
+        .arg(chart_dir())
+        .args(["--namespace", "kube-system", "--dry-run=client"])
+        .args(values))?;
+    Ok(install.split("NOTES:").nth(1).context("no NOTES")?.to_owned())
+}
+
+#[test]
+fn kube2iams_whole_values_file_installs_our_agent_and_names_what_it_ignores() -> Result<()> {
+    if !has_kubectl("kube2iam's whole values file") {
+        return Ok(());
+    }
+    // As it is, its image is kube2iam's: refused, saying what to remove.
+    let fixture = repo().join("tests/fixtures/kube2iam-release-values.yaml");
+    let out = output(
+        Command::new(helm()?)
+            .args(["template", "interceptor"])
+            .arg(chart_dir())
+            .arg("--values")
+            .arg(&fixture),
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "kube2iam's image was accepted");
+    assert!(
+        stderr.contains("jtblin/kube2iam") && stderr.contains("remove the image block"),
+        "{stderr}"
+    );
+
+    let dir = tempfile::tempdir()?;
+    let values = kube2iam_release_values_without_image(dir.path())?;
+    let yaml = template_yaml(&["--values", &values])?;
+    assert_nothing_privileged(&yaml);
+    validate("kube2iam-release", &yaml, dir.path())?;
+    let objects = by_kind_and_name(parse_yaml(&yaml)?);
+    // Our image, our security context, our placement (agent_container checks the priority class and
+    // the tolerations kube2iam's empty values would have dropped), our probes, no preStop hook.
+    let container = agent_container(&objects, "interceptor");
+    assert_eq!(container["image"], json!("interceptor:0.1.0"));
+    assert_agent_security_context(&container);
+    assert_eq!(container["lifecycle"], Value::Null, "{container}");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(
+        strings(&container["args"]),
+        [
+            "agent",
+            "--log-format=json",
+            "--agent-addr=$(HOST_IP):8181",
+            "--metrics-addr=0.0.0.0:9181",
+            "--bpffs-dir=/sys/fs/bpf/interceptor",
+            "--auto-discover-base-arn",
+            "--auto-discover-default-role",
+        ]
+    );
+    let env = env(&container);
+    assert_eq!(env.get("AWS_REGION").map(String::as_str), Some("us-east-1"));
+    assert!(
+        !env.keys()
+            .any(|name| name.starts_with("AWS_ACCESS") || name.starts_with("AWS_SECRET")),
+        "{env:?}"
+    );
+    let spec = &daemonset(&objects, "interceptor")["spec"];
+    assert_eq!(spec["updateStrategy"], json!({"type": "OnDelete"}));
+    assert_eq!(
+        spec["template"]["spec"]["tolerations"],
+        json!([{"operator": "Exists"}])
+    );
+
+    let notes = notes_of(&["--values", &values])?;
+    for ignored in [
+        "existingSecret",
+        "lifecycle",
+        "livenessProbe",
+        "podSecurityPolicy",
+        "readinessProbe",
+        "aws.access_key",
+        "aws.secret_key",
+        "host.ip",
+    ] {
+        assert!(notes.contains(&format!("  - {ignored} (")), "{ignored}: {notes}");
+    }
+    assert!(notes.contains("tolerations: [] keeps the chart's"), "{notes}");
+    assert!(
+        notes.contains("priorityClassName: \"\" keeps the chart's"),
+        "{notes}"
+    );
+    // Our own values name none of these.
+    let ours = notes_of(&[])?;
+    assert!(
+        !ours.contains("kube2iam values ignored") && !ours.contains("keeps the chart's"),
+        "{ours}"
+    );
+    Ok(())
+}
+
+#[test]
+fn kube2iams_keys_that_mean_something_here_map_to_ours() -> Result<()> {
+    if !has_kubectl("kube2iam's mapped keys") {
+        return Ok(());
+    }
+    let objects = render(&[
+        "--set",
+        "prometheus.metricsPort=9543,prometheus.serviceMonitor.enabled=true,prometheus.serviceMonitor.interval=10s,\
+         prometheus.serviceMonitor.namespace=monitoring,prometheus.serviceMonitor.labels.release=prom,\
+         prometheus.service.enabled=true,\
+         verbose=true,image.pullSecrets={registry-a},imagePullSecrets[0].name=registry-b,\
+         updateStrategy=RollingUpdate,maxUnavailable=2,host.port=8282",
+        "--set-string",
+        "prometheus.service.annotations.prometheus\\.io/scrape=true",
+    ])?;
+    let container = agent_container(&objects, "interceptor");
+    let args = strings(&container["args"]);
+    assert!(
+        args.contains(&"--metrics-addr=0.0.0.0:9543".to_owned()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--agent-addr=$(HOST_IP):8282".to_owned()),
+        "{args:?}"
+    );
+    assert!(args.contains(&"--verbose".to_owned()), "{args:?}");
+    let spec = &daemonset(&objects, "interceptor")["spec"];
+    assert_eq!(
+        spec["updateStrategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2, "maxSurge": 0}})
+    );
+    assert_eq!(
+        spec["template"]["spec"]["imagePullSecrets"],
+        json!([{"name": "registry-b"}, {"name": "registry-a"}])
+    );
+    let monitor = &objects["ServiceMonitor/interceptor"];
+    assert_eq!(monitor["metadata"]["namespace"], "monitoring");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prom");
+    assert_eq!(monitor["spec"]["endpoints"][0]["interval"], "10s");
+    let service = &objects["Service/interceptor-metrics"];
+    assert_eq!(service["metadata"]["annotations"]["prometheus.io/scrape"], "true");
+    assert_eq!(service["spec"]["ports"][0]["port"], 9543);
+
+    // kube2iam served metrics on its agent port by default; interceptor cannot.
+    let stderr = template_refused("prometheus.metricsPort=8181")?;
+    assert!(
+        stderr.contains("serves metrics and health on a port of their own"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
 #[test]
 fn every_option_on_renders_monitors_service_and_the_uninstall_daemonset() -> Result<()> {
     if !has_kubectl("all-on render") {
@@ -453,6 +622,17 @@ fn bad_values_are_rejected_by_the_schema() -> Result<()> {
             "/prometheusRule/refusalReasons",
         ),
         ("prometheusRule.enable=true", "enable"),
+        // What a values file could do to every node at once.
+        ("updateStrategy.maxUnavailable=100%", "/updateStrategy"),
+        ("maxUnavailable=50%", "/maxUnavailable"),
+        ("resources.limits.memory=128", "/resources/limits/memory"),
+        ("resources.requests.memory=64", "/resources/requests/memory"),
+        ("updateStrategy=Recreate", "/updateStrategy"),
+        ("extraArgs.agent-addr=10.0.0.1:80", "/extraArgs/agent-addr"),
+        ("extraArgs.metrics-port=9999", "/extraArgs/metrics-port"),
+        ("extraArgs.bpffs-dir=/tmp", "/extraArgs/bpffs-dir"),
+        ("extraArgs.log-format=text", "/extraArgs/log-format"),
+        ("image.digest=latest", "/image/digest"),
     ] {
         let stderr = template_refused(set)?;
         assert!(

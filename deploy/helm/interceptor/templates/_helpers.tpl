@@ -45,9 +45,53 @@ The schema allows nothing else for the flags the ClusterRole follows.
 {{- end -}}
 {{- end -}}
 
-{{/* The agent's image. */}}
+{{/* The agent's image: repository@digest when image.digest is set, else repository:tag (the appVersion by
+default). kube2iam's image is refused: a kube2iam values file brings image.repository jtblin/kube2iam,
+which would deploy kube2iam under interceptor's flags. */}}
 {{- define "interceptor.image" -}}
+{{- if contains "kube2iam" .Values.image.repository -}}
+{{- fail (printf "image.repository is %s, kube2iam's image: remove the image block (image.repository, image.tag) from the kube2iam values file, or set it to interceptor's image" .Values.image.repository) -}}
+{{- end -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The health server's port: kube2iam's prometheus.metricsPort when set, else metricsPort. */}}
+{{- define "interceptor.metricsPort" -}}
+{{- $port := dig "prometheus" "metricsPort" .Values.metricsPort .Values.AsMap -}}
+{{- if eq (int $port) (int .Values.host.port) -}}
+{{- fail (printf "the metrics port (%v) is host.port: interceptor serves metrics and health on a port of their own; remove prometheus.metricsPort or set it apart" $port) -}}
+{{- end -}}
+{{- $port -}}
+{{- end -}}
+
+{{/* Where and how the chart's pods run, shared by the agent's and the uninstall DaemonSets. A kube2iam
+values file's defaults must not weaken it: an empty tolerations list would leave tainted nodes without an
+agent (their pods reaching the node's metadata service unguarded), an empty priorityClassName would let
+the agent be preempted; both keep the chart's defaults (deploy/README.md, "Migrating from kube2iam").
+kube2iam's image.pullSecrets (names) join imagePullSecrets. */}}
+{{- define "interceptor.podPlacement" -}}
+priorityClassName: {{ .Values.priorityClassName | default "system-node-critical" }}
+{{- $secrets := list -}}
+{{- range .Values.imagePullSecrets -}}
+{{- $secrets = append $secrets . -}}
+{{- end -}}
+{{- range (.Values.image.pullSecrets | default list) -}}
+{{- $secrets = append $secrets (dict "name" .) -}}
+{{- end -}}
+{{- with $secrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+tolerations:
+  {{- toYaml (.Values.tolerations | default (list (dict "operator" "Exists"))) | nindent 2 }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{/* kube2iam's: with rbac.create false, rbac.serviceAccountName names an existing ServiceAccount. */}}
@@ -131,4 +175,9 @@ capabilities:
 - name: tmp
   emptyDir:
     sizeLimit: 16Mi
+{{- end -}}
+
+{{/* "true" when kube2iam's prometheus.serviceMonitor.enabled asks for a ServiceMonitor. */}}
+{{- define "interceptor.kube2iamServiceMonitor" -}}
+{{- if dig "prometheus" "serviceMonitor" "enabled" false .Values.AsMap -}}true{{- end -}}
 {{- end -}}
