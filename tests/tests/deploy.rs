@@ -633,6 +633,21 @@ fn bad_values_are_rejected_by_the_schema() -> Result<()> {
         ("extraArgs.bpffs-dir=/tmp", "/extraArgs/bpffs-dir"),
         ("extraArgs.log-format=text", "/extraArgs/log-format"),
         ("image.digest=latest", "/image/digest"),
+        ("extraVolumes[0].name=cgroup", "/extraVolumes/0/name"),
+        (
+            "extraVolumeMounts[0].name=x,extraVolumeMounts[0].mountPath=/sys/fs/bpf",
+            "/extraVolumeMounts/0/mountPath",
+        ),
+        (
+            "extraVolumeMounts[0].name=x,extraVolumeMounts[0].mountPath=relative",
+            "/extraVolumeMounts/0/mountPath",
+        ),
+        (
+            "terminationGracePeriodSeconds=5",
+            "/terminationGracePeriodSeconds",
+        ),
+        ("dnsPolicy=Sometimes", "/dnsPolicy"),
+        ("minReadySeconds=-1", "/minReadySeconds"),
     ] {
         let stderr = template_refused(set)?;
         assert!(
@@ -793,6 +808,98 @@ fn template_refused(set: &str) -> Result<String> {
     )?;
     assert!(!out.status.success(), "{set} was accepted");
     Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn the_pods_knobs_render_where_set_and_the_workload_file_mounts_from_a_config_map() -> Result<()> {
+    if !has_kubectl("pod knobs") {
+        return Ok(());
+    }
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let objects = render(&[
+        "--set",
+        &format!(
+            "image.digest={digest},dnsPolicy=Default,minReadySeconds=20,terminationGracePeriodSeconds=45,\
+             extraVolumes[0].name=workloads,extraVolumes[0].configMap.name=interceptor-workloads,\
+             extraVolumeMounts[0].name=workloads,extraVolumeMounts[0].mountPath=/etc/interceptor,\
+             extraVolumeMounts[0].readOnly=true,extraArgs.workloads=/etc/interceptor/workloads.toml,\
+             extraArgs.kubernetes=true"
+        ),
+    ])?;
+    let daemonset = daemonset(&objects, "interceptor");
+    let spec = &daemonset["spec"]["template"]["spec"];
+    let container = &spec["containers"][0];
+    assert_eq!(container["image"], json!(format!("interceptor@{digest}")));
+    assert_eq!(spec["dnsPolicy"], "Default");
+    assert_eq!(spec["terminationGracePeriodSeconds"], 45);
+    assert_eq!(daemonset["spec"]["minReadySeconds"], 20);
+    assert!(
+        spec["volumes"].as_array().is_some_and(|volumes| volumes
+            .contains(&json!({"name": "workloads", "configMap": {"name": "interceptor-workloads"}}))),
+        "{spec}"
+    );
+    assert!(
+        container["volumeMounts"].as_array().is_some_and(|mounts| mounts
+            .contains(&json!({"name": "workloads", "mountPath": "/etc/interceptor", "readOnly": true}))),
+        "{container}"
+    );
+    let args = strings(&container["args"]);
+    assert!(
+        args.contains(&"--workloads=/etc/interceptor/workloads.toml".to_owned()),
+        "{args:?}"
+    );
+
+    // Unset, none of them is rendered: Kubernetes' defaults (and the kustomize base) apply.
+    let defaults = render(&[])?;
+    let default_daemonset = &defaults["DaemonSet/interceptor"];
+    assert_eq!(default_daemonset["spec"]["minReadySeconds"], Value::Null);
+    assert_eq!(
+        default_daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+        Value::Null
+    );
+    Ok(())
+}
+
+#[test]
+fn apparmor_is_the_field_from_kubernetes_1_30_and_the_annotation_before() -> Result<()> {
+    if !has_kubectl("AppArmor by Kubernetes version") {
+        return Ok(());
+    }
+    for (version, field) in [("1.29.0", false), ("1.30.0", true), ("1.35.0", true)] {
+        let objects = render(&["--kube-version", version, "--set", "uninstall.enabled=false"])?;
+        let uninstall = render(&["--kube-version", version, "--set", "uninstall.enabled=true"])?;
+        for (objects, name, container, path) in [
+            (&objects, "interceptor", "interceptor", "containers"),
+            (&uninstall, "interceptor-uninstall", "uninstall", "initContainers"),
+        ] {
+            let template = &daemonset(objects, name)["spec"]["template"];
+            let annotation = &template["metadata"]["annotations"]
+                [format!("container.apparmor.security.beta.kubernetes.io/{container}")];
+            let profile = &template["spec"][path][0]["securityContext"]["appArmorProfile"];
+            if field {
+                assert_eq!(profile, &json!({"type": "Unconfined"}), "{version} {name}");
+                assert_eq!(annotation, &Value::Null, "{version} {name}");
+            } else {
+                assert_eq!(profile, &Value::Null, "{version} {name}");
+                assert_eq!(annotation, &json!("unconfined"), "{version} {name}");
+            }
+        }
+    }
+    let stderr = String::from_utf8_lossy(
+        &output(
+            Command::new(helm()?)
+                .args(["template", "interceptor"])
+                .arg(chart_dir())
+                .args(["--kube-version", "1.24.0"]),
+        )?
+        .stderr,
+    )
+    .into_owned();
+    assert!(
+        stderr.contains("chart requires kubeVersion: >=1.25.0-0"),
+        "{stderr}"
+    );
+    Ok(())
 }
 
 /// Helm's own labels, which the kustomize base leaves out.

@@ -122,10 +122,12 @@ runAsNonRoot: false
 privileged: false
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
+{{- if include "interceptor.appArmorField" . }}
 # containerd's and CRI-O's default AppArmor profiles deny mount(2); the agent mounts a cgroup2 in its
 # own cgroup namespace to find its own cgroup id (and bpffs where none is mounted).
 appArmorProfile:
   type: Unconfined
+{{- end }}
 # The runtime's default seccomp profile allows bpf, mount, open_by_handle_at and perf_event_open to a
 # process holding the capabilities below.
 seccompProfile:
@@ -180,4 +182,23 @@ capabilities:
 {{/* "true" when kube2iam's prometheus.serviceMonitor.enabled asks for a ServiceMonitor. */}}
 {{- define "interceptor.kube2iamServiceMonitor" -}}
 {{- if dig "prometheus" "serviceMonitor" "enabled" false .Values.AsMap -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" where the cluster takes securityContext.appArmorProfile (Kubernetes 1.30 on); before, the pod
+template says the same with the beta annotation (interceptor.appArmorAnnotation). */}}
+{{- define "interceptor.appArmorField" -}}
+{{- if semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version -}}true{{- end -}}
+{{- end -}}
+
+{{/* The pod template's annotations: podAnnotations, and before Kubernetes 1.30 the AppArmor annotation of
+`.container` (the field's form from 1.30). */}}
+{{- define "interceptor.podAnnotations" -}}
+{{- $annotations := deepCopy (.root.Values.podAnnotations | default dict) -}}
+{{- if not (include "interceptor.appArmorField" .root) -}}
+{{- $_ := set $annotations (printf "container.apparmor.security.beta.kubernetes.io/%s" .container) "unconfined" -}}
+{{- end -}}
+{{- with $annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
