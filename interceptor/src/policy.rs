@@ -606,6 +606,20 @@ impl AllowedRoles {
     pub fn text(&self) -> &str {
         &self.text
     }
+
+    /// The rule as `interceptor status --pod` names it: the namespace, its annotation and what it
+    /// allows.
+    pub fn describe(&self) -> String {
+        let allows = match &self.problem {
+            Some(problem) => format!("nothing: {problem}"),
+            None if self.text.is_empty() => "no role (it has no such annotation)".to_owned(),
+            None => Echo(&self.text).to_string(),
+        };
+        format!(
+            "namespace {:?} ({} annotation) allows {allows}",
+            self.namespace, self.key
+        )
+    }
 }
 
 impl PartialEq for AllowedRoles {

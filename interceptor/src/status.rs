@@ -8,6 +8,9 @@
 //!   workloads they know with the role each gets, and the last requests answered
 //!   ([`crate::imds::recent`]): who the kernel said made each, and the role or the refusal.
 //!
+//! With `--pod NAMESPACE/NAME` it explains one pod instead ([`report::PodReport`]): its workload as
+//! above, its cgroups under the cgroup root (read from the tree, with their ids) and its last requests.
+//!
 //! No credential, token or key is ever part of it. `--output json` prints [`report::Report`]:
 //! ```text
 //! {
@@ -34,7 +37,8 @@
 //!                  "workloads": 3}],
 //!     "workloads": [{"source": "kubernetes", "name": "shop/cart", "cgroup": null,
 //!                    "pod": {"namespace": "shop", "name": "cart", "uid": "..."},
-//!                    "role_arn": "arn:aws:iam::123456789012:role/cart", "no_role": null}],
+//!                    "role_arn": "arn:aws:iam::123456789012:role/cart", "no_role": null,
+//!                    "role_from": "annotation iam.amazonaws.com/role of pod shop/cart", "rule": null}],
 //!     "attributions": [{"at": "2025-01-02T03:05:06.1Z", "cgroup_id": 4242, "socket_cookie": 7,
 //!                       "pid": 99, "workload": "shop/cart", "pod": {...}, "route": "credentials",
 //!                       "status": 200, "role_arn": "arn:...", "reason": null, "error": null}]
@@ -50,7 +54,7 @@ use std::{ffi::OsString, path::PathBuf};
 
 use anyhow::{Context, Result, ensure};
 
-use self::report::{AgentReport, AgentStatus, KernelReport, Report};
+use self::report::{AgentReport, AgentStatus, CgroupStatus, KernelReport, PodReport, Report};
 use crate::{
     agent::DEFAULT_BPFFS_DIR,
     bpf::inspect::{self, Pins},
@@ -78,9 +82,35 @@ pub struct StatusArgs {
     #[arg(long, env = "INTERCEPTOR_STATUS_SOCKET", value_name = "PATH",
           default_value = socket::DEFAULT_STATUS_SOCKET)]
     pub status_socket: OsString,
+    /// Explain one pod instead: the role it gets and where it comes from (its annotation, its
+    /// ServiceAccount's, the default role, or the node's credentials), the namespace rule that allowed
+    /// or refused it, its cgroups, and its last requests. Exits 1 when the agent knows no such pod.
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = PodName::parse)]
+    pub pod: Option<PodName>,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+/// `--pod`'s argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PodName {
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.split_once('/') {
+            Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Self {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                })
+            }
+            _ => Err(format!("{text:?} is not NAMESPACE/NAME")),
+        }
+    }
 }
 
 /// Prints the report; fails (after printing it) when part of the kernel's state could not be read. An
@@ -91,6 +121,9 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let agent = runtime.block_on(agent_report(PathBuf::from(&args.status_socket)));
+    if let Some(pod) = &args.pod {
+        return explain_pod(args, pod, agent);
+    }
     let kernel = kernel_report(args, agent.status.as_ref());
     let complete = kernel.errors.is_empty();
     let report = Report { kernel, agent };
@@ -106,6 +139,103 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         "part of the kernel's state could not be read: see the errors in the report"
     );
     Ok(())
+}
+
+/// `--pod`: what the agent says of the pod, and its cgroups as the cgroup tree has them now.
+fn explain_pod(args: &StatusArgs, pod: &PodName, agent: AgentReport) -> Result<()> {
+    let status = agent.status.with_context(|| {
+        format!(
+            "the agent at {} does not answer: {}",
+            agent.socket.display(),
+            agent.error.as_deref().unwrap_or("no answer")
+        )
+    })?;
+    let named = |namespace: &str, name: &str| namespace == pod.namespace && name == pod.name;
+    let workload = status
+        .workloads
+        .iter()
+        .find(|workload| {
+            workload
+                .pod
+                .as_ref()
+                .is_some_and(|p| named(&p.namespace, &p.name))
+        })
+        .cloned();
+    let cgroup_root = args.cgroup_root.clone().unwrap_or(status.cgroup_root.clone());
+    let cgroups = match workload.as_ref().and_then(|workload| workload.pod.as_ref()) {
+        Some(known) => pod_cgroups(&cgroup_root, &known.uid),
+        None => Vec::new(),
+    };
+    let requests = status
+        .attributions
+        .into_iter()
+        .filter(|request| request.pod.as_ref().is_some_and(|p| named(&p.namespace, &p.name)))
+        .collect();
+    let known = workload.is_some();
+    let report = PodReport {
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        workload,
+        cgroups,
+        requests,
+    };
+    match args.output {
+        Output::Table => print!("{}", render::render_pod(&report)),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("cannot encode the report")?
+        ),
+    }
+    ensure!(
+        known,
+        "pod {}/{} is not known to the agent on this node",
+        pod.namespace,
+        pod.name
+    );
+    Ok(())
+}
+
+/// The cgroups under `root` whose path names the pod `uid` (the kubelet's and the runtimes' naming,
+/// [`crate::identity::parse_pod_cgroup`]), each with its id, in path order. The tree is read as it is
+/// now; a pod that has stopped has none.
+fn pod_cgroups(root: &std::path::Path, uid: &str) -> Vec<CgroupStatus> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(uid) = crate::identity::PodUid::parse(uid) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    let mut pending = vec![(root.to_path_buf(), 0)];
+    // kubepods/<qos>/pod<uid>/<container>: four levels below the root are enough for every layout.
+    while let Some((dir, depth)) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(metadata) = entry.metadata() else {
+                continue;
+            };
+            if !metadata.is_dir() {
+                continue;
+            }
+            let relative = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
+            if crate::identity::parse_pod_cgroup(&relative).is_some_and(|cgroup| cgroup.pod_uid == uid) {
+                found.push(CgroupStatus {
+                    id: metadata.ino(),
+                    path: path.clone(),
+                });
+            }
+            if depth < 4 {
+                pending.push((path, depth + 1));
+            }
+        }
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found
 }
 
 async fn agent_report(socket: PathBuf) -> AgentReport {

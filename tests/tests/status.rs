@@ -21,7 +21,7 @@ use interceptor_tests::{
         DeployedNode, ROLE_LIST, Sts, body_of, credentials_served_to, curl, eventually, put_token, status_of,
     },
     kernel,
-    kube_node::{KubeNode, NODE_NAME, pod_object},
+    kube_node::{KubeNode, NODE_NAME, namespace_object, pod_object, service_account_object},
     lab::{Interactive, run},
     privileged,
     sim::{NODE_IP, Pod, SimNode},
@@ -495,5 +495,174 @@ async fn on_a_kubernetes_node_status_names_the_pods_and_the_role_each_gets() -> 
     assert_eq!(refused["cgroup_id"], identity::cgroup_id(&batch_app)?.0);
     assert_eq!(refused["workload"], "shop/batch-x2");
     assert_eq!(refused["reason"], "no_role");
+    Ok(())
+}
+
+/// `status --pod NAMESPACE/NAME` on a Kubernetes node, for each way a pod gets its role or none: its
+/// own annotation, its ServiceAccount's, a role its namespace does not allow, and a pod the agent does
+/// not know. Each names the source of the role, the rule, the pod's cgroups as the kernel has them
+/// (ids the requests carry) and its last requests.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_pod_explains_where_a_pods_role_comes_from_and_what_it_asked() -> Result<()> {
+    if !privileged::can_run("status --pod") {
+        return Ok(());
+    }
+    let mut node = SimNode::new()?;
+    let (annotated, by_account, refused) = (node.pod()?, node.pod()?, node.pod()?);
+    let dir = socket_dir()?;
+    let socket = dir.path().join("run/status.sock");
+    let cluster = KubeNode::start_with(
+        node,
+        Sts::Down,
+        &[
+            "--status-socket",
+            socket.to_str().unwrap(),
+            "--serviceaccount-roles",
+            "--namespace-restrictions",
+        ],
+        |api| {
+            api.apply_namespace(namespace_object(
+                "shop",
+                &[("iam.amazonaws.com/allowed-roles", r#"["app-*"]"#)],
+            ));
+            api.apply_service_account(service_account_object(
+                "shop",
+                "reports",
+                &[("iam.amazonaws.com/role", "app-reports")],
+            ));
+            api.apply_service_account(service_account_object("shop", "default", &[]));
+        },
+    )?;
+    cluster.api.apply_pod(pod_object(
+        &annotated,
+        "shop",
+        "web",
+        &[("iam.amazonaws.com/role", "app-web")],
+    ));
+    let mut reports = pod_object(&by_account, "shop", "reports", &[]);
+    reports.spec.as_mut().unwrap().service_account_name = Some("reports".to_owned());
+    cluster.api.apply_pod(reports);
+    cluster.api.apply_pod(pod_object(
+        &refused,
+        "shop",
+        "admin",
+        &[("iam.amazonaws.com/role", "admin")],
+    ));
+    let containers = [
+        annotated.container()?,
+        by_account.container()?,
+        refused.container()?,
+    ];
+    assert!(role_list_is(&annotated, &containers[0], 200).await);
+    assert!(role_list_is(&by_account, &containers[1], 200).await);
+    assert!(role_list_is(&refused, &containers[2], 403).await);
+
+    let socket_args = ["--status-socket".as_ref(), socket.as_os_str()];
+    let explain = |pod: &'static str| {
+        let args = [
+            socket_args[0],
+            socket_args[1],
+            OsStr::new("--pod"),
+            OsStr::new(pod),
+        ];
+        let node = &cluster.node;
+        async move {
+            let json = status_json(node, &args).await?;
+            let table = status(node, &args).await?;
+            println!("$ interceptor status --pod {pod}\n{table}");
+            anyhow::Ok((json, table))
+        }
+    };
+    for ((pod, role, from, rule, refusal), (sim_pod, container)) in [
+        (
+            (
+                "shop/web",
+                Some("app-web"),
+                "annotation iam.amazonaws.com/role of pod shop/web",
+                "namespace \"shop\"",
+                None,
+            ),
+            (&annotated, &containers[0]),
+        ),
+        (
+            (
+                "shop/reports",
+                Some("app-reports"),
+                "annotation iam.amazonaws.com/role of serviceaccount shop/reports",
+                "namespace \"shop\"",
+                None,
+            ),
+            (&by_account, &containers[1]),
+        ),
+        (
+            (
+                "shop/admin",
+                None,
+                "annotation iam.amazonaws.com/role of pod shop/admin",
+                "allows \"[\\\"app-*\\\"]\"",
+                Some("not allowed in namespace"),
+            ),
+            (&refused, &containers[2]),
+        ),
+    ] {
+        let (json, table) = explain(pod).await?;
+        let workload = &json["workload"];
+        assert_eq!(workload["pod"]["uid"], sim_pod.uid.as_str(), "{json:#}");
+        match role {
+            Some(role) => assert_eq!(workload["role_arn"], format!("{BASE_ROLE_ARN}{role}"), "{json:#}"),
+            None => assert!(workload["role_arn"].is_null(), "{json:#}"),
+        }
+        assert_eq!(workload["role_from"], from, "{json:#}");
+        assert!(
+            workload["rule"].as_str().is_some_and(|r| r.contains(rule)),
+            "{json:#}"
+        );
+        if let Some(refusal) = refusal {
+            assert!(
+                workload["no_role"]
+                    .as_str()
+                    .is_some_and(|why| why.contains(refusal)),
+                "{json:#}"
+            );
+        }
+        // Its cgroups as the kernel has them: the pod's and its container's, with the container's id.
+        let container_id = identity::cgroup_id(container)?.0;
+        let cgroups = json["cgroups"].as_array().expect("cgroups");
+        assert!(
+            cgroups.iter().any(|cgroup| cgroup["id"] == container_id),
+            "{json:#}"
+        );
+        assert!(
+            cgroups
+                .iter()
+                .any(|cgroup| cgroup["path"] == sim_pod.slice().display().to_string()),
+            "{json:#}"
+        );
+        // Its own requests only, the last one first.
+        let requests = json["requests"].as_array().expect("requests");
+        assert!(!requests.is_empty(), "{json:#}");
+        assert!(
+            requests
+                .iter()
+                .all(|request| request["cgroup_id"] == container_id),
+            "{json:#}"
+        );
+        assert!(
+            table.contains(from) && table.contains(&container_id.to_string()),
+            "{table}"
+        );
+    }
+
+    // A pod the agent does not know: said so, and the command fails.
+    let mut command = Agent::status_command(&cluster.node)?;
+    command.args(socket_args).args(["--pod", "shop/nobody"]);
+    let out = tokio::process::Command::from(command).output().await?;
+    assert!(!out.status.success());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stdout.contains("not known to the agent on this node"), "{stdout}");
+    assert!(stderr.contains("pod shop/nobody is not known"), "{stderr}");
     Ok(())
 }

@@ -147,6 +147,13 @@ impl AgentView {
                 },
             },
         };
+        let role_from = workload
+            .ok()
+            .and_then(|workload| self.role_from(workload, node_credentials.as_deref()));
+        let rule = workload
+            .ok()
+            .and_then(|workload| workload.request.allowed.as_ref())
+            .map(|allowed| allowed.describe());
         WorkloadStatus {
             source: source.to_owned(),
             name: workload.map(|workload| workload.name.clone()).unwrap_or_default(),
@@ -158,6 +165,25 @@ impl AgentView {
             role_arn,
             no_role,
             node_credentials,
+            role_from,
+            rule,
+        }
+    }
+
+    /// Where `workload`'s role comes from: the node's credentials' grant, the object and annotation
+    /// (or workload file entry) that names it, or the default role.
+    fn role_from(&self, workload: &Workload, node_credentials: Option<&str>) -> Option<String> {
+        if let Some(grant) = node_credentials {
+            return Some(format!("the node's own credentials ({grant})"));
+        }
+        match &workload.request.role {
+            Some(_) => workload.request.origin.as_deref().map(str::to_owned),
+            None => self.policy.default_role.as_ref().map(|role| {
+                format!(
+                    "the default role {} (--default-role; it names none)",
+                    crate::Echo(role)
+                )
+            }),
         }
     }
 }

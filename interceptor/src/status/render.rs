@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::report::{AgentStatus, AttributionStatus, KernelReport, NodeCredentialsStatus, Report};
+use super::report::{AgentStatus, AttributionStatus, KernelReport, NodeCredentialsStatus, PodReport, Report};
 
 /// The whole report as text.
 pub fn render(report: &Report) -> String {
@@ -160,6 +160,66 @@ fn agent_status(out: &mut String, status: &AgentStatus) {
         ],
         rows,
     );
+}
+
+/// `status --pod`: one pod, explained.
+pub fn render_pod(pod: &PodReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "POD {}/{}", pod.namespace, pod.name);
+    let Some(workload) = &pod.workload else {
+        out.push_str("not known to the agent on this node\n");
+        return out;
+    };
+    if let Some(status) = &workload.pod {
+        let _ = writeln!(out, "uid:   {}", status.uid);
+    }
+    match (&workload.role_arn, &workload.node_credentials, &workload.no_role) {
+        (_, Some(grant), _) => {
+            let _ = writeln!(out, "gets:  {}", node_credentials(grant));
+        }
+        (Some(arn), None, _) => {
+            let _ = writeln!(out, "role:  {arn}");
+        }
+        (None, None, Some(why)) => {
+            let _ = writeln!(out, "role:  none: {why}");
+        }
+        (None, None, None) => out.push_str("role:  none\n"),
+    }
+    let _ = writeln!(
+        out,
+        "from:  {}",
+        workload.role_from.as_deref().unwrap_or("nothing names a role")
+    );
+    let _ = writeln!(
+        out,
+        "rule:  {}",
+        workload
+            .rule
+            .as_deref()
+            .unwrap_or("no namespace restriction applies")
+    );
+    out.push_str("\nCgroups\n");
+    let rows = pod
+        .cgroups
+        .iter()
+        .map(|cgroup| vec![cgroup.id.to_string(), cgroup.path.display().to_string()])
+        .collect();
+    table(&mut out, &["ID", "PATH"], rows);
+    out.push_str("\nLast requests (newest first)\n");
+    let rows = pod.requests.iter().map(attribution_row).collect();
+    table(
+        &mut out,
+        &[
+            "TIME (UTC)",
+            "CGROUP ID",
+            "WORKLOAD",
+            "ROUTE",
+            "STATUS",
+            "ROLE OR REFUSAL",
+        ],
+        rows,
+    );
+    out
 }
 
 fn node_credentials_row(served: &NodeCredentialsStatus) -> Vec<String> {
@@ -328,6 +388,8 @@ mod tests {
                     role_arn: Some("arn:aws:iam::123456789012:role/cart".into()),
                     no_role: None,
                     node_credentials: None,
+                    role_from: Some("annotation iam.amazonaws.com/role of pod shop/cart".into()),
+                    rule: None,
                 },
                 WorkloadStatus {
                     source: "kubernetes".into(),
@@ -337,6 +399,8 @@ mod tests {
                     role_arn: None,
                     no_role: None,
                     node_credentials: Some("host_network".into()),
+                    role_from: Some("the node's own credentials (host_network)".into()),
+                    rule: None,
                 },
             ],
             attributions: vec![

@@ -97,6 +97,33 @@ pub struct WorkloadStatus {
     /// Why it gets the node's own credentials (`host_network`, `service_account`), when it does.
     #[serde(default)]
     pub node_credentials: Option<String>,
+    /// Where its role comes from: the annotation and the object (pod or ServiceAccount) or workload
+    /// file entry that names it, the default role, or the node's credentials.
+    #[serde(default)]
+    pub role_from: Option<String>,
+    /// The namespace restriction the role it names was checked against, when one applies.
+    #[serde(default)]
+    pub rule: Option<String>,
+}
+
+/// `interceptor status --pod NAMESPACE/NAME`: one pod, explained.
+#[derive(Clone, Debug, Serialize)]
+pub struct PodReport {
+    pub namespace: String,
+    pub name: String,
+    /// What the agent knows of it: `None` when it knows no such pod on this node.
+    pub workload: Option<WorkloadStatus>,
+    /// Its cgroups under the agent's cgroup root (the pod's and its containers'), each with the id the
+    /// requests below name.
+    pub cgroups: Vec<CgroupStatus>,
+    /// Its last requests the agent answered, newest first.
+    pub requests: Vec<AttributionStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CgroupStatus {
+    pub id: u64,
+    pub path: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
