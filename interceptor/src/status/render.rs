@@ -147,7 +147,12 @@ fn agent_status(out: &mut String, status: &AgentStatus) {
         rows,
     );
     out.push_str("\nRecent requests (newest first)\n");
-    let rows = status.attributions.iter().map(attribution_row).collect();
+    attributions(out, &status.attributions);
+}
+
+/// Answered requests, a row each.
+fn attributions(out: &mut String, requests: &[AttributionStatus]) {
+    let rows = requests.iter().map(attribution_row).collect();
     table(
         out,
         &[
@@ -206,19 +211,7 @@ pub fn render_pod(pod: &PodReport) -> String {
         .collect();
     table(&mut out, &["ID", "PATH"], rows);
     out.push_str("\nLast requests (newest first)\n");
-    let rows = pod.requests.iter().map(attribution_row).collect();
-    table(
-        &mut out,
-        &[
-            "TIME (UTC)",
-            "CGROUP ID",
-            "WORKLOAD",
-            "ROUTE",
-            "STATUS",
-            "ROLE OR REFUSAL",
-        ],
-        rows,
-    );
+    attributions(&mut out, &pod.requests);
     out
 }
 
