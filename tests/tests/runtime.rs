@@ -194,7 +194,36 @@ async fn check_status_names(node: &CriNode, workloads: &[(usize, &str)]) -> Resu
                 workload.name()
             );
         }
+        check_status_pod(node, &workload.name(), role, cgroup_id).await?;
     }
+    Ok(())
+}
+
+/// `interceptor status --pod` in the agent's container explains `pod`: its role, and among its cgroups,
+/// read from the tree as the agent's container sees it, the one containerd made (`cgroup_id`).
+async fn check_status_pod(node: &CriNode, pod: &str, role: &str, cgroup_id: u64) -> Result<()> {
+    let explained = node
+        .exec_in_agent(&["interceptor", "status", "--pod", pod, "--output", "json"])
+        .await?;
+    ensure!(
+        explained.exit_code == 0,
+        "`interceptor status --pod {pod}` exited {}: {}",
+        explained.exit_code,
+        explained.stderr_text()
+    );
+    let report: Value = serde_json::from_slice(&explained.stdout).context("status --pod --output json")?;
+    ensure!(
+        report["workload"]["role_arn"]
+            .as_str()
+            .is_some_and(|arn| arn.ends_with(&format!(":role/{role}"))),
+        "{report}"
+    );
+    ensure!(
+        report["cgroups"]
+            .as_array()
+            .is_some_and(|cgroups| cgroups.iter().any(|cgroup| cgroup["id"] == cgroup_id)),
+        "the container's cgroup {cgroup_id} is not among {pod}'s: {report}"
+    );
     Ok(())
 }
 
