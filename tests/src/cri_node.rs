@@ -255,7 +255,7 @@ impl CriNode {
             .collect();
         for (key, value) in [
             ("image.repository", AGENT_REPOSITORY.to_owned()),
-            ("extraArgs.cgroup-root", self.agent_cgroup_root()?),
+            ("cgroupRoot", self.agent_cgroup_root()?),
             (
                 "extraEnv.INTERCEPTOR_STS_ENDPOINT",
                 self.moto.as_ref().map_or_else(|| NO_STS.to_owned(), Moto::url),
