@@ -275,13 +275,7 @@ fn kube2iam_values_map_to_our_flags_and_notes() -> Result<()> {
     );
 
     // NOTES.txt: one line each for host.iptables and host.interface (rendered without a cluster).
-    let install = run(Command::new(helm()?)
-        .env("KUBECONFIG", "/nonexistent")
-        .args(["install", "interceptor"])
-        .arg(chart_dir())
-        .args(["--namespace", "kube-system", "--dry-run=client", "--values"])
-        .arg(&kube2iam))?;
-    let notes = install.split("NOTES:").nth(1).context("no NOTES")?;
+    let notes = notes_of(&["--values", &kube2iam])?;
     assert!(notes.contains("host.iptables: not needed here"), "{notes}");
     assert!(
         notes.contains("host.interface (eni+): not needed here"),
@@ -325,15 +319,7 @@ fn kube2iams_whole_values_file_installs_our_agent_and_names_what_it_ignores() ->
     }
     // As it is, its image is kube2iam's: refused, saying what to remove.
     let fixture = repo().join("tests/fixtures/kube2iam-release-values.yaml");
-    let out = output(
-        Command::new(helm()?)
-            .args(["template", "interceptor"])
-            .arg(chart_dir())
-            .arg("--values")
-            .arg(&fixture),
-    )?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "kube2iam's image was accepted");
+    let stderr = template_refused(&["--values", &fixture.display().to_string()])?;
     assert!(
         stderr.contains("jtblin/kube2iam") && stderr.contains("remove the image block"),
         "{stderr}"
@@ -352,6 +338,11 @@ fn kube2iams_whole_values_file_installs_our_agent_and_names_what_it_ignores() ->
     assert_agent_security_context(&container);
     assert_eq!(container["lifecycle"], Value::Null, "{container}");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // kube2iam's `resources: {}` keeps the chart's requests and limits.
+    assert_eq!(
+        container["resources"],
+        json!({"requests": {"cpu": "50m", "memory": "48Mi"}, "limits": {"memory": "128Mi"}})
+    );
     assert_eq!(
         strings(&container["args"]),
         [
@@ -448,8 +439,22 @@ fn kube2iams_keys_that_mean_something_here_map_to_ours() -> Result<()> {
     assert_eq!(service["metadata"]["annotations"]["prometheus.io/scrape"], "true");
     assert_eq!(service["spec"]["ports"][0]["port"], 9543);
 
+    // kube2iam's top-level maxUnavailable applies unless the chart's own updateStrategy.maxUnavailable
+    // is set too, which wins (deploy/README.md's table).
+    for (values, expected) in [
+        ("updateStrategy=RollingUpdate,maxUnavailable=3", 3),
+        ("updateStrategy.maxUnavailable=2,maxUnavailable=3", 2),
+    ] {
+        let objects = render(&["--set", values])?;
+        let strategy = &daemonset(&objects, "interceptor")["spec"]["updateStrategy"];
+        assert_eq!(
+            strategy["rollingUpdate"]["maxUnavailable"], expected,
+            "{values}: {strategy}"
+        );
+    }
+
     // kube2iam served metrics on its agent port by default; interceptor cannot.
-    let stderr = template_refused("prometheus.metricsPort=8181")?;
+    let stderr = template_refused(&["--set", "prometheus.metricsPort=8181"])?;
     assert!(
         stderr.contains("serves metrics and health on a port of their own"),
         "{stderr}"
@@ -649,7 +654,7 @@ fn bad_values_are_rejected_by_the_schema() -> Result<()> {
         ("dnsPolicy=Sometimes", "/dnsPolicy"),
         ("minReadySeconds=-1", "/minReadySeconds"),
     ] {
-        let stderr = template_refused(set)?;
+        let stderr = template_refused(&["--set", set])?;
         assert!(
             stderr.contains("schema") && stderr.contains(why),
             "{set}: {stderr}"
@@ -780,7 +785,7 @@ fn session_tag_values_render_their_flags() -> Result<()> {
     );
     // A cluster name alone would tag nothing: refused, not dropped.
     for set in ["clusterName=prod", "sessionTags.transitive=true"] {
-        let stderr = template_refused(set)?;
+        let stderr = template_refused(&["--set", set])?;
         assert!(stderr.contains("set sessionTags.enabled too"), "{set}: {stderr}");
     }
     Ok(())
@@ -798,15 +803,15 @@ fn rendered_flags(values: &[&str], prefixes: &[&str]) -> Result<Vec<String>> {
         .collect())
 }
 
-/// `helm template` with `--set set`, which must fail: what it printed on standard error.
-fn template_refused(set: &str) -> Result<String> {
+/// `helm template` with `args`, which must fail: what it printed on standard error.
+fn template_refused(args: &[&str]) -> Result<String> {
     let out = output(
         Command::new(helm()?)
             .args(["template", "interceptor"])
             .arg(chart_dir())
-            .args(["--set", set]),
+            .args(args),
     )?;
-    assert!(!out.status.success(), "{set} was accepted");
+    assert!(!out.status.success(), "{args:?} was accepted");
     Ok(String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -885,16 +890,7 @@ fn apparmor_is_the_field_from_kubernetes_1_30_and_the_annotation_before() -> Res
             }
         }
     }
-    let stderr = String::from_utf8_lossy(
-        &output(
-            Command::new(helm()?)
-                .args(["template", "interceptor"])
-                .arg(chart_dir())
-                .args(["--kube-version", "1.24.0"]),
-        )?
-        .stderr,
-    )
-    .into_owned();
+    let stderr = template_refused(&["--kube-version", "1.24.0"])?;
     assert!(
         stderr.contains("chart requires kubeVersion: >=1.25.0-0"),
         "{stderr}"
