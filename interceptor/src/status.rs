@@ -127,13 +127,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
     let kernel = kernel_report(args, agent.status.as_ref());
     let complete = kernel.errors.is_empty();
     let report = Report { kernel, agent };
-    match args.output {
-        Output::Table => print!("{}", render::render(&report)),
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&report).context("cannot encode the report")?
-        ),
-    }
+    print_report(args.output, &report, render::render)?;
     ensure!(
         complete,
         "part of the kernel's state could not be read: see the errors in the report"
@@ -179,13 +173,7 @@ fn explain_pod(args: &StatusArgs, pod: &PodName, agent: AgentReport) -> Result<(
         cgroups,
         requests,
     };
-    match args.output {
-        Output::Table => print!("{}", render::render_pod(&report)),
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&report).context("cannot encode the report")?
-        ),
-    }
+    print_report(args.output, &report, render::render_pod)?;
     ensure!(
         known,
         "pod {}/{} is not known to the agent on this node",
@@ -236,6 +224,18 @@ fn pod_cgroups(root: &std::path::Path, uid: &str) -> Vec<CgroupStatus> {
     }
     found.sort_by(|a, b| a.path.cmp(&b.path));
     found
+}
+
+/// Prints `report` as `output` asks: the table `render` makes of it, or its JSON.
+fn print_report<T: serde::Serialize>(output: Output, report: &T, render: fn(&T) -> String) -> Result<()> {
+    match output {
+        Output::Table => print!("{}", render(report)),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(report).context("cannot encode the report")?
+        ),
+    }
+    Ok(())
 }
 
 async fn agent_report(socket: PathBuf) -> AgentReport {
